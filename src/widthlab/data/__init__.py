@@ -1,0 +1,1 @@
+"""Datasets: synthetic generators, bundled real data, readers for users' files, splits, augmentation."""

@@ -1,0 +1,1 @@
+"""The trainer (knows no method), callbacks, optimizer surgery, checkpoints, metrics."""
