@@ -1,0 +1,38 @@
+"""Shared test fixtures: small in-memory tasks built here, independent of the data package."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from widthlab.data.base import TaskData
+
+
+def make_blobs_task(n: int = 256, d: int = 8, classes: int = 3, seed: int = 0) -> TaskData:
+    """Gaussian blobs around random class centres: learnable in a few epochs by a small MLP."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(classes, d, generator=g)
+
+    def draw(m: int):
+        y = torch.randint(0, classes, (m,), generator=g)
+        x = centres[y] + torch.randn(m, d, generator=g)
+        return TensorDataset(x, y)
+
+    return TaskData("blobs", "classification", draw(n), draw(n // 4), draw(n // 4), (d,), classes)
+
+
+def make_regression_task(n: int = 128, d: int = 4, seed: int = 0) -> TaskData:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, 1, generator=g)
+
+    def draw(m: int):
+        x = torch.randn(m, d, generator=g)
+        return TensorDataset(x, x @ w + 0.01 * torch.randn(m, 1, generator=g))
+
+    return TaskData("linreg", "regression", draw(n), draw(n // 4), draw(n // 4), (d,), 1)
+
+
+@pytest.fixture
+def blobs() -> TaskData:
+    return make_blobs_task()
