@@ -101,7 +101,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device = resolve_device(config.device)
         if config.amp != "none" and self.device.type != "cuda":
-            raise ValueError(f"train.amp={config.amp!r} needs a CUDA device (train.device is {config.device!r})")
+            raise ValueError(f"train.amp={config.amp!r} needs a CUDA device "
+                             f"(train.device is {config.device!r})")
         self.model = model.to(self.device)
         self.classification = data.task == "classification"
         self.loss_kind = config.loss if config.loss != "auto" else (
@@ -359,7 +360,8 @@ class Trainer:
         acc = Accumulator(self.classification, self.device)
         self.progress.epoch_start(self.epoch, self.steps_per_epoch)
         hit_max_steps = False
-        for i, (x, y) in enumerate(batches(self.data.train, self.cfg.batch_size, shuffle=True, generator=gen)):
+        train_batches = batches(self.data.train, self.cfg.batch_size, shuffle=True, generator=gen)
+        for i, (x, y) in enumerate(train_batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.data.augment is not None:
                 x = self.data.augment(x, aug_gen)
@@ -396,9 +398,9 @@ class Trainer:
             self.save_checkpoint()
         if hit_max_steps:
             return "max_steps"
-        if self.cfg.early_stopping is not None and not improved:
-            if self._bad_epochs >= self.cfg.early_stopping:
-                return "early_stopping"
+        patience = self.cfg.early_stopping
+        if patience is not None and not improved and self._bad_epochs >= patience:
+            return "early_stopping"
         return None
 
     def _monitor_value(self, record: dict[str, Any]) -> float:
@@ -412,7 +414,10 @@ class Trainer:
     def _track_best(self, record: dict[str, Any]) -> bool:
         value = self._monitor_value(record)
         best = self._best
-        better = best is None or (value > best["value"] if self.monitor_mode == "max" else value < best["value"])
+        if best is None:
+            better = True
+        else:
+            better = value > best["value"] if self.monitor_mode == "max" else value < best["value"]
         if better:
             self._bad_epochs = 0
             snap = self._snapshot() if self.cfg.select_best else None
