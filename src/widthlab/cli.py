@@ -1,26 +1,228 @@
-"""Command line: parse, validate, call one function. See DESIGN.md for the contract."""
+"""Command line: parse, validate, call one function. The contract is in DESIGN.md.
+
+    widthlab studies                         list built-in studies, one line each
+    widthlab show STUDY|FILE.yaml [k=v ...]  print the resolved, validated config
+    widthlab run  STUDY|FILE.yaml [k=v ...] --out DIR [--workers N] [--executor local] [--resume]
+    widthlab demo [--out DIR]                the main job, on an embedded default dataset
+    widthlab report DIR                      (re)write DIR/report.html and DIR/report.md
+    widthlab kernel --d D --width N --connectivity P [--pairs K] [--json]
+
+Bad input exits with status 2 and a one-line (or one line per problem) reason on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
 from widthlab import __version__
 
+DEMO_STUDY = "demo"
+
+
+class UsageError(Exception):
+    pass
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="built-in study name (see `widthlab studies`) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, type-checked like the YAML (e.g. train.epochs=5)")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="widthlab", description="How wide should this network be?")
+    p = argparse.ArgumentParser(prog="widthlab", description="How wide should this network be? "
+                                "Train width studies, compare width methods, compute width theory.")
     p.add_argument("--version", action="version", version=f"widthlab {__version__}")
-    p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    sub.add_parser("studies", help="list the built-in studies")
+
+    s = sub.add_parser("show", help="print a study's resolved, validated config and its runs")
+    _add_study_args(s)
+
+    r = sub.add_parser("run", help="run every configuration of a study")
+    _add_study_args(r)
+    r.add_argument("--out", required=True, type=Path, help="output directory (results.sqlite, report...)")
+    r.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    r.add_argument("--executor", choices=["local"], default="local", help="where runs execute")
+    r.add_argument("--resume", action="store_true",
+                   help="keep finished runs of DIR and restart unfinished ones from their checkpoints")
+    r.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+
+    d = sub.add_parser("demo", help="the main job: a small width study on scikit-learn digits (minutes)")
+    d.add_argument("--out", type=Path, default=Path("widthlab-demo"),
+                   help="output dir (default ./widthlab-demo)")
+    d.add_argument("--workers", type=int, default=1)
+
+    rep = sub.add_parser("report", help="(re)write DIR/report.html and DIR/report.md from DIR/results.sqlite")
+    rep.add_argument("dir", type=Path)
+
+    k = sub.add_parser("kernel", help="distance of a sparse 1-hidden-layer ReLU net's GP kernel to the "
+                       "infinite-width kernel (Theorem 1 of Golubeva et al. 2021)")
+    k.add_argument("--d", type=int, required=True, help="input dimension")
+    k.add_argument("--width", type=int, required=True, help="hidden width n")
+    k.add_argument("--connectivity", type=float, required=True, help="connectivity p in (0, 1]")
+    k.add_argument("--pairs", type=int, default=30, help="input pairs (default 30)")
+    k.add_argument("--masks", type=int, default=None, help="Monte-Carlo mask samples")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--inputs", default=None,
+                   help="dataset name (e.g. digits) or .npz/.csv file to draw inputs from (default Gaussian)")
+    k.add_argument("--json", action="store_true", help="print all terms and standard errors as JSON")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command is None:
-        build_parser().print_help()
-        return 0
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_studies(args) -> int:
+    from widthlab.studies.load import builtin_studies, study_headline
+
+    studies = builtin_studies()
+    width = max(map(len, studies), default=0)
+    for name, path in sorted(studies.items()):
+        print(f"{name:<{width}}  {study_headline(path)}")
     return 0
+
+
+def cmd_show(args) -> int:
+    from widthlab.studies.load import dump_yaml, expand_runs, load_study
+
+    spec = load_study(args.study, args.overrides)
+    runs = expand_runs(spec)
+    print(dump_yaml(spec.model_dump()), end="")
+    print(f"# {len(runs)} run(s):")
+    for r in runs:
+        axes = " ".join(f"{k}={v}" for k, v in r.axes.items())
+        print(f"#   {r.run_id}  seed={r.seed} {axes}".rstrip())
+    return 0
+
+
+def _finish_study(out: Path, write_report: bool, quiet: bool) -> None:
+    from widthlab.studies.store import ResultStore
+
+    with ResultStore(out, create=False) as store:
+        store.write_summary()
+    if not write_report:
+        return
+    from widthlab.report import format_results_table
+    from widthlab.report import write_report as write
+
+    html, md = write(out)
+    if not quiet:
+        with ResultStore(out, create=False) as store:
+            print(format_results_table(store.runs()))
+        print(f"\nreport: {html}\n        {md}\nsummary: {out / 'summary.json'}")
+
+
+def cmd_run(args) -> int:
+    from widthlab.studies.executor import run_study
+    from widthlab.studies.load import load_study
+
+    spec = load_study(args.study, args.overrides)
+    t0 = time.perf_counter()
+    outcome = run_study(spec, args.out, workers=args.workers, resume=args.resume, quiet=args.quiet)
+    _finish_study(args.out, not args.no_report, args.quiet)
+    if not args.quiet:
+        print(f"{len(outcome.summaries)} run(s) in {time.perf_counter() - t0:.1f}s "
+              f"({len(outcome.failed)} failed, {outcome.skipped} kept from before)")
+    return 1 if outcome.failed else 0
+
+
+def cmd_demo(args) -> int:
+    from widthlab.studies.executor import run_study
+    from widthlab.studies.load import load_study
+
+    spec = load_study(DEMO_STUDY)
+    print(f"widthlab demo: {spec.description.strip().splitlines()[0]}")
+    print(f"output: {args.out}")
+    t0 = time.perf_counter()
+    outcome = run_study(spec, args.out, workers=args.workers, resume=True)
+    _finish_study(args.out, True, False)
+    print(f"demo finished in {time.perf_counter() - t0:.1f}s")
+    return 1 if outcome.failed else 0
+
+
+def cmd_report(args) -> int:
+    from widthlab.report import write_report
+    from widthlab.studies.store import ResultStore
+
+    with ResultStore(args.dir, create=False) as store:
+        store.write_summary()
+    html, md = write_report(args.dir)
+    print(f"{html}\n{md}")
+    return 0
+
+
+def cmd_kernel(args) -> int:
+    from widthlab.theory import kernel_distance_summary
+
+    if args.d < 1 or args.width < 1 or args.pairs < 1:
+        raise UsageError("--d, --width and --pairs must be >= 1")
+    if not 0 < args.connectivity <= 1:
+        raise UsageError(f"--connectivity must be in (0, 1], got {args.connectivity}")
+    inputs = None
+    if args.inputs is not None:
+        inputs = _kernel_inputs(args.inputs, args.d)
+    kw = {"pairs": args.pairs, "seed": args.seed, "inputs": inputs}
+    if args.masks is not None:
+        kw["masks"] = args.masks
+    out = kernel_distance_summary(args.d, args.width, args.connectivity, **kw)
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        print(f"D = {out['D']:.4g} +- {out['D_se']:.2g}  (bias^2 {out['bias_sq']:.3g}, "
+              f"variance/n {out['variance_term']:.3g})  d={args.d} n={args.width} p={args.connectivity}")
+        print(f"approximations: eq. 4 {out['approx_eq4']:.4g}, variance-only "
+              f"{out['approx_variance_only']:.4g}; p* (eq. 4) = {out['p_star']:.4g}")
+    return 0
+
+
+def _kernel_inputs(ref: str, d: int):
+    """Inputs for ``widthlab kernel --inputs``: a dataset name or a table file, flattened to vectors."""
+    import torch
+
+    from widthlab.data.registry import DATASETS, load_dataset
+
+    if ref in DATASETS:
+        task = load_dataset(ref, flatten=True)
+    elif Path(ref).suffix in (".npz", ".csv"):
+        task = load_dataset("table", path=ref)
+    else:
+        raise UsageError(f"--inputs {ref!r}: neither a dataset name ({', '.join(DATASETS.names())}) "
+                         f"nor a .npz/.csv file")
+    x = torch.stack([task.train[i][0] for i in range(len(task.train))]).flatten(1).double()
+    if x.shape[1] != d:
+        raise UsageError(f"--inputs {ref!r} has {x.shape[1]} features but --d is {d}")
+    return x
+
+
+COMMANDS = {"studies": cmd_studies, "show": cmd_show, "run": cmd_run, "demo": cmd_demo,
+            "report": cmd_report, "kernel": cmd_kernel}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from widthlab.studies.load import StudyError
+    from widthlab.train.checkpoint import CheckpointError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, StudyError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"widthlab {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"widthlab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

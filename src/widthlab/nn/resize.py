@@ -47,7 +47,8 @@ class ParamResize:
                 raise ValueError(f"{self.name}: shape changed {tuple(self.old.shape)} -> "
                                  f"{tuple(self.new.shape)} but no resized dim was given")
             return
-        assert self.kept is not None
+        if self.kept is None:
+            raise ValueError(f"{self.name}: dim={self.dim} needs kept indices")
         expect = len(self.kept) + self.n_new
         if self.new.shape[self.dim] != expect:
             raise ValueError(f"{self.name}: new size {self.new.shape[self.dim]} along dim {self.dim} "

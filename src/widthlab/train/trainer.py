@@ -28,6 +28,7 @@ from widthlab.train.config import TrainConfig
 from widthlab.train.loader import batches, dataset_len, epoch_generator, num_batches
 from widthlab.train.metrics import Accumulator, data_loss
 from widthlab.train.optim import build_optimizer, build_schedule
+from widthlab.train.optim_surgery import remap_optimizer
 from widthlab.train.reporting import MetricsLog, Progress, TensorBoard
 
 CHECKPOINT = "checkpoint.pt"
@@ -165,8 +166,6 @@ class Trainer:
         """Hand structural changes to the optimizer surgery (the only editor of optimizer state)."""
         if events is None:
             return
-        from widthlab.train.optim_surgery import remap_optimizer
-
         if isinstance(events, ResizeEvent):
             events = [events]
         for ev in events:

@@ -1,0 +1,1 @@
+"""Studies: YAML schema, sweep expansion, executors, the results store."""

@@ -1,0 +1,1 @@
+"""Built-in study files (package data); `widthlab studies` lists them."""

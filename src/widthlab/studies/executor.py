@@ -1,0 +1,174 @@
+"""Run a study's runs: in this process (1 worker) or in N spawned worker processes.
+
+Each worker process runs one run at a time with ``cores // workers`` torch threads, so that two
+workers on two cores do not oversubscribe. Workers write their own rows to the WAL-mode database and
+send progress messages to the driver through a queue; the driver prints them and notices a worker
+that died without recording its run (it marks that run failed). A failing run never stops the study.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from widthlab.studies.load import RunSpec, StudyError, expand_runs
+from widthlab.studies.runner import execute_run
+from widthlab.studies.schema import StudySpec
+from widthlab.studies.store import ResultStore
+
+
+@dataclass
+class StudyOutcome:
+    out_dir: Path
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [s for s in self.summaries if s.get("status") != "done"]
+
+
+class ProgressPrinter:
+    """Prints run starts/ends always and epoch progress every ``every`` seconds (a live line on a TTY)."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, quiet: bool = False, every: float = 2.0):
+        self.total, self.stream, self.quiet, self.every = total, stream or sys.stderr, quiet, every
+        self.done = self.failed = 0
+        self.running: dict[str, str] = {}
+        self._last = 0.0
+        self._tty = self.stream.isatty()
+
+    def _counts(self) -> str:
+        return (f"[{self.done + self.failed}/{self.total} finished, {len(self.running)} running, "
+                f"{self.failed} failed]")
+
+    def _print(self, text: str, live: bool = False) -> None:
+        if self.quiet:
+            return
+        if self._tty:
+            self.stream.write("\r\033[K" + text + ("" if live else "\n"))
+        elif not live:
+            self.stream.write(text + "\n")
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def __call__(self, msg: dict[str, Any]) -> None:
+        kind = msg["kind"]
+        if kind == "start":
+            self.running[msg["run_id"]] = f"{msg['label']} seed {msg['seed']}"
+        elif kind == "epoch":
+            now = time.monotonic()
+            if now - self._last >= self.every or msg["epoch"] == msg["epochs"]:
+                self._last = now
+                rec = msg["record"]
+                metric = next((f"{k} {rec[k]:.4f}" for k in ("val_accuracy", "val_loss", "train_loss")
+                               if rec.get(k) is not None), "")
+                label = self.running.get(msg["run_id"], msg["run_id"])
+                self._print(f"{self._counts()} {label}: epoch {msg['epoch']}/{msg['epochs']} {metric}",
+                            live=True)
+        elif kind == "end":
+            label = self.running.pop(msg["run_id"], msg["run_id"])
+            s = msg.get("summary") or {}
+            if msg["status"] == "done":
+                self.done += 1
+                metric = s.get("test_accuracy")
+                res = f"test_accuracy {metric:.4f}" if metric is not None else \
+                    f"test_loss {s.get('test_loss', float('nan')):.4g}"
+                self._print(f"{self._counts()} done   {label} ({msg['run_id']}): {res} "
+                            f"in {s.get('wall_seconds', 0):.1f}s")
+            else:
+                self.failed += 1
+                self._print(f"{self._counts()} FAILED {label} ({msg['run_id']}): {msg.get('error')}")
+
+
+def _worker_main(runs: list[RunSpec], out_dir: str, resume: bool, threads: int, q) -> None:
+    """Entry of a spawned worker: run each assigned run, reporting through ``q``."""
+    for run in runs:
+        execute_run(run, Path(out_dir), resume=resume, progress=q.put, num_threads=threads)
+
+
+def plan_runs(spec: StudySpec, out_dir: Path, resume: bool) -> tuple[list[RunSpec], int]:
+    """Which runs to execute; refuses to mix a new study into an output directory that holds results."""
+    runs = expand_runs(spec)
+    db = out_dir / "results.sqlite"
+    if not db.exists():
+        return runs, 0
+    with ResultStore(out_dir) as store:
+        known = {r["run_id"]: r["status"] for r in store.runs()}
+    if known and not resume:
+        raise StudyError(f"{out_dir} already holds results of {len(known)} run(s); use --resume to continue "
+                         f"that study or choose another --out (nothing was changed)")
+    todo = [r for r in runs if known.get(r.run_id) != "done"]
+    return todo, len(runs) - len(todo)
+
+
+def run_study(spec: StudySpec, out_dir: str | Path, *, workers: int = 1, resume: bool = False,
+              stream: TextIO | None = None, quiet: bool = False) -> StudyOutcome:
+    """Execute every run of ``spec`` into ``out_dir`` and return the summaries of this invocation."""
+    out_dir = Path(out_dir)
+    if workers < 1:
+        raise StudyError(f"--workers must be >= 1, got {workers}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo, skipped = plan_runs(spec, out_dir, resume)
+    with ResultStore(out_dir) as store:
+        for r in expand_runs(spec):
+            store.register(r.run_id, r.study, r.position, r.config())
+        store.write_summary()
+    printer = ProgressPrinter(len(todo), stream=stream, quiet=quiet)
+    if skipped and not quiet:
+        (stream or sys.stderr).write(f"resume: {skipped} finished run(s) kept, {len(todo)} to run\n")
+    outcome = StudyOutcome(out_dir, skipped=skipped)
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // min(workers, max(len(todo), 1)))
+    if workers == 1 or len(todo) <= 1:
+        for run in todo:
+            outcome.summaries.append(execute_run(run, out_dir, resume=resume, progress=printer,
+                                                 num_threads=threads))
+        return outcome
+    outcome.summaries.extend(_run_parallel(todo, out_dir, workers, resume, threads, printer))
+    return outcome
+
+
+def _run_parallel(todo: list[RunSpec], out_dir: Path, workers: int, resume: bool, threads: int,
+                  printer: ProgressPrinter) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
+    q = ctx.Queue()
+    shards = [todo[i::workers] for i in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(shard, str(out_dir), resume, threads, q), daemon=True)
+             for shard in shards if shard]
+    for p in procs:
+        p.start()
+    summaries: dict[str, dict[str, Any]] = {}
+    pending = {r.run_id for r in todo}
+    while pending:
+        try:
+            msg = q.get(timeout=0.5)
+        except queue.Empty:
+            if all(not p.is_alive() for p in procs):
+                break
+            continue
+        printer(msg)
+        if msg["kind"] == "end":
+            pending.discard(msg["run_id"])
+            summaries[msg["run_id"]] = msg["summary"]
+    for p in procs:
+        p.join()
+    if pending:  # a worker died (killed, out of memory) without recording these runs
+        codes = ", ".join(str(p.exitcode) for p in procs if p.exitcode)
+        with ResultStore(out_dir) as store:
+            for run_id in pending:
+                if store.status(run_id) in ("running", "pending"):
+                    err = f"worker process died (exit code {codes or '?'}) before the run finished"
+                    store.finish(run_id, "failed", {"run_id": run_id, "status": "failed", "error": err},
+                                 error=err)
+                    printer({"kind": "end", "run_id": run_id, "status": "failed", "error": err})
+                    summaries[run_id] = {"run_id": run_id, "status": "failed", "error": err}
+            store.write_summary()
+    return [summaries[r.run_id] for r in todo if r.run_id in summaries]

@@ -1,0 +1,220 @@
+"""Study files -> validated :class:`StudySpec` -> the list of runs, each with a stable id.
+
+Errors are :class:`StudyError` with one line per problem, each naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from widthlab.studies.schema import StudySpec
+
+
+class StudyError(ValueError):
+    """A study file or override is invalid; the message names the file/key and the problem."""
+
+
+BUILTIN_PACKAGE = "widthlab.studies.builtin"
+
+
+def builtin_studies() -> dict[str, Path]:
+    """Built-in study name -> path of its YAML file."""
+    root = resources.files(BUILTIN_PACKAGE)
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
+
+
+def study_headline(path: Path) -> str:
+    """The study's one-line description (its ``description``'s first line)."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return "(unreadable YAML)"
+    return str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
+
+
+def _format_validation(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        hide = e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+        shown = "" if hide else f" (got {got!r})"
+        lines.append(f"{source}: {loc or '<top>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.epochs=5`` -> ``("train.epochs", 5)``; the value is read as YAML (numbers, lists, bools)."""
+    if "=" not in text:
+        raise StudyError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise StudyError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise StudyError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key, value
+
+
+def set_dotted(d: dict, key: str, value: Any, source: str = "override") -> None:
+    parts = key.split(".")
+    node = d
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise StudyError(f"{source} {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def read_study_file(ref: str) -> tuple[dict, str]:
+    """Resolve ``ref`` (a built-in name or a YAML path) to its raw mapping and a source label."""
+    path = Path(ref)
+    if not path.suffix and not path.exists():
+        studies = builtin_studies()
+        if ref not in studies:
+            known = ", ".join(sorted(studies))
+            raise StudyError(f"unknown study {ref!r}: not a built-in study ({known}) nor a file")
+        path = studies[ref]
+    if not path.is_file():
+        raise StudyError(f"{path}: study file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise StudyError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: a study file must be a YAML mapping, got {type(raw).__name__}")
+    return raw, str(path)
+
+
+def validate_study(raw: dict, source: str) -> StudySpec:
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as e:
+        raise StudyError(_format_validation(source, e)) from None
+
+
+def load_study(ref: str, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
+    """Read a study (built-in name or path), apply ``k=v`` overrides, validate, and check every run."""
+    raw, source = read_study_file(ref)
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    spec = validate_study(raw, source if not overrides else f"{source} (with overrides)")
+    expand_runs(spec, source)  # validates every sweep point, so a bad sweep value fails before any run
+    return spec
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a study: a fully resolved config and its stable id.
+
+    ``run_id`` hashes everything that changes the result (data, model, method, train, seed) and
+    nothing else, so re-running a study finds its finished runs; ``group`` is the same hash without the
+    seed, shared by the seeds of one configuration.
+    """
+
+    run_id: str
+    group: str
+    position: int
+    study: str
+    seed: int
+    axes: dict[str, Any]
+    spec: StudySpec = field(repr=False)
+
+    def config(self) -> dict[str, Any]:
+        """The JSON-able resolved config recorded in the store and in ``runs/<id>/config.yaml``."""
+        d = self.spec.model_dump(exclude={"sweep", "seeds", "description", "kind"})
+        d.update(run_id=self.run_id, group=self.group, seed=self.seed, axes=self.axes, study=self.study)
+        return d
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def expand_runs(spec: StudySpec, source: str = "study") -> list[RunSpec]:
+    """Grid over the sweep axes (in file order) x seeds; each point validated as a study of its own."""
+    base = spec.model_dump(exclude={"sweep"})
+    axes = list(spec.sweep.items())
+    runs: list[RunSpec] = []
+    for values in itertools.product(*(v for _, v in axes)) if axes else [()]:
+        point = dict(zip((k for k, _ in axes), values))
+        raw = copy.deepcopy(base)
+        for key, value in point.items():
+            set_dotted(raw, key, value, source="sweep")
+        try:
+            resolved = StudySpec.model_validate(raw)
+        except ValidationError as e:
+            where = ", ".join(f"{k}={v!r}" for k, v in point.items())
+            raise StudyError(f"sweep point {where}:\n" + _format_validation(source, e)) from None
+        check_components(resolved, source if not point else
+                         f"{source} (sweep {', '.join(f'{k}={v!r}' for k, v in point.items())})")
+        for seed in spec.seeds:
+            ident = resolved.model_dump(include={"data", "model", "method", "train"})
+            group = _hash(ident)
+            run_id = _hash({**ident, "seed": seed})
+            runs.append(RunSpec(run_id, group, len(runs), spec.name, seed, point, resolved))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise StudyError(f"{source}: sweep produces duplicate runs (repeated axis values?)")
+    return runs
+
+
+def _check_options(source: str, section: str, kind: str, name: str, given: list[str],
+                   known: dict[str, Any]) -> None:
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+            raise StudyError(f"{source}: {section}.{key}: unknown option for {kind} {name!r}; {hint}")
+
+
+def check_components(spec: StudySpec, source: str) -> None:
+    """Names and option keys of data, model and method exist (values are checked when built)."""
+    from widthlab.data.registry import DATASETS, dataset_options
+    from widthlab.models import list_models, model_options
+    from widthlab.studies.methods import METHODS, method_options
+
+    if spec.data.name not in DATASETS:
+        raise StudyError(f"{source}: data.name: unknown dataset {spec.data.name!r}; "
+                         f"known: {', '.join(DATASETS.names())}")
+    _check_options(source, "data", "dataset", spec.data.name, list(spec.data.options()),
+                   dataset_options(spec.data.name))
+    if spec.model.name not in list_models():
+        raise StudyError(f"{source}: model.name: unknown model {spec.model.name!r}; "
+                         f"known: {', '.join(list_models())}")
+    given = list(spec.model.options())
+    given += [k for k in ("width", "widths") if getattr(spec.model, k) is not None]
+    _check_options(source, "model", "model", spec.model.name, given, model_options(spec.model.name))
+    if spec.method.name not in METHODS:
+        raise StudyError(f"{source}: method.name: unknown method {spec.method.name!r}; "
+                         f"known: {', '.join(METHODS.names())}")
+    _check_options(source, "method", "method", spec.method.name, list(spec.method.options()),
+                   method_options(spec.method.name))
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,152 @@
+"""Execute one run: build data, model and method from a :class:`RunSpec`, fit, record in the store.
+
+This is the only place where study configs meet the library: below here everything takes typed
+objects (``TaskData``, modules, ``TrainConfig``).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from widthlab.data.registry import load_dataset
+from widthlab.models import create_model
+from widthlab.models.counting import count_nonzero_weights, count_parameters, count_weights
+from widthlab.studies.load import RunSpec, dump_yaml
+from widthlab.studies.methods import build_method
+from widthlab.studies.store import ResultStore
+from widthlab.train.trainer import Trainer, seed_everything
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def model_widths(model: torch.nn.Module) -> dict[str, int]:
+    fn = getattr(model, "widths", None)
+    return dict(fn()) if callable(fn) else {}
+
+
+class EpochRecorder:
+    """Callback writing each epoch's record (plus current widths) to the store and to a progress sink."""
+
+    def __init__(self, store: ResultStore, run_id: str, progress: ProgressFn | None, epochs: int):
+        self.store, self.run_id, self.progress, self.epochs = store, run_id, progress, epochs
+        self._truncated = False
+
+    def metrics(self, trainer) -> dict[str, Any]:
+        widths = model_widths(trainer.model)
+        out: dict[str, Any] = {"nonzero_weights": count_nonzero_weights(trainer.model)}
+        if widths:
+            out.update(widths=widths, total_width=sum(widths.values()))
+        return out
+
+    def on_epoch_end(self, trainer) -> None:
+        if not self._truncated:
+            # A run restarted from a checkpoint drops the epochs it recorded after that checkpoint.
+            self.store.truncate_epochs(self.run_id, trainer.epoch - 1)
+            self._truncated = True
+        record = trainer.history[-1]
+        self.store.add_epoch(self.run_id, record["epoch"], record)
+        if self.progress is not None:
+            self.progress({"kind": "epoch", "run_id": self.run_id, "epoch": record["epoch"],
+                           "epochs": self.epochs, "record": record})
+
+
+def run_label(run: RunSpec) -> str:
+    s = run.spec
+    width = s.model.width if s.model.width is not None else s.model.widths
+    wtxt = f" w={width}" if width is not None else ""
+    extra = "".join(f" {k.split('.')[-1]}={v}" for k, v in run.axes.items()
+                    if k not in ("model.width", "model.widths"))
+    return f"{s.method.name} {s.model.name}{wtxt}{extra}"
+
+
+def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: ProgressFn | None = None,
+                num_threads: int | None = None) -> dict[str, Any]:
+    """Run one configuration to completion (or failure) and record it; returns its summary entry."""
+    out_dir = Path(out_dir)
+    run_dir = out_dir / "runs" / run.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(run.config()))
+    store = ResultStore(out_dir)
+    store.register(run.run_id, run.study, run.position, run.config())
+    store.mark_running(run.run_id)
+    if progress:
+        progress({"kind": "start", "run_id": run.run_id, "label": run_label(run), "seed": run.seed})
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = base_summary(run)
+    try:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        spec = run.spec
+        seed_everything(run.seed)
+        data = load_dataset(spec.data.name, **spec.data.options())
+        model_kw = spec.model.options()
+        if spec.model.width is not None:
+            model_kw["width"] = spec.model.width
+        if spec.model.widths is not None:
+            model_kw["widths"] = spec.model.widths
+        model = create_model(spec.model.name, input_shape=data.input_shape, num_outputs=data.num_outputs,
+                             **model_kw)
+        plan = build_method(spec.method.name, spec.method.options(), model, data, seed=run.seed)
+        model = plan.model
+        train_cfg = spec.train.to_config(seed=run.seed)
+        if num_threads and train_cfg.num_threads is None:
+            train_cfg = type(train_cfg)(**{**train_cfg.__dict__, "num_threads": num_threads})
+        recorder = EpochRecorder(store, run.run_id, progress, train_cfg.epochs)
+        trainer = Trainer(model, data, train_cfg, [*plan.callbacks, recorder], run_dir=run_dir)
+        result = trainer.fit(resume=resume)
+        summary.update(fit_summary(result, model, data.task))
+        summary.update(plan.summary)
+        summary["wall_seconds"] = time.perf_counter() - t0
+        store.finish(run.run_id, result.status, summary, error=result.error,
+                     wall_seconds=summary["wall_seconds"])
+        summary["status"], summary["error"] = result.status, result.error
+    except Exception as e:  # any failure is recorded and the sweep goes on
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        msg = f"{type(e).__name__}: {e}"
+        summary.update(status="failed", error=msg, wall_seconds=time.perf_counter() - t0)
+        store.finish(run.run_id, "failed", summary, error=msg, wall_seconds=summary["wall_seconds"])
+    finally:
+        store.write_summary()
+        store.close()
+    if progress:
+        progress({"kind": "end", "run_id": run.run_id, "status": summary["status"], "error": summary["error"],
+                  "summary": summary})
+    return summary
+
+
+def base_summary(run: RunSpec) -> dict[str, Any]:
+    s = run.spec
+    return {
+        "run_id": run.run_id, "study": run.study, "method": s.method.name, "model": s.model.name,
+        "dataset": s.data.name, "seed": run.seed, "status": "running", "error": None,
+        "width": s.model.width if s.model.width is not None else (max(s.model.widths) if s.model.widths
+                                                                  else None),
+        "group": run.group, "label": run_label(run), "axes": run.axes,
+        "base_width": None, "family": None,
+    }
+
+
+def fit_summary(result, model: torch.nn.Module, task: str) -> dict[str, Any]:
+    widths = model_widths(model)
+    counted = count_weights(model)
+    nonzero = count_nonzero_weights(model)
+    f = result.final
+    out: dict[str, Any] = {
+        "widths": widths, "total_width": sum(widths.values()) if widths else None,
+        "counted_weights": counted, "nonzero_weights": nonzero, "total_parameters": count_parameters(model),
+        "connectivity": nonzero / counted if counted else None,
+        "train_accuracy": f.get("train_accuracy"), "val_accuracy": f.get("val_accuracy"),
+        "train_loss": f.get("train_loss"), "val_loss": f.get("val_loss"),
+        "best_epoch": result.best_epoch, "epochs": result.epochs, "stop_reason": result.stop_reason,
+    }
+    if task == "classification":
+        out["test_accuracy"] = f.get("test_accuracy")
+    else:
+        out["test_loss"] = f.get("test_loss")
+    return out

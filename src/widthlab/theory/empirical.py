@@ -1,0 +1,167 @@
+"""The finite-width kernel Theta of one network instance, and its distance to Theta_inf.
+
+Spec widesparse §5.1 and §5.5. For f(x) = (n d)^{-1/2} v^T [u x]_+ (NTK parametrisation, no biases),
+the GP kernel is the last-layer gradient kernel
+
+    Theta(x, y) = grad_v f(x) . grad_v f(y) = (1 / (n d)) sum_i [u_i.x]_+ [u_i.y]_+,
+
+which depends on the first-layer weights u (n, d) only (the sparsity of v is irrelevant). Its
+infinite-width dense limit is Theta_inf(x, y) = K_1(x, y) / d (``arccos.py``), and the empirical
+kernel distance of the instance is the pair average of (Theta - Theta_inf)^2 (spec §5.5).
+
+Normalisation. Theorem 1 takes u_ij = 0 with probability 1 - p and N(0, 1/p) otherwise, so that
+E[u_ij^2] = 1 at every connectivity. A stored first-layer weight W (zeros where masked) is mapped to
+that convention by u = W / weight_std, where weight_std^2 = E[W_ij^2] over *all* entries (masked
+ones included) under the layer's initialisation law:
+
+* theorem convention (NTK layer storing u, forward divides by sqrt(d)), N(0, 1/p) slab: 1;
+* NTK-style MLP of Fig. 8 (spec §6.2), slab U(+-1/sqrt(c)): E[W^2] = c * 1/(3c) = 1/3, so 3 ** -0.5;
+* standard parametrisation (forward W x) with the fan-in corrected init U(+-1/sqrt(d c)) of spec
+  §3.4: E[W^2] = 1 / (3 d), so (3 d) ** -0.5; a N(0, 1/(d p)) slab gives d ** -0.5;
+* ``"rms"``: the instance's own root mean square, sqrt(mean(W^2)); it removes the instance's overall
+  scale, e.g. after training, and compares only the shape of the kernel.
+
+A uniform slab changes the finite-d kernel only at O(1/(d p)) (the mask-averaged fourth moments);
+the limit Theta_inf is the same by the central limit theorem. Biases of the first layer are ignored:
+the kernel is that of the bias-free network of the theorem with the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from widthlab.theory.arccos import infinite_width_theta
+from widthlab.theory.pairs import sample_pairs
+
+
+def last_layer_kernel(u: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """Theta(x, y) = (1/(n d)) sum_i [u_i.x]_+ [u_i.y]_+ (spec §5.1), batched over networks and pairs.
+
+    Args:
+        u: first-layer weights in the theorem's convention, shape (..., n, d).
+        x: inputs, shape (P, d).
+        y: inputs, shape (P, d).
+
+    Returns:
+        Theta per network and pair, shape (..., P).
+    """
+    n, d = u.shape[-2:]
+    hx = torch.relu(u @ x.T)  # (..., n, P)
+    hy = torch.relu(u @ y.T)  # (..., n, P)
+    return (hx * hy).sum(-2) / (n * d)
+
+
+def first_layer_weight(model: Tensor | torch.nn.Module) -> Tensor:
+    """The first-layer weight (n, d) of a model: a tensor itself, ``model.weight``, or the first
+    submodule (in ``modules()`` order) with a 2-D ``.weight`` (an ``nn.Linear``, duck-typed)."""
+    if isinstance(model, Tensor):
+        W = model
+    else:
+        W = getattr(model, "weight", None)
+        if not (isinstance(W, Tensor) and W.dim() == 2):
+            W = next((m.weight for m in model.modules()
+                      if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2), None)
+        if W is None:
+            raise TypeError(f"{type(model).__name__} has no submodule with a 2-D .weight")
+    if W.dim() != 2:
+        raise ValueError(f"first-layer weight must be 2-D (n, d), got shape {tuple(W.shape)}")
+    return W
+
+
+def theorem_weights(
+    model: Tensor | torch.nn.Module,
+    weight_std: float | str = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """u = (W * mask) / weight_std in float64, the theorem's convention (module docstring).
+
+    Args:
+        model: weight tensor (n, d) or a module with a first 2-D ``.weight``.
+        weight_std: sqrt(E[W_ij^2]) under the layer's init law, or ``"rms"``.
+        mask: optional 0/1 mask (n, d), for layers that keep W dense and mask in forward.
+
+    Returns:
+        u, shape (n, d), float64, detached.
+    """
+    W = first_layer_weight(model).detach().cpu().to(torch.float64)
+    if mask is not None:
+        W = W * mask.detach().cpu().to(torch.float64)
+    if weight_std == "rms":
+        std = W.pow(2).mean().sqrt().item()
+    elif isinstance(weight_std, str):
+        raise ValueError(f"weight_std must be a float or 'rms', got {weight_std!r}")
+    else:
+        std = float(weight_std)
+    if not std > 0:
+        raise ValueError(f"weight_std must be positive, got {std}")
+    return W / std
+
+
+def empirical_theta(
+    model: Tensor | torch.nn.Module,
+    x: Tensor,
+    y: Tensor,
+    weight_std: float | str = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Theta(x_j, y_j) of one instance (spec §5.1), shape (P,); see :func:`theorem_weights`."""
+    u = theorem_weights(model, weight_std, mask)
+    x = torch.as_tensor(x, dtype=torch.float64).reshape(-1, u.shape[1])
+    y = torch.as_tensor(y, dtype=torch.float64).reshape(-1, u.shape[1])
+    return last_layer_kernel(u, x, y)
+
+
+@dataclass(frozen=True)
+class EmpiricalDistance:
+    """Empirical kernel distance of one instance over sampled pairs (spec §5.5).
+
+    Attributes:
+        D: mean over pairs of (Theta - Theta_inf)^2.
+        D_se: its standard error over the pair sampling (the instance held fixed).
+        num_pairs: P.
+        width: n, rows of the first layer.
+        d: input dimension.
+        connectivity: fraction of nonzero first-layer weights of the instance.
+    """
+
+    D: float
+    D_se: float
+    num_pairs: int
+    width: int
+    d: int
+    connectivity: float
+
+
+def empirical_kernel_distance(
+    model: Tensor | torch.nn.Module,
+    inputs: Tensor | None = None,
+    pairs: int = 1000,
+    seed: int | torch.Generator = 0,
+    weight_std: float | str = 1.0,
+    mask: Tensor | None = None,
+) -> EmpiricalDistance:
+    """Distance of an actual instance's kernel Theta to the dense Theta_inf = K_1/d (spec §5.5).
+
+    Any width and any connectivity: the instance is whatever its weights are. Average over several
+    initialisations (spec §5.5 uses 10) to estimate the Theorem 1 distance of the family.
+
+    Args:
+        model: first-layer weight (n, d) or a module whose first 2-D ``.weight`` is it.
+        inputs: real inputs, shape (N, ...) with N x d entries; None draws Gaussian pairs.
+        pairs: number of pairs P, sampled as in :func:`~widthlab.theory.pairs.sample_pairs`.
+        seed: seed or generator for the pair sampling.
+        weight_std: normalisation of W to the theorem's convention (module docstring).
+        mask: optional 0/1 mask applied to W.
+
+    Returns:
+        An :class:`EmpiricalDistance`.
+    """
+    u = theorem_weights(model, weight_std, mask)
+    n, d = u.shape
+    x, y = sample_pairs(pairs, d=d, inputs=inputs, seed=seed)
+    sq = (last_layer_kernel(u, x, y) - infinite_width_theta(x, y)) ** 2  # (P,)
+    se = sq.std().item() / pairs**0.5 if pairs > 1 else float("nan")
+    return EmpiricalDistance(sq.mean().item(), se, pairs, n, d, (u != 0).double().mean().item())
