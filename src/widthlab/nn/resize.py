@@ -68,6 +68,9 @@ class ResizeEvent:
     removed: tuple[nn.Parameter, ...] = ()
     description: str = ""
     widths: dict[str, int] = field(default_factory=dict)
+    # How optimizer state of the changed tensors is remapped: "keep" (slice survivors, zero new units)
+    # or "reset" (drop it, as the adaptive-width paper's code does); None lets the trainer choose "keep".
+    optimizer_mode: str | None = None
 
     def __bool__(self) -> bool:
         return bool(self.params or self.added or self.removed)
@@ -84,6 +87,7 @@ class ResizeEvent:
             removed=self.removed + other.removed,
             description="; ".join(d for d in (self.description, other.description) if d),
             widths={**self.widths, **other.widths},
+            optimizer_mode=self.optimizer_mode or other.optimizer_mode,
         )
 
 

@@ -118,7 +118,14 @@ def load_study(ref: str, overrides: list[str] | tuple[str, ...] = ()) -> StudySp
     raw = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)
-        set_dotted(raw, key, value)
+        if key.startswith("sweep."):  # an axis name is itself a dotted key: sweep.model.width=[...]
+            sweep = raw.setdefault("sweep", {}) or {}
+            if not isinstance(sweep, dict):
+                raise StudyError(f"override {text!r}: sweep is not a mapping")
+            sweep[key.removeprefix("sweep.")] = value
+            raw["sweep"] = sweep
+        else:
+            set_dotted(raw, key, value)
     spec = validate_study(raw, source if not overrides else f"{source} (with overrides)")
     expand_runs(spec, source)  # validates every sweep point, so a bad sweep value fails before any run
     return spec
@@ -169,7 +176,7 @@ def expand_runs(spec: StudySpec, source: str = "study") -> list[RunSpec]:
             resolved = StudySpec.model_validate(raw)
         except ValidationError as e:
             where = ", ".join(f"{k}={v!r}" for k, v in point.items())
-            raise StudyError(f"sweep point {where}:\n" + _format_validation(source, e)) from None
+            raise StudyError(_format_validation(f"{source} (sweep {where})", e)) from None
         check_components(resolved, source if not point else
                          f"{source} (sweep {', '.join(f'{k}={v!r}' for k, v in point.items())})")
         for seed in spec.seeds:

@@ -1,37 +1,21 @@
 """Method names for study files -> builders that turn a model into (model, callbacks).
 
-A method builder takes the method's options from the study as keyword arguments and returns a
-:class:`MethodPlan`. ``dense`` trains the model as built. The other methods register here from their
-own packages under ``widthlab.methods`` as they are implemented.
+A method builder ``build(model, data, *, seed, **options) -> MethodPlan`` lives in its method's own
+package (``widthlab.methods.<name>.plan``); its keyword-only options are what a study's ``method:``
+section may set. ``dense`` trains the model as built.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from widthlab._registry import Registry
 from widthlab.data.base import TaskData
-
-
-@dataclass
-class MethodPlan:
-    """What a method contributes to a run.
-
-    Attributes:
-        model: the model to train (possibly wrapped or rebuilt by the method).
-        callbacks: trainer callbacks implementing the method.
-        summary: extra summary fields (e.g. ``base_width``, ``family``, ``connectivity``).
-    """
-
-    model: nn.Module
-    callbacks: list[Any] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-
+from widthlab.methods.base import MethodPlan
 
 MethodBuilder = Callable[..., MethodPlan]
 METHODS: Registry[MethodBuilder] = Registry("method")
@@ -41,6 +25,12 @@ METHODS: Registry[MethodBuilder] = Registry("method")
 def dense(model: nn.Module, data: TaskData, *, seed: int) -> MethodPlan:
     """Train the model as built: the baseline every width method is compared with."""
     return MethodPlan(model)
+
+
+# --- method registrations: one line each, added as each method lands -----------------------------
+# widesparse: not yet registered
+# adaptive: not yet registered
+# expanding: not yet registered
 
 
 def method_options(name: str) -> dict[str, Any]:

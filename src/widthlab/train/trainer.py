@@ -170,7 +170,7 @@ class Trainer:
             events = [events]
         for ev in events:
             if ev and self.optimizer is not None:
-                remap_optimizer(self.optimizer, ev, mode=getattr(ev, "optimizer_mode", None) or "keep")
+                remap_optimizer(self.optimizer, ev, mode=ev.optimizer_mode or "keep")
 
     def _callback_states(self) -> list[Any]:
         return [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks]
