@@ -26,6 +26,8 @@ class TaskData:
         num_outputs: number of classes, or of regression targets.
         augment: optional batch transform applied to training inputs only.
         meta: free-form facts for the record (source files, standardisation constants...).
+        collate: optional ``DataLoader`` collate function; a collated ``x`` may be any object with a
+            ``.to(device)`` method.
     """
 
     name: str
@@ -37,3 +39,5 @@ class TaskData:
     num_outputs: int
     augment: Augment | None = None
     meta: dict = field(default_factory=dict)
+    # Batch collation for datasets whose items are not plain tensors (graphs); None: torch's default.
+    collate: Callable | None = None

@@ -178,3 +178,6 @@ _register("cifar100", cifar.load_cifar100, normalize="channel")
 _register("svhn", svhn.load_svhn, normalize="channel")
 # A user's own table: used as given.
 _register("table", tables.load_table)
+
+# --- wide & sparse data (image folders) ---
+# --- adaptive-width data (sequences, graphs, seq2seq) ---

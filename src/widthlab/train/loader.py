@@ -28,7 +28,7 @@ def num_batches(ds: Dataset, batch_size: int) -> int:
 
 
 def batches(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-            num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            num_workers: int = 0, collate=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches.
 
     In-memory ``TensorDataset``s are sliced directly (a DataLoader's per-sample collation costs more
@@ -46,5 +46,6 @@ def batches(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Gen
                 yield x[idx], y[idx]
         return
     sampler = order.tolist() if order is not None else None
-    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate)
     yield from loader

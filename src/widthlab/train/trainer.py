@@ -200,7 +200,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         acc = Accumulator(self.classification, self.device)
-        for x, y in batches(ds, self.cfg.eval_batch_size, shuffle=False):
+        for x, y in batches(ds, self.cfg.eval_batch_size, shuffle=False, collate=self.data.collate):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(x)
@@ -359,7 +359,8 @@ class Trainer:
         acc = Accumulator(self.classification, self.device)
         self.progress.epoch_start(self.epoch, self.steps_per_epoch)
         hit_max_steps = False
-        train_batches = batches(self.data.train, self.cfg.batch_size, shuffle=True, generator=gen)
+        train_batches = batches(self.data.train, self.cfg.batch_size, shuffle=True, generator=gen,
+                                collate=self.data.collate)
         for i, (x, y) in enumerate(train_batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.data.augment is not None:
