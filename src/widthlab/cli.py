@@ -2,7 +2,7 @@
 
     widthlab studies                         list built-in studies, one line each
     widthlab show STUDY|FILE.yaml [k=v ...]  print the resolved, validated config
-    widthlab run  STUDY|FILE.yaml [k=v ...] --out DIR [--workers N] [--executor local] [--resume]
+    widthlab run  STUDY|FILE.yaml [k=v ...] --out DIR [--workers N] [--executor local|ray] [--resume]
     widthlab demo [--out DIR]                the main job, on an embedded default dataset
     widthlab report DIR                      (re)write DIR/report.html and DIR/report.md
     widthlab kernel --d D --width N --connectivity P [--pairs K] [--json]
@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_args(r)
     r.add_argument("--out", required=True, type=Path, help="output directory (results.sqlite, report...)")
     r.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
-    r.add_argument("--executor", choices=["local"], default="local", help="where runs execute")
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local worker processes, or Ray tasks (needs the ray extra)")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    r.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="per-run checkpoint folders for --executor ray (shared storage on a cluster)")
     r.add_argument("--resume", action="store_true",
                    help="keep finished runs of DIR and restart unfinished ones from their checkpoints")
     r.add_argument("--no-report", action="store_true", help="do not write the report at the end")
@@ -125,7 +129,8 @@ def cmd_run(args) -> int:
 
     spec = load_study(args.study, args.overrides)
     t0 = time.perf_counter()
-    outcome = run_study(spec, args.out, workers=args.workers, resume=args.resume, quiet=args.quiet)
+    outcome = run_study(spec, args.out, workers=args.workers, resume=args.resume, quiet=args.quiet,
+                        executor=args.executor, address=args.address, runs_root=args.checkpoint_dir)
     _finish_study(args.out, not args.no_report, args.quiet)
     if not args.quiet:
         print(f"{len(outcome.summaries)} run(s) in {time.perf_counter() - t0:.1f}s "

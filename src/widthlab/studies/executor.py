@@ -110,9 +110,20 @@ def plan_runs(spec: StudySpec, out_dir: Path, resume: bool) -> tuple[list[RunSpe
 
 
 def run_study(spec: StudySpec, out_dir: str | Path, *, workers: int = 1, resume: bool = False,
-              stream: TextIO | None = None, quiet: bool = False) -> StudyOutcome:
-    """Execute every run of ``spec`` into ``out_dir`` and return the summaries of this invocation."""
+              stream: TextIO | None = None, quiet: bool = False, executor: str = "local",
+              address: str | None = None, runs_root: str | Path | None = None,
+              ray_init: dict | None = None) -> StudyOutcome:
+    """Execute every run of ``spec`` into ``out_dir`` and return the summaries of this invocation.
+
+    Args:
+        workers: local worker processes (``executor="local"``).
+        executor: ``local`` or ``ray`` (each run a Ray task; see ``studies/ray_executor.py``).
+        address: Ray cluster address (None: start a local Ray instance).
+        runs_root: where per-run folders (checkpoints) go; default ``out_dir/runs``.
+    """
     out_dir = Path(out_dir)
+    if executor not in ("local", "ray"):
+        raise StudyError(f"unknown executor {executor!r}; known: local, ray")
     if workers < 1:
         raise StudyError(f"--workers must be >= 1, got {workers}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +136,15 @@ def run_study(spec: StudySpec, out_dir: str | Path, *, workers: int = 1, resume:
     if skipped and not quiet:
         (stream or sys.stderr).write(f"resume: {skipped} finished run(s) kept, {len(todo)} to run\n")
     outcome = StudyOutcome(out_dir, skipped=skipped)
+    if executor == "ray":
+        from widthlab.studies.ray_executor import run_on_ray
+
+        outcome.summaries.extend(run_on_ray(todo, out_dir, resume=resume, printer=printer, address=address,
+                                            runs_root=Path(runs_root) if runs_root else None,
+                                            init_kwargs=ray_init))
+        return outcome
+    if runs_root is not None:
+        raise StudyError("--checkpoint-dir is for --executor ray; local runs keep checkpoints in DIR/runs")
     cores = os.cpu_count() or 1
     threads = max(1, cores // min(workers, max(len(todo), 1)))
     if workers == 1 or len(todo) <= 1:

@@ -33,9 +33,9 @@ def model_widths(model: torch.nn.Module) -> dict[str, int]:
 class EpochRecorder:
     """Callback writing each epoch's record (plus current widths) to the store and to a progress sink."""
 
-    def __init__(self, store: ResultStore, run_id: str, progress: ProgressFn | None, epochs: int):
+    def __init__(self, store, run_id: str, progress: ProgressFn | None, epochs: int):
         self.store, self.run_id, self.progress, self.epochs = store, run_id, progress, epochs
-        self._truncated = False
+        self._synced = False
 
     def metrics(self, trainer) -> dict[str, Any]:
         widths = model_widths(trainer.model)
@@ -45,10 +45,13 @@ class EpochRecorder:
         return out
 
     def on_epoch_end(self, trainer) -> None:
-        if not self._truncated:
-            # A run restarted from a checkpoint drops the epochs it recorded after that checkpoint.
+        if not self._synced:
+            # A run restarted from a checkpoint drops the epochs recorded after that checkpoint and
+            # (re)writes the ones restored with it, which a remote worker's driver may never have seen.
             self.store.truncate_epochs(self.run_id, trainer.epoch - 1)
-            self._truncated = True
+            for old in trainer.history[:-1]:
+                self.store.add_epoch(self.run_id, old["epoch"], old)
+            self._synced = True
         record = trainer.history[-1]
         self.store.add_epoch(self.run_id, record["epoch"], record)
         if self.progress is not None:
@@ -66,13 +69,22 @@ def run_label(run: RunSpec) -> str:
 
 
 def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: ProgressFn | None = None,
-                num_threads: int | None = None) -> dict[str, Any]:
-    """Run one configuration to completion (or failure) and record it; returns its summary entry."""
+                num_threads: int | None = None, records=None,
+                runs_root: Path | None = None) -> dict[str, Any]:
+    """Run one configuration to completion (or failure) and record it; returns its summary entry.
+
+    Args:
+        out_dir: the study's output directory (its ``results.sqlite``).
+        records: where the store writes go; None opens ``out_dir``'s database (local workers), a
+            :class:`~widthlab.studies.store.BufferedRecords` collects them for a remote driver.
+        runs_root: folder of the per-run directories (checkpoints, metrics.jsonl); default
+            ``out_dir/runs``; on a cluster, shared storage every worker can reach.
+    """
     out_dir = Path(out_dir)
-    run_dir = out_dir / "runs" / run.run_id
+    run_dir = Path(runs_root or out_dir / "runs") / run.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(run.config()))
-    store = ResultStore(out_dir)
+    store = records if records is not None else ResultStore(out_dir)
     store.register(run.run_id, run.study, run.position, run.config())
     store.mark_running(run.run_id)
     if progress:

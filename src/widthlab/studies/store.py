@@ -180,3 +180,35 @@ class ResultStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+class BufferedRecords:
+    """Stands in for a :class:`ResultStore` in a remote worker: records the writes, touches no file.
+
+    The driver replays them with :func:`replay` into the one database it alone writes, so no SQLite
+    file ever sits on shared network storage (Ray executor).
+    """
+
+    _WRITES = ("register", "mark_running", "add_epoch", "truncate_epochs", "add_event", "finish")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str):
+        if name in BufferedRecords._WRITES:
+            return lambda *args, **kw: self.calls.append((name, args, kw))
+        raise AttributeError(name)
+
+    def write_summary(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def replay(store: ResultStore, calls: list[tuple[str, tuple, dict]]) -> None:
+    """Apply a worker's buffered writes, in order, to ``store``."""
+    for name, args, kw in calls:
+        if name not in BufferedRecords._WRITES:
+            raise ValueError(f"unexpected buffered store call {name!r}")
+        getattr(store, name)(*args, **kw)
