@@ -124,13 +124,20 @@ def _finish_study(out: Path, write_report: bool, quiet: bool) -> None:
 
 
 def cmd_run(args) -> int:
+    import torch
+
     from widthlab.studies.executor import run_study
     from widthlab.studies.load import load_study
+    from widthlab.train.distributed import init_from_env
 
     spec = load_study(args.study, args.overrides)
+    # Under torchrun (WORLD_SIZE > 1) every rank joins the process group and trains data-parallel.
+    ctx = init_from_env(torch.device("cuda" if spec.train.device.startswith("cuda") else "cpu"))
     t0 = time.perf_counter()
     outcome = run_study(spec, args.out, workers=args.workers, resume=args.resume, quiet=args.quiet,
                         executor=args.executor, address=args.address, runs_root=args.checkpoint_dir)
+    if not ctx.is_main:
+        return 0
     _finish_study(args.out, not args.no_report, args.quiet)
     if not args.quiet:
         print(f"{len(outcome.summaries)} run(s) in {time.perf_counter() - t0:.1f}s "

@@ -21,6 +21,7 @@ from widthlab.studies.load import RunSpec, StudyError, expand_runs
 from widthlab.studies.runner import execute_run
 from widthlab.studies.schema import StudySpec
 from widthlab.studies.store import ResultStore
+from widthlab.train import distributed
 
 
 @dataclass
@@ -126,12 +127,26 @@ def run_study(spec: StudySpec, out_dir: str | Path, *, workers: int = 1, resume:
         raise StudyError(f"unknown executor {executor!r}; known: local, ray")
     if workers < 1:
         raise StudyError(f"--workers must be >= 1, got {workers}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo, skipped = plan_runs(spec, out_dir, resume)
-    with ResultStore(out_dir) as store:
-        for r in expand_runs(spec):
-            store.register(r.run_id, r.study, r.position, r.config())
-        store.write_summary()
+    ctx = distributed.current()
+    if ctx.active and (workers != 1 or executor != "local"):
+        raise StudyError("under torchrun every rank trains the same run: use --workers 1 --executor local")
+    plan: tuple | None = None
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            plan = plan_runs(spec, out_dir, resume)
+            with ResultStore(out_dir) as store:
+                for r in expand_runs(spec):
+                    store.register(r.run_id, r.study, r.position, r.config())
+                store.write_summary()
+        except StudyError as e:
+            plan = ("error", str(e))
+    # Rank 0 decides which runs to execute (it alone reads and writes the database).
+    plan = ctx.broadcast_object(plan)
+    if plan[0] == "error":
+        raise StudyError(plan[1])
+    todo, skipped = plan
+    quiet = quiet or not ctx.is_main
     printer = ProgressPrinter(len(todo), stream=stream, quiet=quiet)
     if skipped and not quiet:
         (stream or sys.stderr).write(f"resume: {skipped} finished run(s) kept, {len(todo)} to run\n")

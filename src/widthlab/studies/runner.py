@@ -19,7 +19,8 @@ from widthlab.models import create_model
 from widthlab.models.counting import count_nonzero_weights, count_parameters, count_weights
 from widthlab.studies.load import RunSpec, dump_yaml
 from widthlab.studies.methods import build_method
-from widthlab.studies.store import ResultStore
+from widthlab.studies.store import BufferedRecords, ResultStore
+from widthlab.train import distributed
 from widthlab.train.trainer import Trainer, seed_everything
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -82,8 +83,12 @@ def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: 
     """
     out_dir = Path(out_dir)
     run_dir = Path(runs_root or out_dir / "runs") / run.run_id
+    main = distributed.current().is_main
+    if not main:  # under torchrun only rank 0 records; the other ranks train in step with it
+        records, progress = BufferedRecords(), None
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(run.config()))
+    if main:
+        (run_dir / "config.yaml").write_text(dump_yaml(run.config()))
     store = records if records is not None else ResultStore(out_dir)
     store.register(run.run_id, run.study, run.position, run.config())
     store.mark_running(run.run_id)

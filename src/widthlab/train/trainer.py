@@ -23,6 +23,7 @@ from torch import nn
 from widthlab.data.base import TaskData
 from widthlab.nn.resize import ResizeEvent
 from widthlab.train import checkpoint as ckpt
+from widthlab.train import distributed
 from widthlab.train.callbacks import HOOKS
 from widthlab.train.config import TrainConfig
 from widthlab.train.loader import batches, dataset_len, epoch_generator, num_batches
@@ -100,7 +101,10 @@ class Trainer:
         self.data = data
         self.callbacks = list(callbacks)
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.dist = distributed.current()
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.dist.active and self.device.index is None:
+            self.device = torch.device("cuda", self.dist.local_rank)
         if config.amp != "none" and self.device.type != "cuda":
             raise ValueError(f"train.amp={config.amp!r} needs a CUDA device "
                              f"(train.device is {config.device!r})")
@@ -115,8 +119,11 @@ class Trainer:
         self.monitor_mode = "max" if monitor.endswith("accuracy") else "min"
         self.has_val = dataset_len(data.val) > 0
         self.steps_per_epoch = num_batches(data.train, config.batch_size)
-        self.progress = Progress(config.progress, config.epochs, stream=stream, label=label)
-        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir else None)
+        # Only rank 0 talks and writes; other ranks train silently in step with it.
+        main = self.dist.is_main
+        self.progress = Progress(config.progress if main else "none", config.epochs, stream=stream,
+                                 label=label)
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl" if self.run_dir and main else None)
         # Live state that callbacks may read.
         self.epoch = 0
         self.step = 0
@@ -131,6 +138,7 @@ class Trainer:
         self._scaler = None
         self._best: dict[str, Any] | None = None
         self._bad_epochs = 0
+        self._net: nn.Module = self.model  # what forward passes go through: the model or its DDP view
 
     # ------------------------------------------------------------------ set-up
 
@@ -168,9 +176,17 @@ class Trainer:
             return
         if isinstance(events, ResizeEvent):
             events = [events]
+        changed = False
         for ev in events:
             if ev and self.optimizer is not None:
                 remap_optimizer(self.optimizer, ev, mode=ev.optimizer_mode or "keep")
+            changed = changed or bool(ev)
+        if changed:
+            self._rewrap()
+
+    def _rewrap(self) -> None:
+        """(Re)build the data-parallel view; DDP fixes its gradient buckets to the current parameters."""
+        self._net = self.dist.wrap(self.model, self.device) if self.dist.active else self.model
 
     def _callback_states(self) -> list[Any]:
         return [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks]
@@ -218,7 +234,7 @@ class Trainer:
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with self._autocast():
-            out = self.model(x)
+            out = self._net(x)
         loss = data_loss(self.loss_kind, out.float(), y)
         total = loss
         for cb in self.callbacks:
@@ -232,13 +248,20 @@ class Trainer:
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, acc: Accumulator) -> None:
         opt = self.optimizer
         assert opt is not None
+        scale = 1.0
+        if self.dist.active:  # this rank's slice of the global batch; see train/distributed.py
+            n_global = y.shape[0]
+            sl = self.dist.shard(n_global)
+            x, y = x[sl], y[sl]
+            scale = self.dist.loss_scale(y.shape[0], n_global)
         self.last_batch = (x, y)
         out, loss, total = self._loss(x, y)
         opt.zero_grad(set_to_none=True)
+        backward_loss = total * scale if scale != 1.0 else total
         if self._scaler is not None:
-            self._scaler.scale(total).backward()
+            self._scaler.scale(backward_loss).backward()
         else:
-            total.backward()
+            backward_loss.backward()
         self.dispatch("on_after_backward")
         if self.cfg.grad_clip is not None:
             if self._scaler is not None:
@@ -248,7 +271,7 @@ class Trainer:
             def closure() -> torch.Tensor:
                 opt.zero_grad(set_to_none=True)
                 _, _, t = self._loss(x, y)
-                t.backward()
+                (t * scale if scale != 1.0 else t).backward()
                 return t
 
             opt.step(closure)
@@ -293,7 +316,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.dist.is_main:
             ckpt.atomic_save(self._checkpoint_payload(), self.run_dir / CHECKPOINT)
 
     def _resume(self, path: Path) -> None:
@@ -336,6 +359,7 @@ class Trainer:
             self.progress.message(f"resumed from {ck} at epoch {self.epoch}")
         elif self.run_dir is not None:
             self.metrics_log.rewrite([])
+        self._rewrap()
         status, error, stop_reason = "done", None, "epochs"
         try:
             while self.epoch < self.cfg.epochs:
@@ -373,6 +397,8 @@ class Trainer:
                 break
         record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step,
                                   "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.dist.active:  # global training metrics: sum every rank's counts
+            acc.all_reduce(self.dist.all_reduce_)
         record.update(acc.result("train"))
         if not math.isfinite(record.get("train_loss", 0.0)) or bool(acc.nonfinite):
             raise NonFiniteLoss(f"non-finite training loss (data loss {record.get('train_loss')}) "
@@ -437,7 +463,7 @@ class Trainer:
             final.update(self.evaluate("test"))
         if status == "done":
             self.dispatch("on_fit_end")
-            if self.run_dir is not None:
+            if self.run_dir is not None and self.dist.is_main:
                 ckpt.atomic_save({"format": 1, "model": {k: v.detach().cpu() for k, v in
                                                          self.model.state_dict().items()},
                                   "callbacks": self._callback_states(), "epoch": self.epoch},
