@@ -21,6 +21,7 @@ from widthlab.studies.load import RunSpec, dump_yaml
 from widthlab.studies.methods import build_method
 from widthlab.studies.store import BufferedRecords, ResultStore
 from widthlab.train import distributed
+from widthlab.train.compute import ComputeMeter
 from widthlab.train.trainer import Trainer, seed_everything
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -115,9 +116,11 @@ def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: 
         if num_threads and train_cfg.num_threads is None:
             train_cfg = type(train_cfg)(**{**train_cfg.__dict__, "num_threads": num_threads})
         recorder = EpochRecorder(store, run.run_id, progress, train_cfg.epochs)
-        trainer = Trainer(model, data, train_cfg, [*plan.callbacks, recorder], run_dir=run_dir)
+        meter = ComputeMeter()
+        trainer = Trainer(model, data, train_cfg, [*plan.callbacks, meter, recorder], run_dir=run_dir)
         result = trainer.fit(resume=resume)
         summary.update(fit_summary(result, model, data.task))
+        summary.update(meter.metrics(trainer))
         summary.update(plan.summary)
         summary["wall_seconds"] = time.perf_counter() - t0
         store.finish(run.run_id, result.status, summary, error=result.error,
