@@ -13,6 +13,8 @@ TINY = {
     "resnet18": ((3, 16, 16), 4, {"width": 4}),
     "resnet18_imagenet": ((3, 64, 64), 5, {"width": 4}),
     "resnet20": ((1, 12, 12), 3, {"width": 4, "head_width": 6}),
+    "resnet18_linear_bottleneck": ((3, 16, 16), 4, {"width": 8, "base_width": 4}),
+    "resnet18_nonlinear_bottleneck": ((3, 16, 16), 4, {"width": 8, "base_width": 4}),
 }
 
 
@@ -85,7 +87,7 @@ def test_bad_options_are_named(name, options, fragment):
 
 
 def test_unknown_model_lists_known_names():
-    with pytest.raises(ValueError, match=r"unknown model 'resnet50'; known: mlp, resnet18"):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet50'; known: .*mlp, .*resnet18"):
         create_model("resnet50", input_shape=(3, 32, 32), num_outputs=10)
 
 

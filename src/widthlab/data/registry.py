@@ -180,4 +180,10 @@ _register("svhn", svhn.load_svhn, normalize="channel")
 _register("table", tables.load_table)
 
 # --- wide & sparse data (image folders) ---
+# Lazily decoded image folders (ImageNet layout): a TaskData factory of its own, since in-memory Source
+# arrays do not fit; listed in _LOADERS so that dataset_options() shows its options.
+from widthlab.data.readers import imagefolder  # noqa: E402
+
+DATASETS.register("imagefolder")(imagefolder.load_imagefolder)
+_LOADERS["imagefolder"] = (imagefolder.load_imagefolder, {"seed": 0, "normalize": "imagenet"})
 # --- adaptive-width data (sequences, graphs, seq2seq) ---

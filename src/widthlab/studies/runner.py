@@ -65,9 +65,17 @@ def run_label(run: RunSpec) -> str:
     s = run.spec
     width = s.model.width if s.model.width is not None else s.model.widths
     wtxt = f" w={width}" if width is not None else ""
-    extra = "".join(f" {k.split('.')[-1]}={v}" for k, v in run.axes.items()
+    extra = "".join(" " + _axis_text(k, v) for k, v in run.axes.items()
                     if k not in ("model.width", "model.widths"))
-    return f"{s.method.name} {s.model.name}{wtxt}{extra}"
+    return f"{s.method.name} {s.model.name}{wtxt}{extra}".rstrip()
+
+
+def _axis_text(key: str, value: Any) -> str:
+    """``train.optimizer.lr`` 0.01 -> ``lr=0.01``; a swept section ({name: widesparse, base_width: 4})
+    -> ``base_width=4`` (its name is already in the label)."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items() if k != "name")
+    return f"{key.split('.')[-1]}={value}"
 
 
 def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: ProgressFn | None = None,

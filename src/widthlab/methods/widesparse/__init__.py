@@ -1,0 +1,51 @@
+"""Wide & sparse: wider networks with the same number of weights (specs/widesparse.md).
+
+Library use::
+
+    from widthlab.methods.widesparse import allocate, sparsify, rebuild_at_width
+    alloc = allocate(model, N0)                      # cap rule (§3.2): k_l per layer, sum = T
+    sparsify(model, alloc.removals, seed=0)          # exact-k masks (§3.3), fan-in init (§3.4)
+
+Studies use ``method: {name: widesparse, base_width: w0}`` (:func:`.plan.build`); during training
+:class:`MaskCallback` keeps the masked weights exactly zero (§3.5).
+"""
+
+from widthlab.methods.widesparse.budget import (
+    Allocation,
+    BudgetError,
+    cap_allocation,
+    fixed_allocation,
+    mlp_split,
+    mlp_split_grid,
+)
+from widthlab.methods.widesparse.callback import MaskCallback
+from widthlab.methods.widesparse.families import (
+    Member,
+    allocate,
+    build_member,
+    family,
+    model_builder,
+    rebuild_at_width,
+)
+from widthlab.methods.widesparse.masks import layer_generator, random_mask
+from widthlab.methods.widesparse.sparsify import SparsifyResult, sparsify
+
+__all__ = [
+    "Allocation",
+    "BudgetError",
+    "MaskCallback",
+    "Member",
+    "SparsifyResult",
+    "allocate",
+    "build_member",
+    "cap_allocation",
+    "family",
+    "fixed_allocation",
+    "layer_generator",
+    "mlp_split",
+    "mlp_split_grid",
+    "model_builder",
+    "random_mask",
+    "rebuild_at_width",
+    "sparsify",
+]
