@@ -1,5 +1,6 @@
 """The trainer on small in-memory tasks: learning, schedules, selection, stopping, failures, hooks."""
 
+import json
 import math
 
 import pytest
@@ -194,3 +195,26 @@ def test_log_lines_when_not_a_terminal(blobs, capsys):
     Trainer(mlp(), blobs, cfg(epochs=2, progress="auto"), stream=stream).fit()
     out = stream.getvalue().splitlines()
     assert len(out) == 2 and out[0].startswith("epoch 1/2 train_loss")
+
+
+def test_tensorboard_scalars_when_installed(tmp_path, blobs):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(mlp(), blobs, cfg(epochs=3, tensorboard=True), run_dir=tmp_path).fit()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("val_accuracy")
+    assert [e.step for e in events] == [1, 2, 3]
+    history = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [round(e.value, 6) for e in events] == [round(json.loads(h)["val_accuracy"], 6) for h in history]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["none", "fp16", "bf16"])
+def test_cuda_training_with_mixed_precision(blobs, amp):
+    model = mlp()
+    config = cfg(device="cuda", amp=amp, optimizer=OptimConfig(name="adam", lr=1e-2))
+    res = Trainer(model, blobs, config).fit()
+    assert res.status == "done" and res.final["test_accuracy"] > 0.9
+    assert next(model.parameters()).device.type == "cuda"
