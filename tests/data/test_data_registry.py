@@ -8,9 +8,9 @@ import torch
 from widthlab.data.base import TaskData
 from widthlab.data.registry import DATASETS, dataset_options, load_dataset
 
-NAMES = ["breast_cancer", "cifar10", "cifar100", "diabetes", "digits", "doublemoon", "fashion_mnist",
-         "imagefolder", "iris", "kmnist", "mnist", "moons", "spiral", "spiralhard", "svhn", "table",
-         "teacher1d", "wine"]
+NAMES = ["breast_cancer", "cifar10", "cifar100", "diabetes", "digits", "digits_seq", "doublemoon",
+         "fashion_mnist", "imagefolder", "iris", "kmnist", "mnist", "moons", "pmnist", "seq2seq", "spiral",
+         "spiralhard", "svhn", "synthetic_graphs", "table", "teacher1d", "tu", "wine"]
 
 
 def test_every_dataset_is_registered():

@@ -187,3 +187,16 @@ from widthlab.data.readers import imagefolder  # noqa: E402
 DATASETS.register("imagefolder")(imagefolder.load_imagefolder)
 _LOADERS["imagefolder"] = (imagefolder.load_imagefolder, {"seed": 0, "normalize": "imagenet"})
 # --- adaptive-width data (sequences, graphs, seq2seq) ---
+# Images read row by row (PMNIST from the user's MNIST files; bundled digits for tests), through the
+# common Source path; graphs and token pairs are not float arrays, so their loaders return TaskData
+# themselves (listed in _LOADERS so that dataset_options() shows their options).
+from widthlab.data import graphs, seq2seq, sequences  # noqa: E402
+
+_register("pmnist", sequences.load_pmnist)
+_register("digits_seq", sequences.load_digits_seq)
+DATASETS.register("tu")(graphs.load_tu)
+_LOADERS["tu"] = (graphs.load_tu, {"seed": 42, "normalize": "none"})
+DATASETS.register("synthetic_graphs")(graphs.load_synthetic_graphs)
+_LOADERS["synthetic_graphs"] = (graphs.load_synthetic_graphs, {"seed": 42, "normalize": "none"})
+DATASETS.register("seq2seq")(seq2seq.load_seq2seq)
+_LOADERS["seq2seq"] = (seq2seq.load_seq2seq, {"seed": 0, "normalize": "none"})

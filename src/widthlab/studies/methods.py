@@ -30,7 +30,8 @@ def dense(model: nn.Module, data: TaskData, *, seed: int) -> MethodPlan:
 # --- method registrations: one line each, added as each method lands -----------------------------
 from widthlab.methods.widesparse.plan import build as _widesparse  # noqa: E402, I001
 METHODS.register("widesparse")(_widesparse)
-# adaptive: not yet registered
+from widthlab.methods.adaptive.plan import build as _adaptive  # noqa: E402, I001
+METHODS.register("adaptive")(_adaptive)
 # expanding: not yet registered
 
 

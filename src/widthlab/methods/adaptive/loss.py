@@ -1,0 +1,111 @@
+"""The ELBO-derived loss of adaptive-width networks (specs/awnn.md §2 "Loss actually optimised").
+
+With the first-order approximation E_q[g(lam, theta)] ≈ g(nu, rho) the ELBO becomes MAP with Gaussian
+priors; per batch of size M out of N observations the official code minimises::
+
+    L = data_loss_mean(batch)
+        + (1/N) [ sum_{theta} theta^2 / (2 sigma_theta^2)
+                  + 1_prior sum_l ( ln sigma_lam + (lam_l - mu_lam)^2 / (2 sigma_lam^2) ) ]
+
+* data loss: cross-entropy (classification) or 1/2 ||o - y||^2 summed over outputs (regression, the
+  trainer's ``half_sse``), averaged over the batch -- the trainer computes it;
+* the theta prior covers *every* parameter of the network (output layer, biases, convolutions,
+  attention) except the distributions' own parameters (lam's r): §9 test 3 sums 13.15 without r;
+* the lam prior acts on the post-softplus rate, drops the constant 1/2 ln 2 pi, and is off when
+  sigma_lam is None (a flat prior; most of the paper's configs);
+* N (``n_observations``) scales the priors against the per-example data term.
+
+:class:`ElboPrior` returns the bracket divided by N, which the trainer adds to its data loss through the
+callback's ``extra_loss``. Both prior terms are device computations: no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from widthlab.methods.adaptive.layer import collect_sites, distribution_parameters
+
+
+class _SumOfSquares(torch.autograd.Function):
+    """sum_k ||theta_k||^2 over a list of tensors as one graph node (gradient 2 theta_k g), with the
+    multi-tensor ``_foreach`` kernels: a step of a small network costs per graph node, not per flop."""
+
+    @staticmethod
+    def forward(ctx, *params: torch.Tensor):
+        ctx.save_for_backward(*params)
+        return torch.stack(torch._foreach_norm(params)).square().sum()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return tuple(torch._foreach_mul(ctx.saved_tensors, 2 * g))
+
+
+def theta_sq_sum(params: list[torch.Tensor]) -> torch.Tensor:
+    """sum of theta^2 over ``params``, differentiable."""
+    return _SumOfSquares.apply(*params)
+
+
+def neg_log_prior_lambda(lam: torch.Tensor, mu: float, sigma: float) -> torch.Tensor:
+    """-log N(lam; mu, sigma^2) without the constant 1/2 ln 2 pi: ln sigma + (lam - mu)^2 / (2 sigma^2)."""
+    return math.log(sigma) + (lam - mu) ** 2 / (2 * sigma**2)
+
+
+@dataclass
+class ElboPrior:
+    """The prior part of the loss, divided by N.
+
+    Attributes:
+        sigma_theta: std of the Gaussian prior on every network parameter; None switches it off (the
+            Transformer configs train with plain cross-entropy).
+        mu_lambda, sigma_lambda: the Gaussian prior on each lam_l; ``sigma_lambda`` None is a flat prior.
+            The annealing schedule (``callback.LinearAnneal``) edits ``sigma_lambda`` and ``active``.
+        n_observations: N.
+        active: whether the lam prior is currently on (the schedule keeps it off before its start).
+    """
+
+    sigma_theta: float | None = 1.0
+    mu_lambda: float = 0.01
+    sigma_lambda: float | None = None
+    n_observations: int = 1
+    active: bool = True
+
+    def __post_init__(self):
+        if self.sigma_theta is not None and not self.sigma_theta > 0:
+            raise ValueError(f"sigma_theta must be > 0 or null, got {self.sigma_theta}")
+        if self.sigma_lambda is not None and not self.sigma_lambda > 0:
+            raise ValueError(f"the lambda prior's sigma must be > 0, got {self.sigma_lambda}")
+        if not self.n_observations >= 1:
+            raise ValueError(f"n_observations must be >= 1, got {self.n_observations}")
+
+    @property
+    def lambda_prior_on(self) -> bool:
+        return self.active and self.sigma_lambda is not None
+
+    def theta_term(self, model: nn.Module) -> torch.Tensor | None:
+        """sum theta^2 / (2 sigma_theta^2) over all parameters except the distributions'."""
+        if self.sigma_theta is None:
+            return None
+        skip = {id(p) for p in distribution_parameters(model)}
+        params = [p for p in model.parameters() if id(p) not in skip]
+        return theta_sq_sum(params) / (2 * self.sigma_theta**2)
+
+    def lambda_term(self, model: nn.Module) -> torch.Tensor | None:
+        """sum_l ln sigma_lam + (lam_l - mu_lam)^2 / (2 sigma_lam^2) over layers with a rate."""
+        if not self.lambda_prior_on:
+            return None
+        lams = [s.scale.dist.lam for s in collect_sites(model) if hasattr(s.scale.dist, "lam")]
+        if not lams:
+            return None
+        return neg_log_prior_lambda(torch.stack(lams), self.mu_lambda, self.sigma_lambda).sum()
+
+    def __call__(self, model: nn.Module) -> torch.Tensor | None:
+        """(theta term + lam term) / N, or None when both priors are off."""
+        terms = [t for t in (self.theta_term(model), self.lambda_term(model)) if t is not None]
+        if not terms:
+            return None
+        total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return total / self.n_observations

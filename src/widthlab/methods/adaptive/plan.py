@@ -1,0 +1,144 @@
+"""Study-file entry point of the adaptive-width method: ``method: {name: adaptive, ...}``.
+
+The runner first builds the plain model named in ``model:``; :func:`build` reads its architecture and
+fixed sizes from it and builds the adaptive counterpart (specs/awnn.md §4):
+
+==================  =====================================================================================
+``model.name``      adaptive model, and which ``model:`` settings are used
+==================  =====================================================================================
+``mlp``             :class:`~.mlp.AdaptiveMLP`; ``depth`` (or the length of ``widths``) = number of
+                    adaptive hidden layers; the width values are ignored (the initial width is D(lam0))
+``resnet20``        ResNet-20 with an adaptive classifier head (64 -> D -> classes); ``width`` = trunk
+                    width (16); ``head_width`` ignored. ``adaptive_channels: true`` also adapts the
+                    block-internal convolution channels (beyond the paper), from the trunk's widths
+``rnn``             :class:`~.rnn.AdaptiveRNN`; ``hidden_size`` (128), ``depth`` = adaptive layers per
+                    cell MLP
+``gin``             :class:`~.gin.AdaptiveGIN`; ``embed_dim`` (64), ``layers`` (first MLP + GIN convs)
+``transformer``     :class:`~.transformer.AdaptiveTransformer`; ``d_model``, ``heads``, ``layers``,
+                    ``dropout`` (vocabulary and length come from the data); every feed-forward block
+                    adapts
+==================  =====================================================================================
+
+Everything else is a method option (keyword below). Summary extras: ``distribution``, ``lambda0``,
+``k``, ``optimizer_mode``, ``initial_widths`` and, after the fit, ``adaptive_widths``,
+``adaptive_total_width``, ``adaptive_params`` (final lam per layer), ``resizes`` and, with
+``truncation_fractions``, ``truncation`` (accuracy vs kept fraction, tail vs random removal).
+The run's ``widths``/``total_width`` (and the per-epoch records) count the adaptive widths only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from widthlab.data.base import TaskData
+from widthlab.methods.adaptive.callback import AdaptiveWidthCallback, LinearAnneal
+from widthlab.methods.adaptive.layer import collect_sites
+from widthlab.methods.adaptive.loss import ElboPrior
+from widthlab.methods.base import MethodPlan
+
+
+def _anneal(anneal: Any) -> LinearAnneal | None:
+    if anneal is None:
+        return None
+    if isinstance(anneal, dict):
+        unknown = set(anneal) - {"start", "end", "alpha"}
+        if unknown:
+            raise ValueError(f"method option anneal: unknown key(s) {sorted(unknown)}; use start, end, alpha")
+        return LinearAnneal(int(anneal["start"]), int(anneal["end"]), float(anneal.get("alpha", 0.9)))
+    if isinstance(anneal, Sequence) and len(anneal) in (2, 3):
+        return LinearAnneal(int(anneal[0]), int(anneal[1]), float(anneal[2]) if len(anneal) == 3 else 0.9)
+    raise ValueError(f"method option anneal must be {{start, end, alpha}} or [start, end, alpha], "
+                     f"got {anneal!r}")
+
+
+def _prior_lambda(prior_lambda: Any) -> tuple[float, float | None]:
+    if prior_lambda is None:
+        return 0.01, None
+    if isinstance(prior_lambda, dict):
+        return float(prior_lambda["mu"]), float(prior_lambda["sigma"])
+    if isinstance(prior_lambda, Sequence) and len(prior_lambda) == 2:
+        return float(prior_lambda[0]), float(prior_lambda[1])
+    raise ValueError(f"method option prior_lambda must be [mu, sigma] or null, got {prior_lambda!r}")
+
+
+def build(
+    model: nn.Module,
+    data: TaskData,
+    *,
+    seed: int,
+    lambda0: float = 0.01,
+    k: float = 0.9,
+    distribution: str = "exponential",
+    distribution_options: dict[str, Any] | None = None,
+    boundary: float | None = None,
+    activation: str = "relu6",
+    act_outer: str | None = "auto",
+    init: str = "gaussian",
+    sigma_theta: float | None = 1.0,
+    prior_lambda: Any = None,
+    n_observations: int | None = None,
+    optimizer_mode: str = "reset",
+    anneal: Any = None,
+    check_every: int = 1,
+    sync: str = "step",
+    adaptive_channels: bool = False,
+    channels_lambda0: float | None = None,
+    truncation_fractions: list[float] | None = None,
+    disable_adaptation: bool = False,
+) -> MethodPlan:
+    """Build the adaptive counterpart of ``model`` and the callback that trains its widths.
+
+    Args:
+        model: the plain model of the study's ``model:`` section (selects the architecture; module doc).
+        data: the task (input shape, outputs, training-set size).
+        seed: seeds the construction of the adaptive model and the draws of new units.
+        lambda0: initial rate of every adaptive layer (0.01 -> D = 232).
+        k: width quantile (0.9).
+        distribution: ``exponential`` | ``power_law`` | ``uniform`` | ``sigmoid``.
+        distribution_options: the family's options (``gamma0``, ``shift``; ``b``; ``b0``, ``slope``).
+        boundary: floor on lam (cap on the width), e.g. 5e-4 -> at most 4607 units.
+        activation: inner activation of the adaptive MLPs (``relu6``: bounded, recommended §2).
+        act_outer: activation after the rescaling; ``auto``: ``leaky_relu`` in the RNN cells, none
+            elsewhere (as the official configs).
+        init: ``gaussian`` (Kaiming+), ``uniform`` or ``kaiming``.
+        sigma_theta: std of the Gaussian prior on every network parameter; null: no theta prior.
+        prior_lambda: ``[mu, sigma]`` of the Gaussian prior on each lam, or null (flat prior).
+        n_observations: N of the loss; null: the training-set size.
+        optimizer_mode: ``reset`` (faithful: state of resized tensors restarts) or ``keep``.
+        anneal: ``{start, end, alpha}``: linear annealing of the lam prior (online compression).
+        check_every: compare widths every this many steps (1: every step, as the paper).
+        sync: ``step`` or ``async`` (non-blocking width read on CUDA).
+        adaptive_channels: ResNet-20 only: adapt the convolution channels inside each block too.
+        channels_lambda0: initial rate of the adaptive channels; null starts each block at the trunk's
+            nominal width.
+        truncation_fractions: kept fractions for the end-of-fit truncation curve (tail vs random
+            removal on the test split, summary key ``truncation``); null: none.
+        disable_adaptation: freeze every lam and drop the rescaling: a plain network at the widths
+            D(lam0) trained with the same loss (the official ``disable_adaptation``, a control).
+    """
+    from widthlab.methods.adaptive import architectures
+
+    mu, sigma_lam = _prior_lambda(prior_lambda)
+    anneal_cfg = _anneal(anneal)
+    n_obs = int(n_observations) if n_observations is not None else len(data.train)
+    cell = dict(lam0=float(lambda0), k=float(k), distribution=distribution,
+                distribution_options=dict(distribution_options or {}), boundary=boundary,
+                activation=activation, act_outer=act_outer, init=init)
+    adaptive = architectures.from_plain(model, data, cell, seed=seed, adaptive_channels=adaptive_channels,
+                                        channels_lam0=channels_lambda0)
+    if disable_adaptation:
+        for s in collect_sites(adaptive):
+            s.scale.adapt = False
+            s.scale.dist.requires_grad_(False)
+    summary: dict[str, Any] = {
+        "distribution": distribution, "lambda0": lambda0, "k": k, "optimizer_mode": optimizer_mode,
+        "initial_widths": {s.name: s.width for s in collect_sites(adaptive)},
+    }
+    prior = ElboPrior(sigma_theta=sigma_theta, mu_lambda=mu, sigma_lambda=sigma_lam, n_observations=n_obs)
+    callback = AdaptiveWidthCallback(prior, optimizer_mode=optimizer_mode, anneal=anneal_cfg,
+                                     check_every=check_every, sync=sync, seed=seed, summary=summary,
+                                     truncation_fractions=truncation_fractions)
+    return MethodPlan(adaptive, [callback], summary)

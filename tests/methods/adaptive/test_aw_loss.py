@@ -1,0 +1,81 @@
+"""The ELBO loss of specs/awnn.md §2 on the toy network of §9 test 3, and its gradients (§9 test 7)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from widthlab.methods.adaptive.distributions import softplus_inv
+from widthlab.methods.adaptive.loss import ElboPrior
+from widthlab.methods.adaptive.mlp import adaptive_mlp
+
+
+def toy(dtype=torch.float64):
+    """k = .9, lam = .5 (D = 6), ReLU6, W1 rows (0.1 (j + 1), 0.2), W2 = [[1]*6, [-1]*6], zero biases."""
+    m = adaptive_mlp(2, 2, lam0=0.5, activation="relu6").to(dtype)
+    assert m.widths() == {"hidden.0": 6}
+    with torch.no_grad():
+        m.layers[0].weight.copy_(torch.tensor([[0.1 * (j + 1), 0.2] for j in range(6)], dtype=dtype))
+        m.layers[0].bias.zero_()
+        m.layers[1].weight.copy_(torch.tensor([[1.0] * 6, [-1.0] * 6], dtype=dtype))
+        m.layers[1].bias.zero_()
+    x = torch.tensor([[1.0, 2.0]], dtype=dtype)
+    y = torch.tensor([0])
+    return m, x, y
+
+
+def loss(m, x, y, with_lambda_prior=True):
+    prior = ElboPrior(sigma_theta=1.0, mu_lambda=0.1, sigma_lambda=0.5 if with_lambda_prior else None,
+                      n_observations=100)
+    return F.cross_entropy(m(x), y) + prior(m)
+
+
+def test_toy_loss_constants():
+    m, x, y = toy()
+    assert F.cross_entropy(m(x), y).item() == pytest.approx(0.252950, abs=5e-7)
+    prior = ElboPrior(sigma_theta=1.0, mu_lambda=0.1, sigma_lambda=0.5, n_observations=100)
+    assert prior.theta_term(m).item() == pytest.approx(13.15 / 2, abs=1e-12)  # r is not a theta
+    assert prior.lambda_term(m).item() == pytest.approx(-0.373147, abs=5e-7)
+    assert loss(m, x, y).item() == pytest.approx(0.314968, abs=1e-6)
+    assert loss(m, x, y, with_lambda_prior=False).item() == pytest.approx(0.318700, abs=1e-6)
+
+
+def test_toy_lambda_gradient_matches_finite_differences():
+    m, x, y = toy()
+    r = m.scales[0].dist.r
+    assert r.item() == pytest.approx(softplus_inv(0.5)) == pytest.approx(-0.43275, abs=5e-6)
+    loss(m, x, y).backward()
+    assert r.grad.item() == pytest.approx(0.040285, abs=1e-6)
+    h = 1e-6
+    with torch.no_grad():
+        r0 = r.item()
+        r.fill_(r0 + h)
+        up = loss(m, x, y).item()
+        r.fill_(r0 - h)
+        down = loss(m, x, y).item()
+    assert m.widths() == {"hidden.0": 6}  # D held fixed: the forward reads the live width
+    assert (up - down) / (2 * h) == pytest.approx(r.grad.item(), abs=1e-8)
+
+
+def test_cross_entropy_alone_moves_lambda_and_theta_prior_gradient():
+    torch.manual_seed(0)
+    m = adaptive_mlp(3, 2, lam0=0.05).double()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+    F.cross_entropy(m(x), y).backward()
+    assert m.scales[0].dist.r.grad.abs().item() > 0  # priors off: r learns from the data term
+    m.zero_grad()
+    sigma, N = 2.0, 50
+    ElboPrior(sigma_theta=sigma, sigma_lambda=None, n_observations=N)(m).backward()
+    for name, p in m.named_parameters():
+        if name.endswith(".r"):
+            assert p.grad is None or p.grad.abs().item() == 0
+        else:
+            assert torch.allclose(p.grad, p.detach() / (sigma**2 * N))
+
+
+def test_priors_can_be_switched_off():
+    m, _, _ = toy()
+    assert ElboPrior(sigma_theta=None, sigma_lambda=None)(m) is None
+    only_lam = ElboPrior(sigma_theta=None, mu_lambda=0.1, sigma_lambda=0.5, n_observations=100)(m)
+    assert only_lam.item() == pytest.approx(-0.00373147, abs=1e-8)
+    with pytest.raises(ValueError):
+        ElboPrior(sigma_theta=0.0)

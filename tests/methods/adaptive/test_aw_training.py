@@ -1,0 +1,146 @@
+"""The adaptive MLP trains through the real trainer: widths move, priors apply, resume is exact,
+the forward never reads from the device, and the plan builder wires it all from a study."""
+
+import pytest
+import torch
+
+from widthlab.data.registry import load_dataset
+from widthlab.methods.adaptive.callback import AdaptiveWidthCallback, LinearAnneal
+from widthlab.methods.adaptive.layer import collect_sites
+from widthlab.methods.adaptive.mlp import AdaptiveMLP
+from widthlab.methods.adaptive.plan import build
+from widthlab.methods.adaptive.truncation import export_dense, truncate
+from widthlab.models import create_model
+from widthlab.train.config import OptimConfig, TrainConfig
+from widthlab.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def moons():
+    torch.set_num_threads(1)
+    return load_dataset("doublemoon", subset=512)
+
+
+def plan(data, **options):
+    plain = create_model("mlp", input_shape=data.input_shape, num_outputs=data.num_outputs, width=8)
+    return build(plain, data, seed=0, **{"sigma_theta": 10.0, "n_observations": 2000, **options})
+
+
+def cfg(epochs=3, **kw):
+    return TrainConfig(epochs=epochs, batch_size=32, optimizer=OptimConfig(name="adam", lr=0.05),
+                       checkpoint_every=kw.pop("checkpoint_every", 0), progress="none", select_best=False,
+                       **kw)
+
+
+def test_trains_changes_width_and_truncates(moons):
+    p = plan(moons, truncation_fractions=[0.5, 0.1])
+    assert isinstance(p.model, AdaptiveMLP) and p.summary["initial_widths"] == {"hidden.0": 232}
+    res = Trainer(p.model, moons, cfg(4), p.callbacks).fit()
+    assert res.status == "done"
+    w = p.model.widths()["hidden.0"]
+    assert w != 232
+    assert res.final["test_accuracy"] > 0.9
+    assert p.summary["adaptive_widths"] == {"hidden.0": w} and p.summary["resizes"] > 0
+    assert "lambda" in res.history[-1]["adaptive_params"]["hidden.0"]
+    tr = p.summary["truncation"]  # end-of-fit curve: tail vs random removal on the test split
+    assert [r["kept_fraction"] for r in tr["tail"]] == [1.0, 0.5, 0.1]
+    assert [r["kept_fraction"] for r in tr["random"]] == [1.0, 0.5, 0.1]
+    assert tr["tail"][0]["metric"] == pytest.approx(res.final["test_accuracy"])
+    assert 0 <= tr["removable_tail"] <= 0.9
+    # Truncation of the trained model, then export.
+    truncate(p.model, fraction=0.5, renormalize=False)
+    assert p.model.widths()["hidden.0"] == round(w / 2)
+    x = moons.test.tensors[0]
+    assert torch.allclose(export_dense(p.model)(x), p.model(x), atol=1e-4)
+
+
+def test_keep_mode_and_deep_model_train(moons):
+    plain = create_model("mlp", input_shape=moons.input_shape, num_outputs=2, width=8, depth=2)
+    p = build(plain, moons, seed=1, optimizer_mode="keep", lambda0=0.05, sigma_theta=1.0)
+    assert set(p.model.widths()) == {"hidden.0", "hidden.1"}
+    res = Trainer(p.model, moons, cfg(2), p.callbacks).fit()
+    assert res.status == "done" and p.summary["resizes"] > 0
+
+
+def test_resume_is_exact(moons, tmp_path):
+    ref = plan(moons)
+    Trainer(ref.model, moons, cfg(4), ref.callbacks).fit()
+    a = plan(moons)
+    Trainer(a.model, moons, cfg(2, checkpoint_every=1), a.callbacks, run_dir=tmp_path).fit()
+    b = plan(moons)
+    Trainer(b.model, moons, cfg(4, checkpoint_every=1), b.callbacks, run_dir=tmp_path).fit(resume=True)
+    assert b.model.widths() == ref.model.widths()
+    sa, sb = ref.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_no_host_read_in_forward_and_one_per_step(moons, monkeypatch):
+    p = plan(moons)
+    model, (cb,) = p.model, p.callbacks
+    x, y = moons.train.tensors[0][:32], moons.train.tensors[1][:32]
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **k):
+            reads.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    out = model(x)
+    loss = torch.nn.functional.cross_entropy(out, y) + cb.extra_loss(model, out, y)
+    loss.backward()
+    assert reads == []  # forward, priors and backward: no host-device synchronisation
+
+    class T:
+        pass
+
+    t = T()
+    t.model = model
+    cb.on_step_end(t)
+    assert len(reads) == 1  # one read per optimizer step: the cheap threshold flag
+    reads.clear()
+    with torch.no_grad():  # move lam across a width threshold: the exact check runs and resizes
+        model.scales[0].dist.r.add_(0.5)
+    events = cb.on_step_end(t)
+    # The flag, then the exact targets; the surgery itself reads only host-side index tensors.
+    assert reads[:2] == ["item", "tolist"] and events and model.widths()["hidden.0"] < 232
+
+
+def test_anneal_schedule():
+    a = LinearAnneal(start=10, end=19, alpha=0.9)
+    assert a.at(9, 1.0) == (False, 1.0)
+    assert a.at(10, 1.0) == (True, 1.0)
+    on, s = a.at(19, 1.0)
+    assert on and s == pytest.approx(1 - 0.9 * 9 / 10)
+    assert a.at(500, 1.0) == a.at(19, 1.0)
+    from widthlab.methods.adaptive.loss import ElboPrior
+
+    cb = AdaptiveWidthCallback(ElboPrior(sigma_lambda=0.5), anneal=LinearAnneal(1, 3, 0.5))
+    assert not cb.prior.lambda_prior_on
+
+    class T:
+        epoch = 2
+
+    cb.on_epoch_end(T())
+    assert cb.prior.lambda_prior_on and cb.prior.sigma_lambda == pytest.approx(0.5 * (1 - 0.5 / 3))
+
+
+def test_plan_options_are_checked(moons):
+    with pytest.raises(ValueError, match="prior_lambda"):
+        plan(moons, prior_lambda=[1, 2, 3])
+    with pytest.raises(ValueError, match="anneal"):
+        plan(moons, anneal={"begin": 3})
+    with pytest.raises(ValueError, match="adaptive_channels"):
+        plan(moons, adaptive_channels=True)
+    p = plan(moons, distribution="power_law", distribution_options={"gamma0": 3.0})
+    assert collect_sites(p.model)[0].scale.dist.family == "power_law"
+
+
+def test_disable_adaptation_is_a_plain_network(moons):
+    p = plan(moons, disable_adaptation=True, lambda0=0.1)
+    x = moons.train.tensors[0][:8]
+    dense = export_dense(p.model)  # no rescaling to fold: the same weights compute the same function
+    assert torch.allclose(dense(x), p.model(x))
+    res = Trainer(p.model, moons, cfg(1), p.callbacks).fit()
+    assert res.status == "done" and p.model.widths() == {"hidden.0": 25} and p.summary["resizes"] == 0
