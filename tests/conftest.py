@@ -33,6 +33,16 @@ def make_regression_task(n: int = 128, d: int = 4, seed: int = 0) -> TaskData:
     return TaskData("linreg", "regression", draw(n), draw(n // 4), draw(n // 4), (d,), 1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs torch on one thread: the tensors are tiny, and on a shared 2-core machine extra
+    intra-op threads only oversubscribe the cores. Subprocess tests set their own."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def blobs() -> TaskData:
     return make_blobs_task()

@@ -19,15 +19,6 @@ from widthlab.nn.surgery import find_site, resize, resize_site
 BATCH = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a shared machine they oversubscribe the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class MLP(nn.Module):
     """d_in -> widths... -> d_out, with an optional per-unit norm after each hidden Linear."""
 

@@ -13,15 +13,6 @@ from widthlab.train.optim_surgery import assert_optimizer_matches, remap_optimiz
 BATCH = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a shared machine they oversubscribe the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class MLP(nn.Module):
     def __init__(self, d_in=4, widths=(8, 8), d_out=1, bn=False):
         super().__init__()

@@ -42,7 +42,6 @@ def first_batch(data, n=16):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_architecture_trains_changes_width_and_truncates(case):
-    torch.set_num_threads(1)
     dname, dopts, mname, mopts, opts, cls = CASES[case]
     data = load_dataset(dname, **dopts)
     plain = create_model(mname, input_shape=data.input_shape, num_outputs=data.num_outputs, **mopts)

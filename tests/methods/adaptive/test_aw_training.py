@@ -17,7 +17,6 @@ from widthlab.train.trainer import Trainer
 
 @pytest.fixture(scope="module")
 def moons():
-    torch.set_num_threads(1)
     return load_dataset("doublemoon", subset=512)
 
 
