@@ -50,3 +50,12 @@ def test_expanding_run_gets_a_width_plot():
         with Image.open(io.BytesIO(p.png)) as im:
             im.load()
         assert p.caption and p.title.startswith("Grow Study")
+
+
+def test_site_curves_average_each_layer_over_runs():
+    from widthlab.report.plots import site_curves
+
+    runs = [[{"epoch": 1, "widths": {"a": 10, "b": 4}}, {"epoch": 2, "widths": {"a": 12, "b": 6}}],
+            [{"epoch": 1, "widths": {"a": 20, "b": 4}}, {"epoch": 2, "widths": {"a": 14, "b": 8}}]]
+    curves = site_curves(runs)
+    assert curves == {"a": ([1, 2], [15.0, 13.0]), "b": ([1, 2], [4.0, 7.0])}

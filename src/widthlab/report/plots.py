@@ -276,25 +276,49 @@ def learning_curves(groups: Sequence[GroupStats], epochs: dict[str, list[dict]],
     return _png(fig)
 
 
+def site_curves(runs_epochs: Sequence[Sequence[dict]]) -> dict[str, tuple[list[int], list[float]]]:
+    """Per-layer width per epoch (mean over runs), from each epoch's ``widths`` dict."""
+    sites = sorted({k for epochs in runs_epochs for e in epochs if isinstance(e.get("widths"), dict)
+                    for k in e["widths"]})
+    out = {}
+    for site in sites:
+        flat = [[{"epoch": e.get("epoch"), "w": (e.get("widths") or {}).get(site)} for e in epochs]
+                for epochs in runs_epochs]
+        xs, ys = epoch_curve(flat, "w")
+        if xs:
+            out[site] = (xs, ys)
+    return out
+
+
 def width_over_training(groups: Sequence[GroupStats], epochs: dict[str, list[dict]],
                         changing: set[str]) -> bytes | None:
-    """Plot 4: total width per epoch, mean over seeds, for the groups whose width changed."""
+    """Plot 4: width per epoch, mean over seeds, for the groups whose width changed: the total (thick)
+    and, where a model has several resizable layers, each layer (thin, dashed)."""
     curves = []
     for g in groups:
         if g.group not in changing:
             continue
-        xs, ys = epoch_curve([epochs.get(r) or [] for r in g.run_ids], "total_width")
+        runs = [epochs.get(r) or [] for r in g.run_ids]
+        xs, ys = epoch_curve(runs, "total_width")
         if xs:
-            curves.append((g, xs, ys))
+            curves.append((g, xs, ys, site_curves(runs)))
     if not curves:
         return None
     fig, ax = _figure()
-    for (g, xs, ys), color in zip(curves, _group_colors([g for g, _, _ in curves])):
-        ax.plot(xs, ys, color=color, marker="o" if len(xs) < 30 else None, markersize=4, label=g.label)
+    per_layer = False
+    for (g, xs, ys, sites), color in zip(curves, _group_colors([c[0] for c in curves])):
+        ax.plot(xs, ys, color=color, lw=2.0, marker="o" if len(xs) < 30 else None, markersize=4,
+                label=g.label)
+        if len(sites) > 1:
+            per_layer = True
+            for (sx, sy), dash in zip(sites.values(), ((4, 2), (1, 1), (6, 2, 1, 2), (2, 2))):
+                ax.plot(sx, sy, color=color, lw=0.9, alpha=0.8, dashes=dash)
+    if per_layer:
+        ax.plot([], [], color="0.3", lw=0.9, dashes=(4, 2), label="single layers (thin)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("total width (units over all sites)")
+    ax.set_ylabel("width (units)")
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    _legend(ax, len(curves))
+    _legend(ax, len(curves) + per_layer)
     return _png(fig)
 
 
@@ -343,7 +367,8 @@ def make_plots(groups: Sequence[GroupStats], epochs: dict[str, list[dict]]) -> l
              "seeds, one colour per group (training curve, dotted, where neither was recorded).",
              partial(learning_curves, gs, epochs, metric)),
             ("width", f"{study}: width over training",
-             "Total width (units summed over all resizable layers) at the end of each epoch, mean over "
+             "Total width (units summed over all resizable layers, thick) and, for models with several "
+             "resizable layers, each layer's width (thin, dashed) at the end of each epoch, mean over "
              "seeds, for the groups whose width changed during training.",
              partial(width_over_training, gs, epochs, changing)),
         ]
