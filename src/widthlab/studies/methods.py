@@ -32,7 +32,8 @@ from widthlab.methods.widesparse.plan import build as _widesparse  # noqa: E402,
 METHODS.register("widesparse")(_widesparse)
 from widthlab.methods.adaptive.plan import build as _adaptive  # noqa: E402, I001
 METHODS.register("adaptive")(_adaptive)
-# expanding: not yet registered
+from widthlab.methods.expanding.plan import build as _expanding  # noqa: E402, I001
+METHODS.register("expanding")(_expanding)
 
 
 def method_options(name: str) -> dict[str, Any]:

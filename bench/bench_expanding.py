@@ -1,0 +1,170 @@
+"""Bench: the self-expanding method's optimisers and the cost of its expansion events (specs/senn.md).
+
+1. One training step of an MLP with the K-FAC natural-gradient optimizer (default settings: statistics
+   and inverses refreshed every 10 steps, so their cost is amortised over the steps as in training)
+   against one Adam step of the same MLP, timed round-robin in one process (bench/_timing.py); the
+   CG natural-gradient step of the official code is timed too, for reference. Target (issue 7):
+   K-FAC/Adam <= 2.
+2. The share of a run's wall time spent in expansion events, from short versions of the CPU studies
+   (or from finished study directories with ``--results DIR ...``): ``expansion_seconds`` and
+   ``expansion_share`` are recorded in every expanding run's summary.
+
+    python bench/bench_expanding.py                 # writes bench/results/expanding-cpu.md
+    python bench/bench_expanding.py --quick         # fewer rounds, shorter study runs
+    python bench/bench_expanding.py --results runs/expanding-moons runs/expanding-digits-datasize
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import markdown_table, ratio, time_interleaved  # noqa: E402
+from widthlab.methods.expanding.kfac_optimizer import KFACOptimizer  # noqa: E402
+from widthlab.methods.expanding.natural_gradient import NaturalGradientCG  # noqa: E402
+from widthlab.models.mlp import MLP, MLPConfig  # noqa: E402
+
+# (label, d_in, widths, classes, batch)
+SHAPES = [
+    ("digits-like 64-256-256-10, B=256", 64, (256, 256), 10, 256),
+    ("MNIST-like 784-128-10, B=1024", 784, (128,), 10, 1024),
+    ("MNIST-like 784-512-512-10, B=256", 784, (512, 512), 10, 256),
+]
+
+
+def optimizer_steps(d_in, widths, classes, batch, cg_iters):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, d_in, generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    nets, opts = {}, {}
+    for name in ("adam", "kfac", "cg"):
+        torch.manual_seed(0)
+        net = MLP(MLPConfig(d_in, classes, widths=widths, activation="tanh"))
+        nets[name] = net
+        if name == "adam":
+            opts[name] = torch.optim.Adam(net.parameters(), lr=1e-3)
+        elif name == "kfac":
+            opts[name] = KFACOptimizer(net.parameters(), net, "cross_entropy", lr=1e-3)
+        else:
+            opts[name] = NaturalGradientCG(net.parameters(), net, "cross_entropy", lr=1e-3, maxiter=cg_iters,
+                                           tol=0.0)
+
+    def make(name):
+        net, opt = nets[name], opts[name]
+
+        def step():
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if hasattr(opt, "set_batch"):
+                opt.set_batch(x, y)
+            opt.step()
+
+        return step
+
+    return {name: make(name) for name in nets}
+
+
+def bench_optimizers(rounds: int, cg_iters: int) -> tuple[str, list[float]]:
+    rows, ratios = [], []
+    for label, d_in, widths, classes, batch in SHAPES:
+        fns = optimizer_steps(d_in, widths, classes, batch, cg_iters)
+        # 20 warm-up steps: the first K-FAC steps compute statistics and inverses every time.
+        t = time_interleaved(fns, rounds=rounds, warmup=20, min_sample_s=0.2)
+        r = ratio(t["kfac"], t["adam"])
+        ratios.append(r)
+        rows.append([label, t["adam"].ms, t["kfac"].ms, r, ratio(t["cg"], t["adam"]),
+                     max(x.spread for x in t.values())])
+    table = markdown_table(["MLP", "Adam step (ms)", "K-FAC step (ms)", "K-FAC/Adam", f"CG({cg_iters})/Adam",
+                            "IQR/2 (rel.)"], rows)
+    return table, ratios
+
+
+# ---------------------------------------------------------------------------------- expansion share
+
+QUICK_STUDIES = {
+    "expanding-moons": ["train.epochs=60", "seeds=[0]"],
+    "expanding-regression1d": ["train.epochs=200", "seeds=[0]"],
+    "expanding-digits-datasize": ["train.epochs=20", "seeds=[0]", "sweep.data.subset=[400]"],
+}
+
+
+def study_shares(results: list[str], quick: bool) -> str:
+    from widthlab.studies.executor import run_study
+    from widthlab.studies.load import load_study
+
+    summaries = []
+    if results:
+        for d in results:
+            path = Path(d) / "summary.json"
+            summaries += [s for s in json.loads(path.read_text()) if s.get("method") == "expanding"]
+        source = "finished study directories: " + ", ".join(results)
+    else:
+        for name, over in QUICK_STUDIES.items():
+            if quick:
+                over = [*over, "method.mala_bursts=5"]
+            with tempfile.TemporaryDirectory() as tmp:
+                out = run_study(load_study(name, over), tmp, workers=1, quiet=True)
+                summaries += out.summaries
+        runs = "; ".join(f"{k} {' '.join(v)}" for k, v in QUICK_STUDIES.items())
+        source = "short runs of the CPU studies: " + runs
+    rows = []
+    for s in summaries:
+        if s.get("method") != "expanding":
+            continue
+        rows.append([s["study"], s.get("label", ""), s["seed"], s.get("final_widths"), s.get("wall_seconds"),
+                     s.get("expansion_seconds"), s.get("expansion_share")])
+    header = ["study", "run", "seed", "final widths", "wall (s)", "expansion (s)", "share"]
+    table = markdown_table(header, rows)
+    return f"Source: {source}.\n\n{table}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cg-iters", type=int, default=20, help="CG iterations per natural-gradient step")
+    ap.add_argument("--results", nargs="*", default=[], help="finished study output directories")
+    ap.add_argument("--skip-studies", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "expanding-cpu.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    table, ratios = bench_optimizers(3 if args.quick else 9, args.cg_iters)
+    parts = [
+        "# Self-expanding networks: optimiser step cost and expansion-time share",
+        "",
+        f"Machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
+        f"{args.threads} thread(s). Ratios of medians of interleaved repeats (bench/_timing.py).",
+        "",
+        "## One training step: K-FAC natural gradient vs Adam (target K-FAC/Adam <= 2)",
+        "",
+        "K-FAC with its defaults (statistics from one sampled-Fisher backward and inverses every 10 steps, "
+        "amortised); CG with a fixed number of iterations (each one JVP + one VJP).",
+        "",
+        table,
+        "",
+        f"Worst K-FAC/Adam ratio: {max(ratios):.2f}.",
+    ]
+    if not args.skip_studies:
+        parts += ["", "## Share of wall time spent in expansion events", "",
+                  study_shares(args.results, args.quick)]
+    parts += ["", f"Bench wall time: {time.perf_counter() - t0:.0f} s.", ""]
+    text = "\n".join(parts)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

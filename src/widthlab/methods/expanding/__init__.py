@@ -1,0 +1,5 @@
+"""Self-expanding networks (specs/senn.md): grow neurons and layers by the natural expansion score.
+
+Statistics (``kfac``) are separate from solvers (``natural_gradient``, ``kfac_optimizer``) and from the
+pure scores (``scores``); proposals, insertion and the controller follow propose -> evaluate -> commit.
+"""

@@ -1,0 +1,473 @@
+"""The self-expansion controller: a trainer callback that grows neurons and layers (specs/senn.md §2.3).
+
+Every ``cooldown`` epochs (and before the first epoch) it runs an *expansion event* on the scoring data
+(the full training set, or a fixed "addition batch" of ``score_batch`` examples):
+
+1. Observe (``kfac.observe``): per-layer inputs a, back-propagated residuals, K-FAC factors A, G, the
+   loss-gradient norm E‖∇_y ℓ‖², and the global natural gradient x with η = gᵀx by CG.
+2. Propose and evaluate: for every hidden layer below its cap, ``proposals`` random one-neuron
+   candidates refined by MALA (or ascent) on Δη′/η_layer, the best (or a softmax draw) kept; if the
+   layer cooldown allows, the same for a new layer before the output (k = its fan-in units), with the
+   residual ρ = ∇_y ℓ − c·Jx that removes what the current natural-gradient step already does.
+   A width candidate passes if Δη′/η_layer > τ and Δη′/E‖∇_yℓ‖² > α; a layer candidate uses
+   Δη′/``layer_cost_mul`` and α_layer.
+3. Commit the passing candidate with the largest (cost-adjusted) Δη′ (``insertion.py``) and, with
+   ``recursive`` (always in the official code), observe again and repeat, one unit at a time, until no
+   candidate passes. A layer insertion sets the layer cooldown, which counts down once per event.
+
+The hook returns the resize events, which the trainer hands to the optimizer surgery. The time spent in
+events is measured and reported (``expansion_seconds``, and its share of the fit in the run summary).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from widthlab.methods.expanding import kfac, proposals, scores
+from widthlab.methods.expanding.fisher import named_trainable, output_grad, per_sample_loss
+from widthlab.methods.expanding.insertion import full_rank, insert_layer, insert_units
+from widthlab.methods.expanding.natural_gradient import GaussNewtonOperator, conjugate_gradient
+from widthlab.nn.resize import ResizeEvent
+
+
+@dataclass(frozen=True)
+class ExpansionConfig:
+    """Knobs of the expansion loop; defaults are experiment 2's (spec §2.4) with the correct sampler.
+
+    Attributes:
+        tau, alpha, alpha_layer: relative and absolute thresholds (τ, α, α_layer).
+        cooldown: epochs between expansion events; ``layer_cooldown``: events between layer insertions.
+        layer_cost_mul: a layer candidate's Δη′ is divided by this before the thresholds.
+        max_widths: cap per hidden-layer position; its length is the maximum number of hidden layers.
+        proposals, layer_proposals: candidates drawn per layer and per event for width and for depth.
+        refine: ``"mala"``, ``"ascent"`` or ``"none"``; ``mala_variant``: ``"correct"``, ``"official"``,
+            ``"official_legacy"``; ``mala_bursts`` × ``mala_steps`` MALA steps from ``mala_step_size``.
+        temperature: T of the MALA target exp(s/T) and of ``selection="sample"``.
+        selection: ``"argmax"`` or ``"sample"`` (∝ softmax(s/T)).
+        output_metric, g_estimator: how G is formed (``kfac.g_cotangents``); ``g_damping`` its relative
+            damping in the scores (official 0.1).
+        bias: homogeneous coordinate in A (official: no).
+        width_residual: ``"grad"`` (ρ = ∇_yℓ, experiments 1, 2, 4) or ``"natural"`` (ρ = ∇_yℓ − c·Jx, as
+            for depth; experiment 3's legacy width path).
+        layer_init: ``"identity"`` (exact) or ``"basis"`` (official basis change with the candidate's B, β).
+        score_batch: None scores on the whole training set; an int on a fixed random subset of that size.
+        expand_at_start, expand_at_end: also expand before the first / after the last epoch.
+        recursive: keep adding one unit at a time within an event until nothing passes.
+        max_additions: safety cap on additions per event.
+        eta_damping, eta_maxiter, eta_tol: CG for the global η and the natural-gradient residual.
+        optimizer_mode: how the trainer remaps optimizer state (``"keep"``; ``"reset"`` for K-FAC).
+        check_tol: largest relative loss change an insertion may cause before it is reported as a bug.
+        search_dtype: precision of the proposal search (``"float32"`` or ``"float64"``); decisions always
+            re-score the chosen candidate in float64.
+    """
+
+    tau: float = 1.0
+    alpha: float = 2.5e-3
+    alpha_layer: float = 2.5e-3
+    cooldown: int = 30
+    layer_cooldown: int = 3
+    layer_cost_mul: float = 2.0
+    max_widths: tuple[int, ...] = (16, 16, 16)
+    proposals: int = 100
+    layer_proposals: int = 100
+    refine: str = "mala"
+    mala_variant: str = "correct"
+    mala_bursts: int = 300
+    mala_steps: int = 10
+    mala_step_size: float = 0.3
+    temperature: float = 1.0
+    selection: str = "argmax"
+    ascent_steps: int = 300
+    ascent_lr: float = 0.03
+    output_metric: str = "fisher"
+    g_estimator: str = "exact"
+    g_damping: float = 0.1
+    bias: bool = True
+    width_residual: str = "grad"
+    layer_init: str = "identity"
+    score_batch: int | None = None
+    expand_at_start: bool = True
+    expand_at_end: bool = False
+    recursive: bool = True
+    max_additions: int = 64
+    eta_damping: float = 0.1
+    eta_maxiter: int = 100
+    eta_tol: float = 1e-5
+    optimizer_mode: str = "keep"
+    check_tol: float = 1e-3
+    search_dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "max_widths", tuple(int(w) for w in self.max_widths))
+        checks = [
+            (self.refine in proposals.REFINES, f"refine must be one of {proposals.REFINES}"),
+            (self.mala_variant in proposals.MALA_VARIANTS,
+             f"mala_variant must be one of {proposals.MALA_VARIANTS}"),
+            (self.selection in proposals.SELECTIONS, f"selection must be one of {proposals.SELECTIONS}"),
+            (self.g_estimator in kfac.G_ESTIMATORS, f"g_estimator must be one of {kfac.G_ESTIMATORS}"),
+            (self.width_residual in ("grad", "natural"), "width_residual must be 'grad' or 'natural'"),
+            (self.layer_init in ("identity", "basis"), "layer_init must be 'identity' or 'basis'"),
+            (self.cooldown >= 1 and self.layer_cooldown >= 0, "cooldown must be >= 1, layer_cooldown >= 0"),
+            (self.proposals >= 1 and self.layer_proposals >= 1, "proposals must be >= 1"),
+            (self.layer_cost_mul > 0 and self.temperature > 0, "layer_cost_mul and temperature must be > 0"),
+            (all(w >= 1 for w in self.max_widths), "max_widths must be positive"),
+            (self.optimizer_mode in ("keep", "reset"), "optimizer_mode must be 'keep' or 'reset'"),
+            (self.search_dtype in ("float32", "float64"), "search_dtype must be 'float32' or 'float64'"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+@dataclass
+class Candidate:
+    """The best proposal of one kind at one place, evaluated (propose -> evaluate)."""
+
+    kind: str  # "width" | "depth"
+    index: int  # hidden layer (width) or insertion position (depth)
+    delta: float  # Δη′ of the chosen candidate (depth: divided by layer_cost_mul)
+    rel: float  # delta / η_layer, compared with τ
+    abs: float  # delta / E‖∇_yℓ‖², compared with α or α_layer
+    theta: torch.Tensor = field(repr=False)
+    layout: proposals.UnitLayout = field(repr=False)
+    passes: bool = False
+
+
+@dataclass
+class _Context:
+    """One observation of the model on the scoring data (step 1 of an event)."""
+
+    obs: kfac.Observation
+    eta_global: float
+    per_layer: dict[str, dict[str, Any]]
+
+
+class ExpansionController:
+    """Trainer callback growing an :class:`~.model.ExpandableMLP` by the natural expansion score.
+
+    Args:
+        model: the expandable model the trainer will fit (its architecture goes into checkpoints).
+        config: the :class:`ExpansionConfig`.
+        loss: the trainer's loss name (re-read from the trainer at fit start).
+        seed: seeds the proposal generator and the addition batch.
+        summary: a dict the controller fills at the end of the fit (the method plan's summary).
+    """
+
+    def __init__(self, model: nn.Module, config: ExpansionConfig, loss: str, seed: int = 0,
+                 summary: dict | None = None):
+        self.model, self.cfg, self.loss, self.seed = model, config, loss, seed
+        self.summary = summary if summary is not None else {}
+        self.generator = torch.Generator().manual_seed(seed + 7919)
+        self.layer_cd = 0
+        self.events = 0
+        self.neurons_added = 0
+        self.layers_added = 0
+        self.seconds = 0.0
+        self.log: list[dict[str, Any]] = []
+        self._fit_t0: float | None = None
+        self._last: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------- hooks
+
+    def on_fit_start(self, trainer) -> list[ResizeEvent] | None:
+        self.model = trainer.model
+        self.loss = getattr(trainer, "loss_kind", self.loss)
+        self._fit_t0 = time.perf_counter()
+        if self.cfg.expand_at_start and trainer.epoch == 0:
+            return self.expand(trainer)
+        return None
+
+    def on_epoch_end(self, trainer) -> list[ResizeEvent] | None:
+        e, last = trainer.epoch, trainer.cfg.epochs
+        if (e < last and e % self.cfg.cooldown == 0) or (e == last and self.cfg.expand_at_end):
+            return self.expand(trainer)
+        return None
+
+    def on_fit_end(self, trainer) -> None:
+        model = trainer.model
+        wall = time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else float("nan")
+        self.summary.update(
+            expansion_seconds=self.seconds, expansion_share=self.seconds / wall if wall > 0 else None,
+            expansion_events=self.events, neurons_added=self.neurons_added, layers_added=self.layers_added,
+            final_layers=int(model.depth), final_widths=list(model.hidden_widths()),
+            final_neurons=int(sum(model.hidden_widths())))
+        run_dir = getattr(trainer, "run_dir", None)
+        if run_dir is not None and getattr(model, "in_features", None) == 1 and model.out_features == 1:
+            self._save_figure(trainer, run_dir)
+
+    def _save_figure(self, trainer, run_dir) -> None:
+        """The 1-D regression figure (experiment 1); a plotting problem never fails the run."""
+        from widthlab.methods.expanding.figures import save_regression1d
+
+        try:
+            tr, te = trainer.data.train.tensors, trainer.data.test.tensors
+            path = save_regression1d(trainer.model, tr[0], tr[1], te[0], te[1], run_dir, self.log)
+            self.summary["figure"] = str(path) if path else None
+        except Exception as e:  # noqa: BLE001 - a figure is a by-product
+            self.summary["figure_error"] = f"{type(e).__name__}: {e}"
+
+    def metrics(self, trainer) -> dict[str, Any]:
+        model = trainer.model
+        out = {"layers": int(model.depth), "neurons": int(sum(model.hidden_widths())),
+               "expansion_seconds": self.seconds, "expansion_events": self.events,
+               "neurons_added": self.neurons_added, "layers_added": self.layers_added}
+        out.update(self._last)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"layer_cd": self.layer_cd, "events": self.events, "neurons_added": self.neurons_added,
+                "layers_added": self.layers_added, "seconds": self.seconds, "log": list(self.log),
+                "generator": self.generator.get_state(), "last": dict(self._last),
+                "arch": self.model.architecture()}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
+        """Restore counters and the proposal RNG; rebuild the model's architecture first (the trainer
+        then loads the weights into modules of the right shapes).
+
+        Used both to resume a run and, with ``select_best``, to go back to the best epoch's model at the
+        end; the totals of the run (events, additions, seconds) never go back, so the summary reports
+        the whole fit either way.
+        """
+        self.layer_cd = int(state["layer_cd"])
+        self.events = max(self.events, int(state["events"]))
+        self.neurons_added = max(self.neurons_added, int(state["neurons_added"]))
+        self.layers_added = max(self.layers_added, int(state["layers_added"]))
+        self.seconds = max(self.seconds, float(state["seconds"]))
+        if len(state["log"]) >= len(self.log):
+            self.log = list(state["log"])
+        self._last = dict(state.get("last", {}))
+        self.generator.set_state(state["generator"])
+        if model is not None and state.get("arch") is not None:
+            model.set_architecture(state["arch"])
+
+    # ------------------------------------------------------------------------------- one event
+
+    def expand(self, trainer) -> list[ResizeEvent]:
+        """Run one expansion event on the trainer's model; returns the committed resize events."""
+        t0 = time.perf_counter()
+        model = trainer.model
+        x, y = self._scoring_data(trainer)
+        was_training = model.training
+        model.eval()
+        events: list[ResizeEvent] = []
+        added_layer = False
+        cache: dict[int, Candidate] = {}  # evaluated width candidates by hidden layer
+        record: dict[str, Any] = {"epoch": int(trainer.epoch), "additions": []}
+        while len(events) < self.cfg.max_additions:
+            # The CG solve is needed for the depth (and "natural" width) residual; η_global is logged once.
+            natural = (not events or self._depth_allowed(model, added_layer)
+                       or self.cfg.width_residual == "natural")
+            ctx = self._observe(model, x, y, natural)
+            if not events:
+                record.update(eta_global=ctx.eta_global, loss_sqnorm=float(ctx.obs.loss_sqnorm))
+            # A neuron with zero outgoing weights changes neither e nor G anywhere: only the layer that got
+            # it (its consumer's A) and the next one (its input) need new width candidates; the others'
+            # scores are unchanged, so their evaluated candidates are kept (the "natural" residual moves
+            # with the natural gradient, so it is always re-scored).
+            for i in range(model.depth):
+                if model.hidden_widths()[i] >= self._cap(i):
+                    cache.pop(i, None)
+                elif i not in cache or self.cfg.width_residual == "natural":
+                    cache[i] = self._width_candidate(model, ctx, i)
+            cands = list(cache.values())
+            if self._depth_allowed(model, added_layer):
+                cands.append(self._depth_candidate(model, ctx))
+            passing = [c for c in cands if c is not None and c.passes]
+            self._last = {"eta_global": record["eta_global"], **self._candidate_metrics(ctx, cands)}
+            if not passing:
+                break
+            best = max(passing, key=lambda c: c.delta)
+            events.append(self._commit(model, best, x, y))
+            record["additions"].append({"kind": best.kind, "index": best.index, "delta": best.delta,
+                                        "rel": best.rel, "abs": best.abs})
+            if best.kind == "depth":
+                added_layer = True
+                self.layers_added += 1
+                cache.clear()  # layer indices shifted
+            else:
+                self.neurons_added += 1
+                cache.pop(best.index, None)
+                cache.pop(best.index + 1, None)
+            if not self.cfg.recursive:
+                break
+        self.layer_cd = self.cfg.layer_cooldown if added_layer else self.layer_cd - 1
+        model.train(was_training)
+        self.events += 1
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        record.update(seconds=dt, widths=list(model.hidden_widths()))
+        self.log.append(record)
+        return events
+
+    def _depth_allowed(self, model: nn.Module, added_layer: bool) -> bool:
+        """A layer may be added after the cooldown, below the depth cap, if its width k (the output
+        layer's fan-in) fits the cap of its position."""
+        p = model.depth
+        return (getattr(model, "supports_depth", False) and not added_layer and self.layer_cd <= 0
+                and p < len(self.cfg.max_widths) and model.layers[p].in_features <= self._cap(p))
+
+    def _cap(self, i: int) -> int:
+        caps = self.cfg.max_widths
+        return caps[i] if i < len(caps) else caps[-1]
+
+    def _scoring_data(self, trainer) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = trainer.data.train
+        n = len(ds)
+        if self.cfg.score_batch is None or self.cfg.score_batch >= n:
+            idx = torch.arange(n)
+        else:  # a fixed "addition batch": the same examples at every event
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:self.cfg.score_batch]
+        if hasattr(ds, "tensors"):
+            x, y = ds.tensors[0][idx], ds.tensors[1][idx]
+        else:
+            items = [ds[int(i)] for i in idx]
+            x = torch.stack([torch.as_tensor(a) for a, _ in items])
+            y = torch.stack([torch.as_tensor(b) for _, b in items])
+        return x.to(trainer.device), y.to(trainer.device)
+
+    # ------------------------------------------------------------------------------- observe
+
+    def _observe(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, natural: bool = True) -> _Context:
+        cfg = self.cfg
+        residuals, eta_global = {}, float("nan")
+        if natural:
+            with torch.enable_grad():
+                params = named_trainable(model)
+                loss = per_sample_loss(self.loss, model(x), y).mean()
+                g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(params.values()))])
+                op = GaussNewtonOperator(model, x, self.loss, output_metric=cfg.output_metric,
+                                         damping=cfg.eta_damping, params=params)
+                nat = conjugate_gradient(op, g, maxiter=cfg.eta_maxiter, tol=cfg.eta_tol).x
+                jx = op.jvp(nat).detach()
+            eta_global = float(g @ nat)
+            r = output_grad(self.loss, op.out.detach(), y)
+            c = (jx * r).sum() / (jx * jx).sum().clamp_min(1e-30)
+            residuals["natural"] = r - c * jx  # what the current natural-gradient step leaves (spec §2.3)
+        obs = kfac.observe(model, x, y, self.loss, metric=cfg.output_metric, g_estimator=cfg.g_estimator,
+                           bias=cfg.bias, residuals=residuals)
+        per_layer = {}
+        for name, lay in obs.layers.items():
+            f = lay.factors
+            A_pinv = scores.psd_pinv(f.A)
+            G_inv = scores.psd_pinv(scores.damp(f.G, cfg.g_damping))
+            gbar = kfac.gradient_from_rows(lay.a_rows, lay.e_rows["grad"], obs.n)
+            r_perp = {k: scores.residual_rows(lay.a_rows, e, A_pinv,
+                                              kfac.gradient_from_rows(lay.a_rows, e, obs.n), f.t)
+                      for k, e in lay.e_rows.items()}
+            per_layer[name] = {"G_inv": G_inv, "eta": float(scores.layer_eta(gbar, A_pinv, G_inv)),
+                               "r_perp": r_perp}
+        return _Context(obs, eta_global, per_layer)
+
+    # ------------------------------------------------------------------------------- propose/evaluate
+
+    def _evaluate(self, ctx: _Context, kind: str, index: int, consumer: str, h: torch.Tensor,
+                  layout: proposals.UnitLayout, count: int, residual: str,
+                  conv: tuple[nn.Module, bool] | None = None) -> Candidate:
+        cfg = self.cfg
+        info = ctx.per_layer[consumer]
+        # A layer with (almost) no gradient left would make s = Δη′/η explode: floor η on the loss scale.
+        eta = max(info["eta"], 1e-8 * float(ctx.obs.loss_sqnorm), 1e-30)
+        r_perp, G_inv, n = info["r_perp"][residual], info["G_inv"], ctx.obs.n
+        # Search in the configured precision; the decision re-scores the chosen candidate in float64.
+        dtype = getattr(torch, cfg.search_dtype)
+        jitter = 1e-6 if dtype == torch.float32 else 1e-10
+        fn, exact_fn = self._score_fns(layout, h, r_perp, G_inv, n, eta, jitter, dtype, conv)
+        theta0 = proposals.random_candidates(layout, count, generator=self.generator, dtype=dtype,
+                                             device=h.device)
+        res = proposals.refine(fn, theta0, cfg.refine, generator=self.generator,
+                               mala_variant=cfg.mala_variant,
+                               bursts=cfg.mala_bursts, steps=cfg.mala_steps, step_size=cfg.mala_step_size,
+                               temperature=cfg.temperature, ascent_steps=cfg.ascent_steps,
+                               ascent_lr=cfg.ascent_lr)
+        s = torch.where(torch.isfinite(res.score), res.score, torch.zeros_like(res.score))
+        j = proposals.select(s, cfg.selection, cfg.temperature, self.generator)
+        theta = res.theta[j].detach().to(torch.float64)
+        exact = exact_fn(theta[None])[0]
+        delta = float(exact) * eta if torch.isfinite(exact) else float(s[j]) * eta
+        if kind == "depth":
+            delta /= cfg.layer_cost_mul
+        alpha = cfg.alpha_layer if kind == "depth" else cfg.alpha
+        rel = delta / eta
+        ab = delta / max(float(ctx.obs.loss_sqnorm), 1e-30)
+        return Candidate(kind, index, delta, rel, ab, theta, layout,
+                         passes=bool(rel > cfg.tau and ab > alpha and math.isfinite(delta)))
+
+    @staticmethod
+    def _score_fns(layout, h, r_perp, G_inv, n, eta, jitter, dtype, conv):
+        """(search score in ``dtype``, float64 score) for MLP units (closed-form gradient) or channels."""
+        if conv is None:
+            h = h.to(torch.float64).reshape(h.shape[0], -1)
+            return (proposals.UnitScore(layout, h, r_perp, G_inv, n, eta, jitter=jitter, dtype=dtype),
+                    proposals.UnitScore(layout, h, r_perp, G_inv, n, eta, jitter=1e-10))
+        consumer, pool = conv
+
+        def make(dt, jit):
+            hh, rr, gg = h.to(dt), r_perp.to(dt), G_inv.to(dt)
+            feats = lambda th: proposals.conv_unit_features(layout, th.to(dt), hh, pool=pool,  # noqa: E731
+                                                            consumer=consumer)
+            return proposals.unit_score_fn(feats, rr, gg, n, eta, jitter=jit)
+
+        return make(dtype, jitter), make(torch.float64, 1e-10)
+
+    def _width_candidate(self, model: nn.Module, ctx: _Context, i: int) -> Candidate:
+        producer, consumer = model.site_layers(i)
+        h = ctx.obs.layers[producer].a
+        conv = None
+        if h.dim() == 4:  # channels of a CNN stage
+            layout = proposals.UnitLayout(1, h.shape[1], tuple(model.get_submodule(producer).kernel_size))
+            conv = (model.get_submodule(consumer), bool(getattr(model, "pool", False)))
+        else:
+            layout = proposals.UnitLayout(1, h[0].numel())
+        return self._evaluate(ctx, "width", i, consumer, h, layout, self.cfg.proposals,
+                              self.cfg.width_residual, conv)
+
+    def _depth_candidate(self, model: nn.Module, ctx: _Context) -> Candidate:
+        p = model.depth
+        h = ctx.obs.layers[f"layers.{p}"].a
+        k = h[0].numel()
+        return self._evaluate(ctx, "depth", p, f"layers.{p}", h, proposals.UnitLayout(k, k),
+                              self.cfg.layer_proposals, "natural")
+
+    @staticmethod
+    def _candidate_metrics(ctx: _Context, cands: list[Candidate | None]) -> dict[str, float]:
+        out = {"loss_sqnorm": float(ctx.obs.loss_sqnorm)}
+        for c in cands:
+            if c is not None:
+                key = f"{c.kind}{'' if c.kind == 'depth' else c.index}"
+                out[f"score_rel.{key}"] = c.rel
+                out[f"score_abs.{key}"] = c.abs
+        return out
+
+    # ------------------------------------------------------------------------------- commit
+
+    def _commit(self, model: nn.Module, cand: Candidate, x: torch.Tensor, y: torch.Tensor) -> ResizeEvent:
+        ref = next(model.parameters())
+        parts = {k: v.to(dtype=ref.dtype, device=ref.device)
+                 for k, v in cand.layout.split(cand.theta[None]).items()}
+        with torch.no_grad():
+            before = per_sample_loss(self.loss, model(x), y).mean()
+        if cand.kind == "width":
+            ev = insert_units(model, cand.index, parts["W"][0], parts["b"][0],
+                              {n: parts[n][0] for n in "vcl"})
+        elif self.cfg.layer_init == "basis":
+            B = full_rank(parts["W"][0].double()).to(ref.dtype)
+            ev = insert_layer(model, cand.index, basis=B, shift=parts["b"][0])
+        else:
+            ev = insert_layer(model, cand.index)
+        with torch.no_grad():
+            after = per_sample_loss(self.loss, model(x), y).mean()
+        change = float((after - before).abs() / before.abs().clamp_min(1e-12))
+        if not change <= self.cfg.check_tol:
+            raise RuntimeError(f"self-expansion: {ev.description} changed the loss by {change:.3g} "
+                               "(relative); insertion should preserve the function")
+        return ResizeEvent(ev.params, ev.added, ev.removed, ev.description, ev.widths,
+                           optimizer_mode=self.cfg.optimizer_mode)
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.cfg)

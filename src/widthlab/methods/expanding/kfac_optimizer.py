@@ -1,0 +1,172 @@
+"""K-FAC preconditioned natural-gradient optimizer: the fast alternative to the CG solver.
+
+For every Linear/Conv2d layer with K-FAC factors A, G (``kfac.py``) the gradient matrix ḡ (inputs ×
+outputs, bias as the last input row) is replaced by the damped natural gradient
+
+    Δ = (A + π√λ I)⁻¹ ḡ (G + √λ/π I)⁻¹        (Martens & Grosse 2015, factored Tikhonov damping)
+
+and the parameters step θ ← θ − lr·Δ (optionally with heavy-ball momentum and KL clipping, Ba et al.
+2017). Parameters outside those layers (the rational activations' (v, c, l)) take plain gradient steps.
+
+Statistics are refreshed every ``stat_every`` steps from an extra forward pass on the step's batch with
+sampled (default) or exact output-metric cotangents, and inverted every ``inv_every`` steps, so their
+cost is amortised (K-FAC's T₁, T₃). Like :class:`~.natural_gradient.NaturalGradientCG` the batch is
+handed over by a callback with :meth:`set_batch` between the trainer's backward and step.
+
+State. The factors, their inverses and momentum live in ``optimizer.state[layer.weight]`` so that the
+trainer's checkpoints (saved by parameter name) resume them exactly. They are not shaped like the
+parameter, so a resize event must remap this optimizer with ``optimizer_mode="reset"``: the factors of
+a resized layer are dropped and re-estimated on the next step (which then collects statistics even
+between the ``stat_every`` steps).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from widthlab.methods.expanding import kfac
+from widthlab.methods.expanding.fisher import check_loss, check_metric
+
+
+class KFACOptimizer(torch.optim.Optimizer):
+    """K-FAC natural-gradient descent over a model's Linear/Conv2d layers.
+
+    Args:
+        params: the parameters to optimise (all belong to ``model``).
+        model: the network; its Linear/Conv2d layers are preconditioned.
+        loss: the trainer's loss name.
+        lr: step size.
+        damping: λ of the factored Tikhonov damping.
+        ema_decay: running-average decay of the factors (0: the latest batch only).
+        stat_every, inv_every: refresh the factors / their inverses every this many steps.
+        output_metric: ``"fisher"`` or ``"identity"`` (see ``fisher.py``).
+        g_estimator: ``"sampled"`` (one Monte-Carlo cotangent, default) or ``"exact"`` (C cotangents).
+        momentum: heavy-ball momentum on the preconditioned update (0: none).
+        weight_decay: L2 coefficient added to the gradient before preconditioning.
+        kl_clip: if given, scale the update so that lr²·Δᵀg ≤ kl_clip (Ba et al. 2017).
+        bias: fold each layer's bias into its A factor (homogeneous coordinate).
+    """
+
+    def __init__(self, params, model: nn.Module, loss: str, *, lr: float = 0.1, damping: float = 1e-2,
+                 ema_decay: float = 0.95, stat_every: int = 10, inv_every: int = 10,
+                 output_metric: str = "fisher", g_estimator: str = "sampled", momentum: float = 0.0,
+                 weight_decay: float = 0.0, kl_clip: float | None = None, bias: bool = True):
+        if lr <= 0 or damping < 0 or stat_every < 1 or inv_every < 1 or not 0 <= momentum < 1:
+            raise ValueError("KFACOptimizer needs lr > 0, damping >= 0, stat_every, inv_every >= 1 and "
+                             "momentum in [0, 1)")
+        if g_estimator not in kfac.G_ESTIMATORS:
+            raise ValueError(f"g_estimator must be one of {kfac.G_ESTIMATORS}, got {g_estimator!r}")
+        # The step counter decides when statistics are refreshed; kept in the param groups because the
+        # trainer's checkpoints save group hyper-parameters (and per-parameter state) by name.
+        super().__init__(params, {"lr": lr, "damping": damping, "momentum": momentum,
+                                  "weight_decay": weight_decay, "kfac_step": 0})
+        self.model, self.loss, self.metric = model, check_loss(loss), check_metric(output_metric)
+        self.ema_decay, self.stat_every, self.inv_every = ema_decay, stat_every, inv_every
+        self.g_estimator, self.kl_clip, self.bias = g_estimator, kl_clip, bias
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._batch = (x, y)
+
+    # --------------------------------------------------------------------- statistics
+
+    def _layers(self) -> dict[str, nn.Module]:
+        held = {id(p) for g in self.param_groups for p in g["params"]}
+        return {n: m for n, m in kfac.kfac_layers(self.model).items() if id(m.weight) in held}
+
+    def _update_factors(self, layers: dict[str, nn.Module]) -> None:
+        if self._batch is None:
+            raise RuntimeError("KFACOptimizer.step needs set_batch(x, y) first (add plan.OptimizerHook)")
+        x, y = self._batch
+        was_training = self.model.training
+        with torch.enable_grad(), kfac.capture(layers) as cap:
+            out = self.model(x)
+            grad_out = kfac.output_grad(self.loss, out.detach(), y)
+            us = kfac.g_cotangents(self.loss, out.detach(), grad_out, self.metric, self.g_estimator)
+            es = [kfac.backprop(out, cap, u.to(out.dtype), list(cap)) for u in us]
+        self.model.train(was_training)
+        n = x.shape[0]
+        for name, m in layers.items():
+            if name not in cap:
+                continue
+            a_rows = kfac.input_rows(m, cap[name].a, self.bias)
+            f = kfac.factors_from_rows(a_rows, [kfac.output_rows(e[name]) for e in es], n)
+            st = self.state[m.weight]
+            old = st.get("A")
+            if old is None or old.shape != f.A.shape or st["G"].shape != f.G.shape or self.ema_decay == 0:
+                st["A"], st["G"] = f.A.detach().clone(), f.G.detach().clone()
+                st.pop("A_inv", None)
+            else:
+                kfac.ema_(st["A"], f.A.detach(), self.ema_decay)
+                kfac.ema_(st["G"], f.G.detach(), self.ema_decay)
+
+    def _ready(self, m: nn.Module) -> bool:
+        st = self.state.get(m.weight, {})
+        d = m.weight[0].numel() + (1 if self.bias and m.bias is not None else 0)
+        return "A" in st and st["A"].shape[0] == d and st["G"].shape[0] == m.weight.shape[0]
+
+    # --------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        layers = self._layers()
+        step = self.param_groups[0]["kfac_step"]
+        fresh = [n for n, m in layers.items() if not self._ready(m)]
+        if step % self.stat_every == 0 or fresh:
+            self._update_factors(layers if step % self.stat_every == 0 else {n: layers[n] for n in fresh})
+        invert = step % self.inv_every == 0
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        updates: list[tuple[torch.Tensor, torch.Tensor, dict]] = []  # (param, Δ, group)
+        done: set[int] = set()
+        for m in layers.values():
+            group = group_of[id(m.weight)]
+            gmat = kfac.weight_gradient_matrix(m, self.bias)
+            if gmat is None:
+                continue
+            wd = group["weight_decay"]
+            if wd:
+                gmat = gmat + wd * kfac.weight_matrix(m, self.bias)
+            st = self.state[m.weight]
+            if invert or "A_inv" not in st:
+                st["A_inv"], st["G_inv"] = kfac.damped_inverses(st["A"], st["G"], group["damping"])
+            delta = st["A_inv"] @ gmat @ st["G_inv"]
+            dw, db = kfac.set_from_matrix(m, delta, self.bias)
+            updates.append((m.weight, dw, group))
+            done.add(id(m.weight))
+            if m.bias is not None:
+                if db is None:  # bias outside the factorisation: plain gradient
+                    db = m.bias.grad if m.bias.grad is not None else torch.zeros_like(m.bias)
+                    db = db + wd * m.bias if wd else db
+                updates.append((m.bias, db, group))
+                done.add(id(m.bias))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in done or p.grad is None:
+                    continue
+                g = p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad
+                updates.append((p, g, group))
+        scale = self._kl_scale(updates)
+        for p, d, group in updates:
+            if group["momentum"]:
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None or buf.shape != d.shape:
+                    buf = torch.zeros_like(d)
+                buf.mul_(group["momentum"]).add_(d)
+                self.state[p]["momentum_buffer"] = buf
+                d = buf
+            p.add_(d, alpha=-group["lr"] * scale)
+        for group in self.param_groups:
+            group["kfac_step"] = step + 1
+        self._batch = None
+        return loss
+
+    def _kl_scale(self, updates) -> float | torch.Tensor:
+        if self.kl_clip is None:
+            return 1.0
+        vg = sum((d * p.grad).sum() * group["lr"] ** 2 for p, d, group in updates if p.grad is not None)
+        return torch.clamp((self.kl_clip / vg.clamp_min(1e-30)).sqrt(), max=1.0)

@@ -1,0 +1,205 @@
+"""Study-file entry point of the self-expanding method: ``method: {name: expanding, ...}``.
+
+The runner first builds the plain model named in ``model:``; this builder replaces it with an
+:class:`~.model.ExpandableMLP` on the task's flattened input (``data.input_shape``, ``data.num_outputs``),
+or with ``architecture: cnn`` an :class:`~.model.ExpandableCNN` whose channels grow.
+From the plain model it only reads the starting hidden widths when ``start_widths`` is not given (an
+``mlp`` with ``widths: [...]`` or ``width``/``depth``); everything else of ``model:`` is ignored. To start
+from a linear model (experiment 2) give ``start_widths: []``.
+
+Optimisers (``optimizer=``), installed through the trainer's ``make_optimizer`` hook:
+
+* ``"cg"`` (official): damped Gauss-Newton natural gradient by CG,
+  :class:`~.natural_gradient.NaturalGradientCG`
+  with ``lr``, ``damping``, ``cg_maxiter``, ``cg_tol``, ``weight_decay``;
+* ``"kfac"``: :class:`~.kfac_optimizer.KFACOptimizer` with ``lr``, ``damping``, ``kfac_*`` options;
+* ``"default"``: the optimizer of the study's ``train.optimizer`` section (e.g. Adam).
+
+Correct by default, official behaviour by switch (specs/senn.md §2.2, §2.3, §5):
+
+=========================  ==========================================  ====================================
+what                       default (correct)                           official code
+=========================  ==========================================  ====================================
+output metric              ``output_metric: fisher`` (loss GN)         ``identity`` (E[JᵀJ] even for CE)
+proposal sampler           ``mala_variant: correct`` (MH-adjusted)     ``official`` / ``official_legacy``
+G factor of the scores     ``g_estimator: exact`` (metric square root) ``normalized`` (∇ℓ/‖∇ℓ‖, rank one)
+bias coordinate in A       ``bias_in_factors: true``                   ``false``
+inserted layer             ``layer_init: identity`` (exact)            ``basis`` (B⁺ basis change)
+=========================  ==========================================  ====================================
+
+Summary extras after the fit: ``final_widths``, ``final_layers``, ``final_neurons``, ``neurons_added``,
+``layers_added``, ``expansion_events``, ``expansion_seconds`` and ``expansion_share`` (of the fit's wall
+time). Per-epoch records add ``layers``, ``neurons``, ``expansion_seconds``, ``eta_global``,
+``loss_sqnorm`` and the last event's scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from widthlab.data.base import TaskData
+from widthlab.methods.base import MethodPlan
+from widthlab.methods.expanding.controller import ExpansionConfig, ExpansionController
+from widthlab.methods.expanding.kfac_optimizer import KFACOptimizer
+from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
+from widthlab.methods.expanding.natural_gradient import NaturalGradientCG
+
+OPTIMIZERS = ("cg", "kfac", "default")
+
+
+class OptimizerHook:
+    """Installs the natural-gradient optimizer and hands it each batch between backward and step.
+
+    The Gauss-Newton products of the CG and K-FAC optimizers need the batch inputs, which the trainer
+    does not pass to ``optimizer.step``; ``on_after_backward`` gives them ``trainer.last_batch``.
+    """
+
+    def __init__(self, name: str, loss: str, **options):
+        if name not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        self.name, self.loss, self.options = name, loss, options
+
+    def make_optimizer(self, model: nn.Module, default) -> torch.optim.Optimizer:
+        if self.name == "cg":
+            return NaturalGradientCG(model.parameters(), model, self.loss, **self.options)
+        if self.name == "kfac":
+            return KFACOptimizer(model.parameters(), model, self.loss, **self.options)
+        return default(model.parameters())
+
+    def on_fit_start(self, trainer) -> None:
+        # The trainer may train another loss than the task's default (train.loss).
+        self.loss = trainer.loss_kind
+        if hasattr(trainer.optimizer, "loss"):
+            trainer.optimizer.loss = trainer.loss_kind
+
+    def on_after_backward(self, trainer) -> None:
+        opt = trainer.optimizer
+        if hasattr(opt, "set_batch"):
+            opt.set_batch(*trainer.last_batch)
+
+    def metrics(self, trainer) -> dict[str, float]:
+        eta = getattr(trainer.optimizer, "last_eta", None)
+        return {} if eta is None else {"eta_batch": float(eta)}
+
+
+def _start_widths(model: nn.Module, start_widths: Sequence[int] | None) -> list[int]:
+    if start_widths is not None:
+        return [int(w) for w in start_widths]
+    fn = getattr(model, "widths", None)
+    return list(fn().values()) if callable(fn) else []
+
+
+def build(
+    model: nn.Module,
+    data: TaskData,
+    *,
+    seed: int,
+    architecture: str = "mlp",
+    start_widths: Sequence[int] | None = None,
+    max_widths: Sequence[int] = (16, 16, 16),
+    init: str = "lecun",
+    eps_mode: str = "floor",
+    optimizer: str = "cg",
+    lr: float = 0.1,
+    damping: float = 0.1,
+    weight_decay: float = 0.0,
+    cg_maxiter: int = 100,
+    cg_tol: float = 1e-5,
+    kfac_ema_decay: float = 0.95,
+    kfac_stat_every: int = 10,
+    kfac_inv_every: int = 10,
+    kfac_momentum: float = 0.0,
+    kfac_kl_clip: float | None = None,
+    output_metric: str = "fisher",
+    tau: float = 1.0,
+    alpha: float = 2.5e-3,
+    alpha_layer: float = 2.5e-3,
+    cooldown: int = 30,
+    layer_cooldown: int = 3,
+    layer_cost_mul: float = 2.0,
+    proposals: int = 100,
+    layer_proposals: int = 100,
+    refine: str = "mala",
+    mala_variant: str = "correct",
+    mala_bursts: int = 300,
+    mala_steps: int = 10,
+    mala_step_size: float = 0.3,
+    temperature: float = 1.0,
+    selection: str = "argmax",
+    ascent_steps: int = 300,
+    ascent_lr: float = 0.03,
+    g_estimator: str = "exact",
+    g_damping: float = 0.1,
+    bias_in_factors: bool = True,
+    width_residual: str = "grad",
+    layer_init: str = "identity",
+    score_batch: int | None = None,
+    expand_at_start: bool = True,
+    expand_at_end: bool = False,
+    recursive: bool = True,
+    max_additions: int = 64,
+    eta_maxiter: int = 100,
+) -> MethodPlan:
+    """Build the self-expanding method (specs/senn.md §2): expandable MLP, optimizer hook, controller.
+
+    Args:
+        model: the runner's plain model; only its hidden widths are read, and only if ``start_widths`` is
+            None.
+        data: the task; ``input_shape`` (flattened) and ``num_outputs`` size the network.
+        seed: seeds the network's initial parameters and the proposals.
+        architecture: ``"mlp"`` (:class:`~.model.ExpandableMLP`, neurons and layers grow) or ``"cnn"``
+            (:class:`~.model.ExpandableCNN` on (C, H, W) inputs, channels grow; one stage per entry of
+            ``start_widths``).
+        start_widths: initial hidden widths (``[]``: a linear model) or channels per CNN stage.
+        max_widths: cap per hidden-layer position; its length is the largest number of hidden layers.
+        init, eps_mode: Linear init (``lecun`` official, ``torch``) and rational guard (``floor``, ``add``).
+        optimizer: ``cg`` (official), ``kfac`` or ``default`` (the study's ``train.optimizer``).
+        lr, damping, weight_decay, cg_maxiter, cg_tol: natural-gradient step (official 0.1, 0.1, 0, 100,
+            1e-5); for K-FAC ``damping`` is λ of its factored damping.
+        kfac_ema_decay, kfac_stat_every, kfac_inv_every, kfac_momentum, kfac_kl_clip: K-FAC options.
+        output_metric: ``fisher`` (the loss's Gauss-Newton, default) or ``identity`` (official) for the
+            optimiser, η and the G factors.
+        eta_maxiter: CG iterations for the global η and the natural-gradient residual of the scores.
+        Others: see :class:`~.controller.ExpansionConfig` (``bias_in_factors`` is its ``bias``).
+    """
+    loss = "cross_entropy" if data.task == "classification" else "mse"
+    widths = _start_widths(model, start_widths)
+    gen = torch.Generator().manual_seed(seed)
+    if architecture == "mlp":
+        net = ExpandableMLP(math.prod(data.input_shape), data.num_outputs, widths, init=init,
+                            eps_mode=eps_mode, generator=gen)
+    elif architecture == "cnn":
+        if len(data.input_shape) != 3:
+            raise ValueError(f"architecture 'cnn' needs (C, H, W) inputs, the data has {data.input_shape}")
+        net = ExpandableCNN(data.input_shape, data.num_outputs, widths, eps_mode=eps_mode, generator=gen)
+    else:
+        raise ValueError(f"architecture must be 'mlp' or 'cnn', got {architecture!r}")
+    if optimizer == "cg":
+        opt_options = {"lr": lr, "damping": damping, "maxiter": cg_maxiter, "tol": cg_tol,
+                       "weight_decay": weight_decay, "output_metric": output_metric}
+    elif optimizer == "kfac":
+        opt_options = {"lr": lr, "damping": damping, "weight_decay": weight_decay,
+                       "ema_decay": kfac_ema_decay,
+                       "stat_every": kfac_stat_every, "inv_every": kfac_inv_every, "momentum": kfac_momentum,
+                       "kl_clip": kfac_kl_clip, "output_metric": output_metric}
+    else:
+        opt_options = {}
+    hook = OptimizerHook(optimizer, loss, **opt_options)
+    config = ExpansionConfig(
+        tau=tau, alpha=alpha, alpha_layer=alpha_layer, cooldown=cooldown, layer_cooldown=layer_cooldown,
+        layer_cost_mul=layer_cost_mul, max_widths=tuple(max_widths), proposals=proposals,
+        layer_proposals=layer_proposals, refine=refine, mala_variant=mala_variant, mala_bursts=mala_bursts,
+        mala_steps=mala_steps, mala_step_size=mala_step_size, temperature=temperature, selection=selection,
+        ascent_steps=ascent_steps, ascent_lr=ascent_lr, output_metric=output_metric, g_estimator=g_estimator,
+        g_damping=g_damping, bias=bias_in_factors, width_residual=width_residual, layer_init=layer_init,
+        score_batch=score_batch, expand_at_start=expand_at_start, expand_at_end=expand_at_end,
+        recursive=recursive, max_additions=max_additions, eta_maxiter=eta_maxiter,
+        eta_damping=damping if optimizer == "cg" else 0.1,
+        optimizer_mode="reset" if optimizer == "kfac" else "keep")
+    summary: dict = {"start_widths": widths, "optimizer": optimizer}
+    controller = ExpansionController(net, config, loss, seed=seed, summary=summary)
+    return MethodPlan(net, [hook, controller], summary)

@@ -1,0 +1,382 @@
+"""Propose step of self-expansion: random candidate units, refined to raise Δη′ (specs/senn.md §2.3).
+
+A batch of P candidates is one tensor θ of shape (P, D): each row holds the incoming weights, biases and
+rational coefficients of k new units. A *score function* ``s(θ) -> (P,)`` (built by
+:func:`unit_score_fn` from the statistics of the consuming layer) returns Δη′ normalised by the layer's
+η, and is differentiable in θ.
+
+Refinement (``refine=``):
+
+* ``"mala"`` with ``variant="correct"`` (default): Metropolis-adjusted Langevin sampling of
+  π(θ) ∝ exp(s(θ)/T) · N(θ; 0, σ²I), independently per candidate, with the Metropolis-Hastings
+  acceptance. The step size of each chain is adapted between bursts of steps toward an acceptance rate
+  of 0.6 (×1.3 / ÷1.3 when it is off by more than 0.3, as the official code does).
+* ``"mala"`` with ``variant="official"`` (or ``"official_legacy"``, experiment 4): the official
+  sampler, reproduced for comparison. Its drift uses +½∇s where Langevin needs ∇ log π ∝ +∇s, i.e. it
+  *descends* the score; it proposes by a midpoint step and accepts with the heuristic probability
+  min(1, exp(((ΔU_actual − ΔU_linear))/T)) instead of the Metropolis-Hastings ratio; the prior term is
+  θ²/σ² in U but θ/σ² in the drift (spec §2.3 "Bug"); ``official_legacy`` omits the /T.
+* ``"ascent"``: Adam ascent on s(θ) (the spec's suggested replacement), keeping each candidate's best.
+* ``"none"``: the random draws as they are.
+
+Selection (``select``): ``"argmax"`` (experiment 1) or ``"sample"`` ∝ softmax(s/T) (experiments 2, 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from widthlab.methods.expanding import scores
+from widthlab.methods.expanding.model import lecun_normal_
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+REFINES = ("mala", "ascent", "none")
+MALA_VARIANTS = ("correct", "official", "official_legacy")
+SELECTIONS = ("argmax", "sample")
+
+
+# ----------------------------------------------------------------------------------- candidates
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """How a row of θ splits into the parameters of k units with fan-in ``d`` (kernel ``kernel``).
+
+    Row layout: W (k·d·kh·kw) | b (k) | v (k) | c (k) | l (k).
+    """
+
+    k: int
+    d: int
+    kernel: tuple[int, ...] = ()
+
+    @property
+    def fan_in(self) -> int:
+        n = self.d
+        for s in self.kernel:
+            n *= s
+        return n
+
+    @property
+    def size(self) -> int:
+        return self.k * (self.fan_in + 4)
+
+    def split(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """θ (P, D) -> W (P, k, d, *kernel), b, v, c, l (P, k)."""
+        p, k, nw = theta.shape[0], self.k, self.k * self.fan_in
+        out = {"W": theta[:, :nw].reshape(p, k, self.d, *self.kernel)}
+        for i, name in enumerate("bvcl"):
+            out[name] = theta[:, nw + i * k: nw + (i + 1) * k]
+        return out
+
+    def join(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        p = parts["W"].shape[0]
+        return torch.cat([parts["W"].reshape(p, -1), *(parts[n].reshape(p, -1) for n in "bvcl")], 1)
+
+
+def random_candidates(layout: UnitLayout, count: int, *, generator: torch.Generator | None = None,
+                      dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """``count`` random candidates: official init (lecun_normal W, b ~ N(0,1), v, c, l ~ N(0,1))."""
+    # Drawn on the CPU (the generator's device), so runs on any device see the same candidates.
+    W = torch.empty(count * layout.k, layout.d, *layout.kernel, dtype=dtype)
+    lecun_normal_(W, generator)
+    rest = torch.randn(count, 4 * layout.k, generator=generator, dtype=dtype)
+    return torch.cat([W.reshape(count, -1), rest], 1).to(device)
+
+
+def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
+
+def _rand(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
+
+def unit_features(layout: UnitLayout, theta: torch.Tensor, h: torch.Tensor, *, eps: float = 1e-8
+                  ) -> torch.Tensor:
+    """Features of MLP candidates on inputs h (N, d): rows (P, N, k) = σ(h Wᵀ + b) with rational σ."""
+    parts = layout.split(theta)
+    pre = torch.einsum("nd,pkd->pnk", h, parts["W"]) + parts["b"][:, None, :]
+    v, c, l = (parts[n][:, None, :] for n in "vcl")
+    norm = (v * v + c * c + l * l).clamp_min(eps).sqrt()
+    return (l * pre + (2 * v * pre + c) / (1 + pre * pre)) / norm
+
+
+def conv_unit_features(layout: UnitLayout, theta: torch.Tensor, h: torch.Tensor, *, pool: bool,
+                       consumer: torch.nn.Module, eps: float = 1e-8) -> torch.Tensor:
+    """Rows of candidate *channels* as the consuming layer sees them (channel growth, spec §3).
+
+    Candidate channels σ(conv3x3(h) + b) (then the stage's 2×2 max-pool) feed either a Conv2d consumer,
+    whose K-FAC rows are their k·kh·kw patches at its T output locations (``kfac.input_rows``), or the
+    Linear head after global average pooling.
+
+    Args:
+        h: (N, C_in, H, W) input of the producing convolution.
+        consumer: the consuming Conv2d or Linear.
+
+    Returns:
+        (P, N·T, k·kh·kw) rows for a Conv2d consumer, (P, N, k) for the head.
+    """
+    import torch.nn.functional as F
+
+    from widthlab.methods.expanding.kfac import conv_padding
+    from widthlab.nn.rational import rational
+
+    parts = layout.split(theta)
+    p, k = theta.shape[0], layout.k
+    W = parts["W"].reshape(p * k, layout.d, *layout.kernel)
+    pad = tuple(s // 2 for s in layout.kernel)
+    x = F.conv2d(h, W, parts["b"].reshape(-1), padding=pad)  # (N, P·k, H, W)
+    x = rational(x, parts["v"].reshape(-1), parts["c"].reshape(-1), parts["l"].reshape(-1), eps=eps, dim=1)
+    if pool:
+        x = F.max_pool2d(x, 2, ceil_mode=True)
+    n = x.shape[0]
+    if isinstance(consumer, torch.nn.Linear):
+        return x.mean((2, 3)).reshape(n, p, k).transpose(0, 1)
+    cols = F.unfold(x, consumer.kernel_size, dilation=consumer.dilation, padding=conv_padding(consumer),
+                    stride=consumer.stride)  # (N, P·k·kh·kw, T), channel-major like the weights
+    t = cols.shape[2]
+    return cols.reshape(n, p, -1, t).permute(1, 0, 3, 2).reshape(p, n * t, -1)
+
+
+def unit_score_fn(features: Callable[[torch.Tensor], torch.Tensor], r_perp: torch.Tensor, G_inv: torch.Tensor,
+                  n: int, norm: float | torch.Tensor = 1.0, jitter: float = 1e-8) -> ScoreFn:
+    """s(θ) = Δη′(features(θ)) / norm, batched over candidates (spec §1); gradients by autograd."""
+
+    def score(theta: torch.Tensor) -> torch.Tensor:
+        st = scores.candidate_stats(features(theta), r_perp, n)
+        return scores.delta_eta_lb(st.C, st.A_f, G_inv, jitter=jitter) / norm
+
+    return score
+
+
+class UnitScore:
+    """s(θ) = Δη′/norm of MLP candidate units on inputs h, with a closed-form gradient.
+
+    Calling it evaluates s(θ) (differentiable by autograd); :meth:`value_and_grad` returns s and ∂s/∂θ
+    without autograd: ∂s/∂f = (2/N)(r_⊥ − f M) G⁻¹ Mᵀ / norm with M = A_f⁻¹ C (spec §1, batched over
+    candidates and units), then the chain rule through σ(h Wᵀ + b). MALA and ascent spend nearly all
+    their time here, and the closed form avoids building an autograd graph at every step.
+
+    Args:
+        layout: the candidates' parameter layout (k units of fan-in d).
+        h: (N, d) inputs of the layer the units would join.
+        r_perp: (N, m) residual rows at the consuming layer; G_inv: (m, m); n: N.
+        norm: the score's normaliser (η of the consuming layer).
+        jitter: relative damping of A_f in the solves.
+        dtype: working precision of the search (float32 is about twice as fast; the controller re-scores
+            its decision in float64).
+    """
+
+    def __init__(self, layout: UnitLayout, h: torch.Tensor, r_perp: torch.Tensor, G_inv: torch.Tensor, n: int,
+                 norm: float = 1.0, jitter: float = 1e-8, dtype: torch.dtype = torch.float64,
+                 eps: float = 1e-8):
+        self.layout, self.n, self.norm, self.jitter, self.eps = layout, n, float(norm), jitter, eps
+        self.h, self.r, self.G_inv = h.to(dtype), r_perp.to(dtype), G_inv.to(dtype)
+        self.dtype = dtype
+
+    def _forward(self, theta: torch.Tensor):
+        p = self.layout.split(theta.to(self.dtype))
+        pre = torch.einsum("nd,pkd->pnk", self.h, p["W"]) + p["b"][:, None, :]  # (P, N, k)
+        v, c, l = (p[k][:, None, :] for k in "vcl")
+        q = v * v + c * c + l * l
+        nrm = q.clamp_min(self.eps).sqrt()
+        den = 1 / (1 + pre * pre)
+        f = (l * pre + (2 * v * pre + c) * den) / nrm
+        C = f.transpose(1, 2) @ self.r / self.n  # (P, k, m)
+        A_f = f.transpose(1, 2) @ f / f.shape[1]  # (P, k, k)
+        M = torch.linalg.solve(scores.damp(A_f, self.jitter), C)
+        s = (C * (M @ self.G_inv)).sum((1, 2)) / self.norm
+        return s, (pre, v, c, l, q, nrm, den, f, M)
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        return self._forward(theta)[0]
+
+    @torch.no_grad()
+    def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, (pre, v, c, l, q, nrm, den, f, M) = self._forward(theta)
+        gf = (2.0 / self.n) * (self.r - f @ M) @ self.G_inv @ M.transpose(1, 2) / self.norm  # (P, N, k)
+        dpre = gf * (l + 2 * v * den - 2 * pre * (2 * v * pre + c) * den * den) / nrm
+        # the norm depends on (v, c, l) only where it is not floored
+        free = (q > self.eps).to(f.dtype) / nrm
+        grads = {"W": torch.einsum("pnk,nd->pkd", dpre, self.h),
+                 "b": dpre.sum(1),
+                 "v": (gf * (2 * pre * den - f * v * free)).sum(1) / nrm[:, 0],
+                 "c": (gf * (den - f * c * free)).sum(1) / nrm[:, 0],
+                 "l": (gf * (pre - f * l * free)).sum(1) / nrm[:, 0]}
+        return s, self.layout.join(grads).to(theta.dtype)
+
+
+def _value_and_grad(score_fn: ScoreFn, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(score_fn, "value_and_grad"):
+        s, g = score_fn.value_and_grad(theta.detach())
+        s = s.to(theta.dtype)
+    else:
+        with torch.enable_grad():
+            t = theta.detach().requires_grad_(True)
+            s = score_fn(t)
+            (g,) = torch.autograd.grad(s.sum(), t)
+    # A degenerate candidate (e.g. a dead unit) can give a NaN score; treat it as worthless.
+    bad = ~torch.isfinite(s)
+    s = torch.where(bad, torch.zeros_like(s), s).detach()
+    g = torch.where(bad[:, None] | ~torch.isfinite(g), torch.zeros_like(g), g)
+    return s, g
+
+
+# ----------------------------------------------------------------------------------- MALA
+
+
+@dataclass
+class RefineResult:
+    theta: torch.Tensor
+    score: torch.Tensor  # (P,) s(θ) of the returned candidates
+    accept_rate: float = float("nan")
+
+
+def mala(score_fn: ScoreFn, theta: torch.Tensor, *, bursts: int = 300, steps: int = 10,
+         step_size: float = 0.3,
+         temperature: float = 1.0, prior_var: float = 1.0, variant: str = "correct",
+         generator: torch.Generator | None = None) -> RefineResult:
+    """Refine P candidates by MALA (see the module docstring for the variants).
+
+    Args:
+        score_fn: s(θ) -> (P,), differentiable.
+        theta: (P, D) starting points.
+        bursts, steps: ``bursts`` × ``steps`` MALA steps; the step size adapts after each burst.
+        step_size: initial h (official 0.3).
+        temperature: T of exp(s/T).
+        prior_var: σ² of the Gaussian prior on every coordinate.
+        variant: ``"correct"``, ``"official"`` or ``"official_legacy"``.
+        generator: random source (proposal noise and acceptance).
+    """
+    if variant not in MALA_VARIANTS:
+        raise ValueError(f"mala variant must be one of {MALA_VARIANTS}, got {variant!r}")
+    step = _official_step if variant != "correct" else _correct_step
+    h = torch.full((theta.shape[0],), float(step_size), dtype=theta.dtype, device=theta.device)
+    state = _State(theta.detach().clone(), *_value_and_grad(score_fn, theta))
+    total_acc, count = 0.0, 0
+    for _ in range(bursts):
+        acc = torch.zeros_like(h)
+        for _ in range(steps):
+            state, a = step(score_fn, state, h, temperature, prior_var, generator,
+                            variant == "official_legacy")
+            acc += a
+        acc /= steps
+        total_acc += float(acc.mean())
+        count += 1
+        off = (acc - 0.6).abs() > 0.3
+        h = torch.where(off, torch.where(acc > 0.6, h * 1.3, h / 1.3), h)
+    return RefineResult(state.theta, state.s, total_acc / max(count, 1))
+
+
+@dataclass
+class _State:
+    theta: torch.Tensor
+    s: torch.Tensor
+    grad_s: torch.Tensor
+
+
+def _log_target(s, theta, temperature, prior_var):
+    return s / temperature - 0.5 * (theta * theta).sum(1) / prior_var
+
+
+def _correct_step(score_fn, st: _State, h, temperature, prior_var, generator, legacy):
+    """θ' = θ + h∇log π(θ) + √(2h) ξ, accepted with the Metropolis-Hastings ratio."""
+    hh = h[:, None]
+    drift = st.grad_s / temperature - st.theta / prior_var
+    xi = _randn(st.theta, generator)
+    prop = st.theta + hh * drift + (2 * hh).sqrt() * xi
+    s_p, g_p = _value_and_grad(score_fn, prop)
+    drift_p = g_p / temperature - prop / prior_var
+    log_q_fwd = -((prop - st.theta - hh * drift) ** 2).sum(1) / (4 * h)
+    log_q_bwd = -((st.theta - prop - hh * drift_p) ** 2).sum(1) / (4 * h)
+    log_alpha = (_log_target(s_p, prop, temperature, prior_var) + log_q_bwd
+                 - _log_target(st.s, st.theta, temperature, prior_var) - log_q_fwd)
+    alpha = log_alpha.clamp(max=0).exp()
+    alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
+    u = _rand(h, generator)
+    take = u < alpha
+    t = take[:, None]
+    return _State(torch.where(t, prop, st.theta), torch.where(take, s_p, st.s),
+                  torch.where(t, g_p, st.grad_s)), alpha
+
+
+def _official_step(score_fn, st: _State, h, temperature, prior_var, generator, legacy):
+    """The official mala_step, per candidate (spec §2.3): midpoint proposal, sign bug, heuristic accept."""
+    hh = h[:, None]
+
+    def grad_code(g_s):  # the code's "∇U": +½∇s (should be −∇s/T...)
+        return 0.5 * g_s
+
+    def delta(theta, g, xi):
+        return -hh * (g / temperature + theta / prior_var) + (2 * hh).sqrt() * xi * prior_var ** 0.5
+
+    def reg_loss(s, theta):  # U = −s + Σθ²/σ²
+        return -s + (theta * theta).sum(1) / prior_var
+
+    xi = _randn(st.theta, generator)
+    g0 = grad_code(st.grad_s)
+    half = st.theta + 0.5 * delta(st.theta, g0, xi)
+    _, g_half = _value_and_grad(score_fn, half)
+    prop = st.theta + delta(half, grad_code(g_half), xi)
+    s_p, g_p = _value_and_grad(score_fn, prop)
+    mean_g = 0.5 * (g0 + grad_code(g_p))
+    actual = reg_loss(st.s, st.theta) - reg_loss(s_p, prop)
+    expected = -(mean_g * delta(st.theta, mean_g, xi)).sum(1)
+    gap = actual - expected if legacy else (actual - expected) / temperature
+    alpha = gap.clamp(max=0).exp()
+    alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
+    u = _rand(h, generator)
+    take = u < alpha
+    t = take[:, None]
+    return _State(torch.where(t, prop, st.theta), torch.where(take, s_p, st.s),
+                  torch.where(t, g_p, st.grad_s)), alpha
+
+
+# ----------------------------------------------------------------------------------- ascent
+
+
+def ascent(score_fn: ScoreFn, theta: torch.Tensor, *, steps: int = 300, lr: float = 0.03) -> RefineResult:
+    """Adam ascent on s(θ), each candidate independently; returns each candidate's best point."""
+    t = theta.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([t], lr=lr)
+    best_s, _ = _value_and_grad(score_fn, theta)
+    best = theta.detach().clone()
+    for _ in range(steps):
+        s, g = _value_and_grad(score_fn, t.detach())
+        better = s > best_s
+        best = torch.where(better[:, None], t.detach(), best)
+        best_s = torch.where(better, s, best_s)
+        t.grad = -g
+        opt.step()
+    final, _ = _value_and_grad(score_fn, t.detach())
+    better = final > best_s
+    return RefineResult(torch.where(better[:, None], t.detach(), best), torch.where(better, final, best_s))
+
+
+def refine(score_fn: ScoreFn, theta: torch.Tensor, method: str, *, generator: torch.Generator | None = None,
+           mala_variant: str = "correct", bursts: int = 300, steps: int = 10, step_size: float = 0.3,
+           temperature: float = 1.0, ascent_steps: int = 300, ascent_lr: float = 0.03) -> RefineResult:
+    """Dispatch to :func:`mala`, :func:`ascent` or nothing (``"none"``)."""
+    if method == "mala":
+        return mala(score_fn, theta, bursts=bursts, steps=steps, step_size=step_size, temperature=temperature,
+                    variant=mala_variant, generator=generator)
+    if method == "ascent":
+        return ascent(score_fn, theta, steps=ascent_steps, lr=ascent_lr)
+    if method == "none":
+        s, _ = _value_and_grad(score_fn, theta)
+        return RefineResult(theta, s)
+    raise ValueError(f"refine must be one of {REFINES}, got {method!r}")
+
+
+def select(score: torch.Tensor, mode: str = "argmax", temperature: float = 1.0,
+           generator: torch.Generator | None = None) -> int:
+    """Index of the chosen candidate: the best, or a draw ∝ softmax(s/T)."""
+    if mode == "argmax":
+        return int(torch.argmax(score))
+    if mode == "sample":
+        p = torch.softmax(score / temperature, 0)
+        return int(torch.multinomial(p.float().cpu(), 1, generator=generator))
+    raise ValueError(f"selection must be one of {SELECTIONS}, got {mode!r}")

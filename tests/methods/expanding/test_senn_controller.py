@@ -1,0 +1,140 @@
+"""The expansion controller with the trainer: growth, optimizer consistency, records, exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from widthlab.data.registry import load_dataset
+from widthlab.methods.expanding.controller import ExpansionConfig
+from widthlab.methods.expanding.plan import build
+from widthlab.studies.methods import METHODS
+from widthlab.train.config import TrainConfig
+from widthlab.train.optim_surgery import assert_optimizer_matches
+from widthlab.train.trainer import Trainer, seed_everything
+
+# Cheap proposals: the point here is the plumbing, not the quality of the candidates.
+CHEAP = dict(proposals=8, layer_proposals=8, mala_bursts=2, mala_steps=3, cg_maxiter=20, eta_maxiter=20,
+             cooldown=2, layer_cooldown=1, max_widths=(3, 4))
+
+
+@pytest.fixture(scope="module")
+def moons():
+    return load_dataset("moons", n_train=64, n_val=32, n_test=64)
+
+
+def _cfg(epochs, **kw):
+    return TrainConfig(epochs=epochs, batch_size=32, progress="none", select_best=False, checkpoint_every=0,
+                       **kw)
+
+
+class _OptimizerCheck:
+    """Asserts after every event that the optimizer holds exactly the model's parameters."""
+
+    def __init__(self):
+        self.checked = 0
+
+    def on_epoch_end(self, trainer):
+        assert_optimizer_matches(trainer.optimizer, trainer.model)
+        self.checked += 1
+
+
+@pytest.mark.parametrize("optimizer", ["cg", "kfac", "default"])
+def test_zero_thresholds_grow_to_the_caps(moons, optimizer):
+    """τ = α = 0: every candidate passes, so the network grows one unit at a time up to its caps.
+
+    Events at epochs 0, 2, 4: a layer (width 2 = the input) then a neuron at 0; the layer cooldown blocks
+    depth at 2; a second layer (width 3) and a neuron at 4."""
+    plan = build(None, moons, seed=0, start_widths=[], tau=0.0, alpha=0.0, alpha_layer=0.0,
+                 optimizer=optimizer, kfac_stat_every=2, **CHEAP)
+    check = _OptimizerCheck()
+    tr = Trainer(plan.model, moons, _cfg(5, optimizer=_adam()), [*plan.callbacks, check])
+    res = tr.fit()
+    assert res.status == "done", res.error
+    assert plan.model.hidden_widths() == [3, 4]
+    assert check.checked == 5
+    rec = res.history[-1]
+    assert rec["layers"] == 2 and rec["neurons"] == 7 and rec["expansion_seconds"] > 0
+    s = plan.summary
+    assert s["final_widths"] == [3, 4] and s["layers_added"] == 2 and s["neurons_added"] == 2
+    assert 0 < s["expansion_share"] < 1
+    assert plan.model.widths() == {"hidden.0": 3, "hidden.1": 4}
+
+
+def _adam():
+    from widthlab.train.config import OptimConfig
+
+    return OptimConfig(name="adam", lr=0.01)
+
+
+def test_official_switches_run(moons):
+    """All official-code behaviours at once (identity metric, official MALA, normalised G, no bias in A,
+    basis-change layers) still give a working, function-preserving run."""
+    plan = build(None, moons, seed=0, start_widths=[], tau=0.0, alpha=0.0, alpha_layer=0.0,
+                 output_metric="identity", mala_variant="official", g_estimator="normalized",
+                 bias_in_factors=False, layer_init="basis", selection="sample", **CHEAP)
+    res = Trainer(plan.model, moons, _cfg(3), plan.callbacks).fit()
+    assert res.status == "done", res.error
+    assert plan.summary["layers_added"] >= 1
+
+
+def test_high_thresholds_add_nothing(moons):
+    plan = build(None, moons, seed=0, start_widths=[2], tau=1e30, **CHEAP)
+    res = Trainer(plan.model, moons, _cfg(3), plan.callbacks).fit()
+    assert res.status == "done"
+    assert plan.model.hidden_widths() == [2] and plan.summary["expansion_events"] == 2
+
+
+@pytest.mark.parametrize("optimizer", ["cg", "kfac"])
+def test_resume_is_exact_across_growth(moons, tmp_path, optimizer):
+    """A run stopped after epoch 3 and resumed ends with the same architecture and bit-identical weights
+    (K-FAC: its factors, inverses and step counter travel in the checkpoint too)."""
+    opts = dict(start_widths=[], tau=0.0, alpha=0.0, alpha_layer=0.0, optimizer=optimizer, kfac_stat_every=3,
+                **CHEAP)
+
+    def run(epochs, run_dir, resume=False, upto=None):
+        seed_everything(1)  # as the study runner does: K-FAC samples its Fisher from the global RNG
+        plan = build(None, moons, seed=1, **opts)
+        cfg = TrainConfig(epochs=epochs, batch_size=32, progress="none", select_best=False,
+                          checkpoint_every=1, max_steps=upto)
+        res = Trainer(plan.model, moons, cfg, plan.callbacks, run_dir=run_dir).fit(resume=resume)
+        assert res.status == "done", res.error
+        return plan.model
+
+    full = run(6, tmp_path / "a")
+    run(6, tmp_path / "b", upto=3 * 2)  # 2 steps per epoch: stops after epoch 3
+    resumed = run(6, tmp_path / "b", resume=True)
+    assert resumed.hidden_widths() == full.hidden_widths()
+    for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def test_registered_and_validated(moons):
+    plan = METHODS.get("expanding")(None, moons, seed=0, start_widths=[3])
+    assert plan.model.hidden_widths() == [3]
+    with pytest.raises(ValueError, match="refine"):
+        ExpansionConfig(refine="gibbs")
+    with pytest.raises(ValueError, match="optimizer"):
+        build(None, moons, seed=0, optimizer="lbfgs")
+
+
+@pytest.mark.parametrize("study, extra", [
+    ("expanding-moons", []),
+    ("expanding-moons-fixed", ["sweep.method.start_widths=[[2, 2]]"]),
+    ("expanding-regression1d", []),
+    ("expanding-digits-datasize", ["sweep.data.subset=[60]"]),
+])
+def test_shipped_cpu_studies_run_briefly(tmp_path, study, extra):
+    """Each CPU study runs end to end through the study runner (tiny budget) and records the method's
+    summary fields: final architecture and the time spent in expansion events."""
+    from widthlab.studies.executor import run_study
+    from widthlab.studies.load import load_study
+
+    over = ["train.epochs=2", "seeds=[0]", "method.proposals=4", "method.mala_bursts=1", "method.cooldown=1",
+            *extra]
+    if study != "expanding-moons-fixed":
+        over.append("method.layer_proposals=4" if study == "expanding-moons" else "method.mala_steps=2")
+    (s,) = run_study(load_study(study, over), tmp_path, quiet=True).summaries
+    assert s["status"] == "done", s["error"]
+    assert s["method"] == "expanding" and s["final_widths"] == list(s["widths"].values())
+    assert 0 <= s["expansion_share"] < 1 and s["expansion_events"] >= 1

@@ -1,0 +1,202 @@
+"""Function-preserving insertion (specs/senn.md §2.3; §7 items 5-8).
+
+A new neuron with zero outgoing weights adds nothing to the consumer's pre-activation, so outputs,
+loss and the gradients of every old parameter are unchanged (bit for bit on CPU at batch >= 16, where
+the BLAS computes each entry independently of the matrix sizes); its outgoing weights' gradient is
+E[f eᵀ] = C + A_fa A⁻¹ ḡ, and the consumer's K-FAC η rises by exactly Δη (Schur identity). An inserted
+layer with kernel I, bias 0 and identity rational activation is the identity map, bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from widthlab.methods.expanding import kfac, scores
+from widthlab.methods.expanding.fisher import per_sample_loss
+from widthlab.methods.expanding.insertion import full_rank, insert_layer, insert_units
+from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
+from widthlab.nn.rational import RationalActivation
+from widthlab.train.optim_surgery import assert_optimizer_matches, remap_optimizer
+
+
+def _mlp(dtype, widths=(5, 4), seed=0):
+    return ExpandableMLP(3, 2, widths, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _batch(dtype, n=32, d=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(dtype), torch.randint(0, 2, (n,), generator=g)
+
+
+def _grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    loss = per_sample_loss("cross_entropy", out, y).mean()
+    loss.backward()
+    return out.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _candidate(d_in, k=1, seed=3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(k, d_in, generator=g).to(dtype), torch.randn(k, generator=g).to(dtype),
+            {n: torch.randn(k, generator=g).to(dtype) for n in "vcl"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("index", [0, 1])
+def test_neuron_insertion_is_bitwise_function_preserving(dtype, index):
+    model = _mlp(dtype)
+    x, y = _batch(dtype)
+    out0, loss0, g0 = _grads(model, x, y)
+    old_shapes = {n: p.shape for n, p in model.named_parameters()}
+    w, b, rat = _candidate(model.layers[index].in_features, k=2, dtype=dtype)
+    ev = insert_units(model, index, w, b, rat)
+    assert model.hidden_widths()[index] == (5, 4)[index] + 2
+    out1, loss1, g1 = _grads(model, x, y)
+    assert torch.equal(out0, out1) and torch.equal(loss0, loss1)
+    for name, g in g0.items():
+        new = g1[name]
+        if new.shape == old_shapes[name]:
+            assert torch.equal(new, g), name
+        else:  # the resized tensors: the old block's gradient is unchanged
+            sl = tuple(slice(0, s) for s in old_shapes[name])
+            assert torch.equal(new[sl], g), name
+    names = {pr.name for pr in ev.params}
+    assert {f"layers.{index}.weight", f"layers.{index}.bias", f"layers.{index + 1}.weight",
+            f"acts.{index}.v", f"acts.{index}.c", f"acts.{index}.l"} == names
+
+
+def test_new_outgoing_gradient_and_eta_increase_match_the_scores():
+    """grad of the new outgoing weights = E[f eᵀ] = C + A_fa A⁻¹ḡ; consumer η rises by Δη (Schur)."""
+    dt = torch.float64
+    model = _mlp(dt, widths=(5,))
+    x, y = _batch(dt, n=40)
+    obs0 = kfac.observe(model, x, y, "cross_entropy")
+    cons = obs0.layers["layers.1"]
+    a, e, n = cons.a_rows, cons.e_rows["grad"], obs0.n
+    A_inv = torch.linalg.inv(cons.factors.A)
+    G_inv = torch.linalg.inv(scores.damp(cons.factors.G, 0.1))
+    gbar = a.T @ e / n
+    w, b, rat = _candidate(3, k=1)
+    f = RationalActivation(1, dtype=dt)
+    with torch.no_grad():
+        f.v.copy_(rat["v"]), f.c.copy_(rat["c"]), f.l.copy_(rat["l"])
+        feats = f(x @ w.T + b)  # the candidate neuron reads the input of hidden layer 0
+    r_perp = scores.residual_rows(a, e, A_inv, gbar)
+    st = scores.candidate_stats(feats, r_perp, n, a)
+    d_exact = scores.delta_eta(st.C, scores.schur_complement(st.A_f, st.A_fa, A_inv), G_inv)
+    eta0 = scores.layer_eta(gbar, A_inv, G_inv)
+
+    insert_units(model, 0, w, b, rat)
+    _, _, g1 = _grads(model, x, y)
+    new_col = g1["layers.1.weight"][:, -1]  # (m,)
+    torch.testing.assert_close(new_col, (feats.T @ e / n)[0], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(new_col, (st.C + st.A_fa @ A_inv @ gbar)[0], rtol=1e-8, atol=1e-12)
+
+    obs1 = kfac.observe(model, x, y, "cross_entropy")
+    c1 = obs1.layers["layers.1"]
+    torch.testing.assert_close(c1.e_rows["grad"], e, rtol=0, atol=0)
+    # the new input sits before the bias column in the augmented rows
+    eta1 = scores.layer_eta(c1.a_rows.T @ e / n, torch.linalg.inv(c1.factors.A), G_inv)
+    torch.testing.assert_close(eta1 - eta0, d_exact, rtol=1e-7, atol=1e-12)
+
+
+def test_adam_step_of_old_parameters_is_unchanged():
+    """One Adam step after insertion (state transplanted, new units m = v = 0) moves old parameters
+    exactly as a run without the neuron."""
+    x, y = _batch(torch.float32)
+    ref, grown = _mlp(torch.float32), _mlp(torch.float32)
+    opts = [torch.optim.Adam(m.parameters(), lr=0.01) for m in (ref, grown)]
+    for _ in range(2):  # build up some Adam state
+        for m, o in zip((ref, grown), opts):
+            o.zero_grad()
+            per_sample_loss("cross_entropy", m(x), y).mean().backward()
+            o.step()
+    ev = insert_units(grown, 0, *_candidate(3, dtype=torch.float32))
+    remap_optimizer(opts[1], ev, "keep")
+    assert_optimizer_matches(opts[1], grown)
+    for m, o in zip((ref, grown), opts):
+        o.zero_grad()
+        per_sample_loss("cross_entropy", m(x), y).mean().backward()
+        o.step()
+    for (name, p), q in zip(ref.named_parameters(), grown.parameters()):
+        sl = tuple(slice(0, s) for s in p.shape)
+        assert torch.equal(q.detach()[sl], p.detach()), name
+    # the new unit's outgoing weight moved from 0 (it has a gradient), its state started at zero
+    assert grown.layers[1].weight[:, -1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rational_identity_and_scale_invariance(dtype):
+    """§7.6: identity coefficients give σ(x) = x exactly; σ is invariant to scaling (v, c, l)."""
+    act = RationalActivation(6, init="identity", dtype=dtype)
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)).to(dtype) * 10
+    assert torch.equal(act(x), x)
+    act2 = RationalActivation(6, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    with torch.no_grad():
+        y = act2(x)
+        for p in (act2.v, act2.c, act2.l):
+            p.mul_(3.7)
+        tol = 1e-6 if dtype == torch.float32 else 1e-13  # cancellation near σ = 0 needs an absolute part
+        torch.testing.assert_close(act2(x), y, rtol=tol, atol=tol * float(y.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_identity_layer_insertion_is_exact(dtype, position):
+    """§7.7: W = I, β = 0 (identity rational): outputs bit-identical."""
+    model = _mlp(dtype)
+    x, _ = _batch(dtype)
+    with torch.no_grad():
+        before = model(x)
+    ev = insert_layer(model, position)
+    assert model.depth == 3
+    with torch.no_grad():
+        after = model(x)
+    assert torch.equal(before, after)
+    assert len(ev.added) == 5 and not ev.params
+
+
+def test_layer_insertion_into_a_linear_model():
+    """Experiment 2 starts linear: the first inserted layer has the input's width."""
+    model = ExpandableMLP(2, 2, (), generator=torch.Generator().manual_seed(0))
+    x, _ = _batch(torch.float32, d=2)
+    with torch.no_grad():
+        before = model(x)
+    insert_layer(model, 0)
+    assert model.hidden_widths() == [2]
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_basis_change_insertion_is_exact_to_rounding():
+    """§7.7: an invertible basis B and shift β: max|Δy| < 1e-5·max|y| (float32)."""
+    model = _mlp(torch.float32)
+    x, _ = _batch(torch.float32)
+    with torch.no_grad():
+        before = model(x)
+    g = torch.Generator().manual_seed(5)
+    B = full_rank(torch.randn(4, 4, generator=g))
+    insert_layer(model, 2, basis=B, shift=torch.randn(4, generator=g))
+    with torch.no_grad():
+        after = model(x)
+    assert (after - before).abs().max() < 1e-5 * before.abs().max()
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_cnn_channel_growth_leaves_logits_unchanged(stage):
+    """§7.8 analogue: new channels with zero outgoing weights leave the logits bit-identical."""
+    model = ExpandableCNN((3, 8, 8), 5, (4, 6), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x)
+    c_in = model.convs[stage].in_channels
+    g = torch.Generator().manual_seed(2)
+    ev = insert_units(model, stage, torch.randn(3, c_in, 3, 3, generator=g), torch.randn(3, generator=g),
+                      {n: torch.randn(3, generator=g) for n in "vcl"})
+    assert model.hidden_widths()[stage] == (4, 6)[stage] + 3
+    with torch.no_grad():
+        after = model(x)
+    assert torch.equal(before, after)
+    assert ev.widths == model.widths()
