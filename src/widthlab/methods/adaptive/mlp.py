@@ -17,15 +17,12 @@ from torch import nn
 
 from widthlab.methods.adaptive.distributions import make_distribution
 from widthlab.methods.adaptive.layer import AdaptiveScale, AdaptiveSite, prefixed_sites
+from widthlab.models.mlp import ACTIVATIONS as MODEL_ACTIVATIONS
 from widthlab.nn.resize import WidthSite
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu6": nn.ReLU6,  # the paper's recommended bounded activation (§2 "Rescaling")
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "tanh": nn.Tanh,
-    "gelu": nn.GELU,
-}
+# One activation table for fixed and adaptive models; ReLU6 is the paper's recommended bounded
+# activation (spec awnn §2 "Rescaling"), and the default of AdaptiveMLPConfig.
+ACTIVATIONS = MODEL_ACTIVATIONS
 INITS = ("gaussian", "uniform", "kaiming")
 
 
