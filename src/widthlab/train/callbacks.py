@@ -3,7 +3,9 @@
 The trainer knows no method. A method is an object with any subset of the hooks below; the trainer
 calls each hook that exists (``getattr``), in the order the callbacks were given. Hooks receive the
 trainer itself, from which they may read ``model``, ``optimizer``, ``epoch``, ``step``, ``history``,
-``device`` and the last batch (``last_batch``, ``last_outputs``, ``last_loss``).
+``device``, the last batch (``last_batch``, ``last_outputs``, ``last_loss``; under data-parallel
+training this rank's slice) and ``dist`` (:class:`~widthlab.train.distributed.DistContext`: a method
+that decides structure on each rank checks the decision with ``trainer.dist.agree``).
 
 Structural change: a hook that changed the model's parameters returns a
 :class:`~widthlab.nn.resize.ResizeEvent` (or a list of them); the trainer hands it to

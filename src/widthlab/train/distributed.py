@@ -6,11 +6,22 @@ each rank's loss by ``W * n_local / n_global`` makes that average equal the grad
 batch's mean loss even when the slices differ in size, so a W-process run follows a 1-process run with
 the same global batch up to float rounding. Rank 0 alone writes checkpoints, logs and results; every
 rank can resume from the same checkpoint, with any number of ranks.
+
+Structure must agree across ranks, values are DDP's business. Every (re)wrap first checks that all ranks
+hold the same parameter and buffer names, shapes and dtypes and the same integer/bool buffers (wide &
+sparse masks, CSR indices): these come from seeds, and a rank that drew other masks or resized to
+another width would otherwise make DDP fail obscurely, hang in a collective, or silently train another
+network than the 1-process run. Float values (weights, BatchNorm statistics) are then broadcast from
+rank 0 by DDP itself. Methods that decide structure during training (adaptive width) compare their
+decision across ranks with :meth:`DistContext.agree` before acting on it. A disagreement raises
+:class:`RankMismatch` on every rank at once (each rank sees every rank's data), so no rank is left
+waiting in a collective.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +71,100 @@ class DistContext:
         if self.active:
             dist.barrier()
 
+    def agree(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """``t`` if every rank holds the same values; else :class:`RankMismatch` on every rank.
+
+        For small decisions taken independently on each rank (target widths): one all-gather, and every
+        rank compares all the gathered copies, so all ranks raise together or none does.
+        """
+        if not self.active:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        bad = [r for r in range(1, self.world) if not torch.equal(parts[r], parts[0])]
+        if bad:
+            shown = "; ".join(f"rank {r}: {parts[r].tolist()}" for r in [0, *bad[:3]])
+            raise RankMismatch(f"data-parallel ranks disagree on {what} ({shown})")
+        return t
+
+    def check_same_structure(self, model: nn.Module, device: torch.device) -> None:
+        """Raise :class:`RankMismatch` on every rank unless all ranks hold the same model structure.
+
+        Compares names, shapes and dtypes of all parameters and buffers and the contents of the
+        integer/bool buffers (masks, sparse indices): one all-gather of a CRC-32 digest; only on a
+        mismatch a second gather of the per-tensor entries names the first difference.
+        """
+        if not self.active:
+            return
+        entries = structure_entries(model)
+        digest = zlib.crc32(repr(entries).encode())
+        comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        mine = torch.tensor([digest], dtype=torch.int64, device=comm)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine)
+        if all(int(p) == digest for p in parts):
+            return
+        every: list = [None] * self.world
+        dist.all_gather_object(every, entries)
+        raise RankMismatch(_first_difference(every))
+
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """A DDP view of ``model`` (rebuilt after every structural change: DDP fixes its buckets)."""
+        """A DDP view of ``model`` (rebuilt after every structural change: DDP fixes its buckets).
+
+        Checks first that every rank holds the same structure (:meth:`check_same_structure`). The
+        integer/bool buffers just verified equal (masks, sparse indices) are left out of DDP's
+        per-forward buffer broadcast: they never change in training, and a wide network's masks are as
+        large as its dense weights.
+        """
         if not self.active:
             return model
+        self.check_same_structure(model, device)
+        static = [n for n, b in model.named_buffers() if not _is_float(b)]
+        ignore = getattr(nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model",
+                         None)
+        if static and ignore is not None:  # a private hook of DDP; without it, they are broadcast too
+            ignore(model, static)
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+class RankMismatch(RuntimeError):
+    """Data-parallel ranks hold different models or took different decisions."""
+
+
+def _is_float(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def structure_entries(model: nn.Module) -> list[tuple]:
+    """(kind, name, shape, dtype[, crc32 of contents]) of every parameter and buffer of ``model``.
+
+    Contents are fingerprinted for integer/bool buffers only (the structure: masks, indices); float
+    values may differ before DDP broadcasts rank 0's.
+    """
+    out: list[tuple] = [("param", n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+    for n, b in model.named_buffers():
+        entry: tuple = ("buffer", n, tuple(b.shape), str(b.dtype))
+        if not _is_float(b):
+            entry += (zlib.crc32(b.detach().cpu().contiguous().numpy().tobytes()),)
+        out.append(entry)
+    return out
+
+
+def _first_difference(every: list[list[tuple]]) -> str:
+    """A one-line description of where some rank's structure first departs from rank 0's."""
+    ref = every[0]
+    for r, entries in enumerate(every[1:], start=1):
+        if entries == ref:
+            continue
+        for a, b in zip(ref, entries):
+            if a != b:
+                what = "contents (mask or index buffer)" if a[:4] == b[:4] else f"{a[2:4]} vs {b[2:4]}"
+                return (f"data-parallel ranks hold different models: rank {r} differs from rank 0 at {a[0]} "
+                        f"{a[1]!r}: {what}; masks and widths must come from the same seed on every rank")
+        return (f"data-parallel ranks hold different models: rank {r} has {len(entries)} parameters and "
+                f"buffers, rank 0 has {len(ref)}")
+    return "data-parallel ranks hold different models"
 
 
 def init_from_env(device: torch.device) -> DistContext:
@@ -73,6 +172,9 @@ def init_from_env(device: torch.device) -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
+    if device.type == "cuda":
+        # NCCL collectives (and all_gather_object) run on the current device: one GPU per rank.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size(),
