@@ -101,8 +101,9 @@ def cmd_show(args) -> int:
     print(dump_yaml(spec.model_dump()), end="")
     print(f"# {len(runs)} run(s):")
     for r in runs:
+        tags = "".join(f"{k}={r.tags[k]} " for k in ("task", "arm") if k in r.tags)
         axes = " ".join(f"{k}={v}" for k, v in r.axes.items())
-        print(f"#   {r.run_id}  seed={r.seed} {axes}".rstrip())
+        print(f"#   {r.run_id}  {tags}seed={r.seed} {axes}".rstrip())
     return 0
 
 
@@ -132,7 +133,8 @@ def cmd_run(args) -> int:
 
     spec = load_study(args.study, args.overrides)
     # Under torchrun (WORLD_SIZE > 1) every rank joins the process group and trains data-parallel.
-    ctx = init_from_env(torch.device("cuda" if spec.train.device.startswith("cuda") else "cpu"))
+    device = str(spec.train.get("device", "cpu") if isinstance(spec.train, dict) else spec.train.device)
+    ctx = init_from_env(torch.device("cuda" if device.startswith("cuda") else "cpu"))
     t0 = time.perf_counter()
     outcome = run_study(spec, args.out, workers=args.workers, resume=args.resume, quiet=args.quiet,
                         executor=args.executor, address=args.address, runs_root=args.checkpoint_dir)
@@ -219,7 +221,12 @@ COMMANDS = {"studies": cmd_studies, "show": cmd_show, "run": cmd_run, "demo": cm
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also come after the options (`run demo --out D train.epochs=5`).
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

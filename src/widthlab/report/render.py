@@ -22,8 +22,17 @@ import os
 import tempfile
 from pathlib import Path
 
-from widthlab.report.plots import Plot, make_plots
-from widthlab.report.tables import aggregate, failed_runs, markdown_table, status_counts, study_tables
+from widthlab.report.compare import COMPARE_NOTES, compare_results, compare_table, is_compare
+from widthlab.report.compare_plots import compare_plots
+from widthlab.report.plots import Plot, _slug, make_plots
+from widthlab.report.tables import (
+    TEXT_COLUMNS,
+    aggregate,
+    failed_runs,
+    markdown_table,
+    status_counts,
+    study_tables,
+)
 from widthlab.studies.store import ResultStore
 
 HTML_NAME = "report.html"
@@ -86,9 +95,15 @@ def _title(studies: list[str]) -> str:
     return "widthlab report" + (f": {', '.join(studies)}" if studies else "")
 
 
-def render_markdown(studies, counts, tables, plots: list[Plot], failed) -> str:
+def render_markdown(studies, counts, tables, plots: list[Plot], failed, comparison=()) -> str:
     """The Markdown report; plots referenced as ``plots/<name>.png``."""
-    out = [f"# {_title(studies)}", "", _status_line(counts), "", "## Results", ""]
+    out = [f"# {_title(studies)}", "", _status_line(counts), ""]
+    if comparison:
+        out += ["## Comparison", ""]
+        for task, header, rows in comparison:
+            out += [f"### {task}", "", markdown_table(header, rows), ""]
+        out += [COMPARE_NOTES, ""]
+    out += ["## All runs" if comparison else "## Results", ""]
     for study, header, rows in tables:
         if len(tables) > 1:
             out += [f"### {study}", ""]
@@ -120,18 +135,23 @@ def _html_table(header: list[str], rows: list[list[str]], text_cols: set[str]) -
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
-def render_html(studies, counts, tables, plots: list[Plot], failed) -> str:
+def render_html(studies, counts, tables, plots: list[Plot], failed, comparison=()) -> str:
     """The self-contained HTML report (inline CSS, plots as data URIs, no scripts)."""
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{e(_title(studies))}</title><style>{_CSS}</style></head><body>",
-           f"<h1>{e(_title(studies))}</h1>", f'<p class="status">{e(_status_line(counts))}</p>',
-           "<h2>Results</h2>"]
+           f"<h1>{e(_title(studies))}</h1>", f'<p class="status">{e(_status_line(counts))}</p>']
+    if comparison:
+        out += ['<h2 id="comparison">Comparison</h2>']
+        for task, header, rows in comparison:
+            out += [f"<h3>{e(task)}</h3>", _html_table(header, rows, set(TEXT_COLUMNS))]
+        out += [f'<p class="notes">{e(COMPARE_NOTES)}</p>']
+    out += ["<h2>All runs</h2>" if comparison else "<h2>Results</h2>"]
     for study, header, rows in tables:
         if len(tables) > 1:
             out += [f"<h3>{e(study)}</h3>"]
-        out += [_html_table(header, rows, {"group"})]
+        out += [_html_table(header, rows, set(TEXT_COLUMNS))]
     out += [f'<p class="notes">{e(NOTES)}</p>' if tables else "<p>No finished runs yet.</p>"]
     if plots:
         out += ["<h2>Plots</h2>"]
@@ -173,7 +193,13 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
     studies = sorted({r["study"] for r in runs})
     groups = aggregate(runs)
     tables = study_tables(groups)
-    plots = make_plots(groups, epochs)
+    comparison: list = []
+    if is_compare(runs):  # one section per task; its figures replace the per-group ones
+        arms = compare_results(runs)
+        comparison = [(task, *compare_table(a)) for task, a in arms.items()]
+        plots = compare_plots(arms, epochs, _slug(studies[0] if len(studies) == 1 else "compare"))
+    else:
+        plots = make_plots(groups, epochs)
     failed = failed_runs(runs)
     counts = status_counts(runs)
 
@@ -183,6 +209,6 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
             _atomic_write(out_dir / PLOTS_DIR / f"{p.name}.png", p.png)
     md_path, html_path = out_dir / MD_NAME, out_dir / HTML_NAME
     # Plots before the Markdown that points at them, so report.md never shows a missing image.
-    _atomic_write(md_path, render_markdown(studies, counts, tables, plots, failed).encode())
-    _atomic_write(html_path, render_html(studies, counts, tables, plots, failed).encode())
+    _atomic_write(md_path, render_markdown(studies, counts, tables, plots, failed, comparison).encode())
+    _atomic_write(html_path, render_html(studies, counts, tables, plots, failed, comparison).encode())
     return html_path, md_path

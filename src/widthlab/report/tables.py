@@ -24,6 +24,8 @@ from typing import Any
 
 # Display order of the methods; unknown methods sort after these, alphabetically.
 METHOD_ORDER = {"dense": 0, "widesparse": 1, "adaptive": 2, "expanding": 3}
+# Table columns holding text (left-aligned); all others are numbers.
+TEXT_COLUMNS = ("group", "method", "chosen by")
 # Per-run numbers aggregated over seeds.
 STAT_FIELDS = ("test_accuracy", "test_loss", "train_accuracy", "val_accuracy", "nonzero_weights",
                "counted_weights", "total_width", "site_width", "wall_seconds")
@@ -322,7 +324,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     cells = [[esc(c) for c in header]] + [[esc(c) for c in r] for r in rows]
     widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
     # Numbers right-aligned, text left.
-    text_cols = {j for j, h in enumerate(header) if h == "group"}
+    text_cols = {j for j, h in enumerate(header) if h in TEXT_COLUMNS}
 
     def line(r: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) if j in text_cols else c.rjust(w)

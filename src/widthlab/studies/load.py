@@ -13,12 +13,15 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
 from widthlab.studies.schema import StudySpec
+
+if TYPE_CHECKING:
+    from widthlab.studies.compare import CompareSpec
 
 
 class StudyError(ValueError):
@@ -105,14 +108,19 @@ def read_study_file(ref: str) -> tuple[dict, str]:
     return raw, str(path)
 
 
-def validate_study(raw: dict, source: str) -> StudySpec:
+def validate_study(raw: dict, source: str) -> StudySpec | CompareSpec:
+    """A ``kind: compare`` file validates as :class:`CompareSpec`, any other as :class:`StudySpec`."""
+    from widthlab.studies.compare import CompareSpec
+
     try:
+        if raw.get("kind") == "compare":
+            return CompareSpec.model_validate(raw)
         return StudySpec.model_validate(raw)
     except ValidationError as e:
         raise StudyError(_format_validation(source, e)) from None
 
 
-def load_study(ref: str, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
+def load_study(ref: str, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec | CompareSpec:
     """Read a study (built-in name or path), apply ``k=v`` overrides, validate, and check every run."""
     raw, source = read_study_file(ref)
     raw = copy.deepcopy(raw)
@@ -150,11 +158,13 @@ class RunSpec:
     seed: int
     axes: dict[str, Any]
     spec: StudySpec = field(repr=False)
+    tags: dict[str, str] = field(default_factory=dict)  # compare runs: task, arm, role
 
     def config(self) -> dict[str, Any]:
         """The JSON-able resolved config recorded in the store and in ``runs/<id>/config.yaml``."""
         d = self.spec.model_dump(exclude={"sweep", "seeds", "description", "kind"})
         d.update(run_id=self.run_id, group=self.group, seed=self.seed, axes=self.axes, study=self.study)
+        d.update(self.tags)
         return d
 
 
@@ -162,8 +172,18 @@ def _hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def expand_runs(spec: StudySpec, source: str = "study") -> list[RunSpec]:
-    """Grid over the sweep axes (in file order) x seeds; each point validated as a study of its own."""
+def expand_runs(spec: StudySpec | CompareSpec, source: str = "study",
+                tags: dict[str, str] | None = None) -> list[RunSpec]:
+    """Grid over the sweep axes (in file order) x seeds; each point validated as a study of its own.
+
+    A comparison study expands into the runs of each of its (task, method) studies
+    (:func:`widthlab.studies.compare.expand_compare`); ``tags`` label such runs and enter their ids.
+    """
+    from widthlab.studies.compare import CompareSpec, expand_compare
+
+    if isinstance(spec, CompareSpec):
+        return expand_compare(spec, source)
+    tags = dict(tags or {})
     base = spec.model_dump(exclude={"sweep"})
     axes = list(spec.sweep.items())
     runs: list[RunSpec] = []
@@ -181,9 +201,11 @@ def expand_runs(spec: StudySpec, source: str = "study") -> list[RunSpec]:
                          f"{source} (sweep {', '.join(f'{k}={v!r}' for k, v in point.items())})")
         for seed in spec.seeds:
             ident = resolved.model_dump(include={"data", "model", "method", "train"})
+            if tags:
+                ident["tags"] = tags
             group = _hash(ident)
             run_id = _hash({**ident, "seed": seed})
-            runs.append(RunSpec(run_id, group, len(runs), spec.name, seed, point, resolved))
+            runs.append(RunSpec(run_id, group, len(runs), spec.name, seed, point, resolved, tags))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
         raise StudyError(f"{source}: sweep produces duplicate runs (repeated axis values?)")

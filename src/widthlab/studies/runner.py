@@ -67,6 +67,11 @@ def run_label(run: RunSpec) -> str:
     wtxt = f" w={width}" if width is not None else ""
     extra = "".join(" " + _axis_text(k, v) for k, v in run.axes.items()
                     if k not in ("model.width", "model.widths"))
+    if run.tags:  # a comparison run: its task and compared method; a search also its member's width
+        arm = run.tags.get("arm", s.method.name)
+        if run.tags.get("role") == "single":
+            return f"{run.tags.get('task', '?')}: {arm}{extra}".rstrip()
+        return f"{run.tags.get('task', '?')}: {arm} {s.model.name}{wtxt}{extra}".rstrip()
     return f"{s.method.name} {s.model.name}{wtxt}{extra}".rstrip()
 
 
@@ -156,7 +161,7 @@ def base_summary(run: RunSpec) -> dict[str, Any]:
         "width": s.model.width if s.model.width is not None else (max(s.model.widths) if s.model.widths
                                                                   else None),
         "group": run.group, "label": run_label(run), "axes": run.axes,
-        "base_width": None, "family": None,
+        "base_width": None, "family": None, **run.tags,
     }
 
 

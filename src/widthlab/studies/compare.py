@@ -1,0 +1,151 @@
+"""Study kind ``compare``: every width method on the same tasks, splits and seeds.
+
+A comparison file names the tasks (data + base model), the methods (each a partial study: its model,
+method and train sections and, for a search such as the dense width grid, a sweep) and one shared
+training recipe; every (task, method) pair becomes an ordinary study whose runs carry ``task`` and
+``arm`` tags. The executors run them like any other runs (local workers, Ray, torchrun); the report
+(``report/compare.py``) selects, per seed, the best member of a search by validation and charges the
+search for all of its members::
+
+    name: compare-digits
+    kind: compare
+    seeds: [0, 1, 2]
+    train: {epochs: 40, batch_size: 64, optimizer: {name: adam, lr: 0.003}}   # shared recipe
+    tasks:
+      digits: {data: {name: digits}, model: {name: mlp, width: 16}}
+    methods:
+      dense:                                       # the usual search: every width trained
+        sweep: {model.width: [8, 16, 32, 64, 128]}
+      widesparse:                                  # the family at the base's weight count
+        method: {name: widesparse, base_width: 8}
+        sweep: {model.width: [8, 16, 32, 64]}
+      adaptive: {method: {name: adaptive}}         # one run per seed
+      expanding: {method: {name: expanding, start_widths: [4]}}
+
+Merge order (later wins, mappings merged key by key): the shared ``train``; the task's ``data``,
+``model`` and ``train``; the method's ``model``, ``method`` and ``train``; the task's
+``methods.<name>`` overrides. A method's ``method.name`` defaults to its key.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from widthlab.studies.schema import StudySpec
+
+# The roles of compare runs, recorded in each run's config and summary.
+SEARCH, SINGLE = "search", "single"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MethodEntry(_Strict):
+    """One compared method: a partial study (merged over the task) and an optional search sweep."""
+
+    model: dict[str, Any] = {}
+    method: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    sweep: dict[str, list[Any]] = {}
+
+
+class TaskEntry(_Strict):
+    """One task: its data and base model, optional train overrides, per-method overrides."""
+
+    data: dict[str, Any]
+    model: dict[str, Any]
+    train: dict[str, Any] = {}
+    methods: dict[str, MethodEntry] = {}
+
+
+class CompareSpec(_Strict):
+    """A ``kind: compare`` study file, validated (each (task, method) study is validated on expansion)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    kind: str = "compare"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    train: dict[str, Any] = {}
+    tasks: dict[str, TaskEntry] = Field(min_length=1)
+    methods: dict[str, MethodEntry] = Field(min_length=1)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v != "compare":
+            raise ValueError("a comparison study has kind: compare")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
+
+    @field_validator("tasks", "methods")
+    @classmethod
+    def _names(cls, v: dict) -> dict:
+        for key in v:
+            if not key or "/" in key or key != key.strip():
+                raise ValueError(f"bad name {key!r}: a non-empty name without '/' or surrounding spaces")
+        return v
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings key by key, everything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def study_of(spec: CompareSpec, task: str, arm: str) -> dict[str, Any]:
+    """The raw study mapping of one (task, method) pair, before validation."""
+    t, m = spec.tasks[task], spec.methods[arm]
+    over = t.methods.get(arm, MethodEntry())
+    if task_only := set(t.methods) - set(spec.methods):
+        raise ValueError(f"tasks.{task}.methods names unknown method(s) {sorted(task_only)}; "
+                         f"known: {', '.join(spec.methods)}")
+    method = deep_merge({"name": arm}, deep_merge(m.method, over.method))
+    return {
+        "name": spec.name,
+        "data": copy.deepcopy(t.data),
+        "model": deep_merge(deep_merge(t.model, m.model), over.model),
+        "method": method,
+        "train": deep_merge(deep_merge(deep_merge(spec.train, t.train), m.train), over.train),
+        "seeds": list(spec.seeds),
+        "sweep": deep_merge(m.sweep, over.sweep) if over.sweep else copy.deepcopy(m.sweep),
+    }
+
+
+def expand_compare(spec: CompareSpec, source: str = "study") -> list:
+    """Every run of every (task, method) study, tagged with ``task``, ``arm`` and ``role``."""
+    from widthlab.studies.load import RunSpec, StudyError, _format_validation, expand_runs
+
+    runs: list[RunSpec] = []
+    for task in spec.tasks:
+        for arm in spec.methods:
+            where = f"{source} (task {task}, method {arm})"
+            try:
+                raw = study_of(spec, task, arm)
+                sub = StudySpec.model_validate(raw)
+            except ValidationError as e:
+                raise StudyError(_format_validation(where, e)) from None
+            except ValueError as e:
+                raise StudyError(f"{where}: {e}") from None
+            role = SEARCH if sub.sweep else SINGLE
+            for r in expand_runs(sub, where, tags={"task": task, "arm": arm, "role": role}):
+                runs.append(RunSpec(r.run_id, r.group, len(runs), spec.name, r.seed, r.axes, r.spec,
+                                    tags=r.tags))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise StudyError(f"{source}: two methods produce the same run; give them different settings")
+    return runs

@@ -1,0 +1,121 @@
+"""Study kind ``compare``: file validation, merge order, expansion into tagged runs, and a real run."""
+
+import json
+
+import pytest
+
+from widthlab.cli import main
+from widthlab.studies.compare import CompareSpec, deep_merge
+from widthlab.studies.load import StudyError, expand_runs, load_study
+from widthlab.studies.store import ResultStore
+
+COMPARE = """\
+name: cmp
+kind: compare
+seeds: [0, 1]
+train: {epochs: 2, batch_size: 32, optimizer: {name: adam, lr: 0.003}, checkpoint_every: 0}
+tasks:
+  iris:
+    data: {name: iris}
+    model: {name: mlp, width: 8}
+  wine:
+    data: {name: wine}
+    model: {name: mlp, width: 8}
+    train: {batch_size: 16}
+    methods:
+      dense: {sweep: {model.width: [4, 8]}}
+methods:
+  dense:
+    sweep: {model.width: [4, 8, 16]}
+  widesparse:
+    method: {base_width: 8, fract_cl: 0.5}
+    sweep: {model.width: [8, 16]}
+  adaptive:
+    model: {depth: 1}
+    train: {optimizer: {lr: 0.01}}
+"""
+
+
+def _write(tmp_path, text=COMPARE):
+    path = tmp_path / "cmp.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_deep_merge_merges_mappings_and_replaces_the_rest():
+    base = {"a": {"x": 1, "y": [1, 2]}, "b": 1}
+    assert deep_merge(base, {"a": {"y": [3]}, "c": 2}) == {"a": {"x": 1, "y": [3]}, "b": 1, "c": 2}
+    assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 1}  # not modified
+
+
+def test_compare_expands_to_tagged_runs_with_the_merge_order(tmp_path):
+    spec = load_study(_write(tmp_path))
+    assert isinstance(spec, CompareSpec)
+    runs = expand_runs(spec)
+    # iris: dense 3 + widesparse 2 + adaptive 1; wine: dense 2 (task override) + 2 + 1; times 2 seeds.
+    assert len(runs) == 2 * (6 + 5)
+    assert len({r.run_id for r in runs}) == len(runs)
+    assert [r.position for r in runs] == list(range(len(runs)))
+    by = {}
+    for r in runs:
+        by.setdefault((r.tags["task"], r.tags["arm"]), []).append(r)
+    assert sorted({r.spec.model.width for r in by["wine", "dense"]}) == [4, 8]
+    assert all(r.tags["role"] == "search" for r in by["iris", "dense"] + by["iris", "widesparse"])
+    ada = by["iris", "adaptive"][0]
+    assert ada.tags["role"] == "single" and ada.spec.method.name == "adaptive"
+    # Shared train, then the method's: lr from the method, batch size and epochs from the shared recipe.
+    assert ada.spec.train.optimizer.lr == 0.01 and ada.spec.train.optimizer.name == "adam"
+    assert ada.spec.train.epochs == 2 and ada.spec.train.batch_size == 32
+    assert by["wine", "adaptive"][0].spec.train.batch_size == 16  # the task's train section
+    ws = by["iris", "widesparse"][0]
+    assert ws.spec.method.options() == {"base_width": 8, "fract_cl": 0.5}
+    assert ws.spec.train.optimizer.lr == 0.003
+    cfg = ada.config()
+    assert (cfg["task"], cfg["arm"], cfg["role"], cfg["study"]) == ("iris", "adaptive", "single", "cmp")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("  adaptive:\n    model", "  adaptive:\n    bogus: 1\n    model"),
+     "methods.adaptive.bogus: unknown key"),
+    (("      dense: {sweep", "      expanding: {sweep"), "unknown method"),
+    (("kind: compare\n", "kind: compare\nsweep: {model.width: [1]}\n"), "sweep: unknown key"),
+    (("    method: {base_width: 8, fract_cl: 0.5}", "    method: {base_width: 8, nope: 2}"),
+     "method.nope: unknown option"),
+    (("  iris:\n    data: {name: iris}", "  iris:\n    data: {name: irises}"), "unknown dataset 'irises'"),
+])
+def test_bad_compare_files_name_the_problem(tmp_path, edit, message):
+    old, new = edit
+    assert old in COMPARE
+    with pytest.raises(StudyError, match=message) as err:
+        load_study(_write(tmp_path, COMPARE.replace(old, new)))
+    assert "cmp.yaml" in str(err.value)
+
+
+def test_overrides_apply_to_compare_files(tmp_path):
+    spec = load_study(_write(tmp_path), ["train.epochs=1", "seeds=[3]",
+                                         "methods.dense.sweep={model.width: [2]}"])
+    runs = expand_runs(spec)
+    assert {r.seed for r in runs} == {3} and all(r.spec.train.epochs == 1 for r in runs)
+    iris_dense = {"task": "iris", "arm": "dense", "role": "search"}
+    assert {r.spec.model.width for r in runs if r.tags == iris_dense} == {2}
+
+
+def test_compare_study_runs_from_the_command_line_and_reports(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", _write(tmp_path), "--out", str(out), "--quiet", "seeds=[0]",
+                 "methods.dense.sweep={model.width: [4, 8]}"])
+    assert code == 0
+    entries = json.loads((out / "summary.json").read_text())
+    assert all(e["status"] == "done" for e in entries) and len(entries) == 2 * (2 + 2 + 1)
+    assert {(e["task"], e["arm"]) for e in entries} == {(t, a) for t in ("iris", "wine")
+                                                      for a in ("dense", "widesparse", "adaptive")}
+    assert all(e["train_flops"] > 0 for e in entries)
+    md = (out / "report.md").read_text()
+    assert "## Comparison" in md and "### iris" in md and "### wine" in md and "## All runs" in md
+    for name in ("compute", "weights", "width"):
+        assert f"plots/cmp-compare-{name}.png" in md
+        assert (out / "plots" / f"cmp-compare-{name}.png").stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and 'id="comparison"' in html
+    with ResultStore(out, create=False) as store:
+        assert all(r["config"]["arm"] for r in store.runs())
