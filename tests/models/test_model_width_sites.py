@@ -87,3 +87,13 @@ def test_widths_follow_resnet_surgery():
     assert model.widths()["layer2.1.mid"] == 3
     assert model.width_sites()[3].producer is block.conv1
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+
+
+def test_widths_of_an_mlp_with_csr_layers():
+    # The wide & sparse CSR path replaces a producer by a CSRLinear, which holds no dense weight.
+    from widthlab.nn.sparse_linear import CSRLinear
+
+    model = create_model("mlp", input_shape=(5,), num_outputs=3, widths=[7, 6])
+    fc = model.layers[0]
+    model.layers[0] = CSRLinear.from_dense(fc.weight, torch.rand(7, 5) < 0.5, fc.bias)
+    assert model.widths() == {"hidden.0": 7, "hidden.1": 6}

@@ -116,5 +116,7 @@ class WidthSite:
 
     @property
     def width(self) -> int:
-        w = self.producer.weight
+        w = getattr(self.producer, "weight", None)
+        if w is None:  # a CSR sparse Linear (wide & sparse) holds no dense weight
+            return int(self.producer.out_features)
         return int(w.shape[0])
