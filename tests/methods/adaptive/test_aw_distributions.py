@@ -173,3 +173,44 @@ def test_fused_sum_of_squares():
           torch.randn(5, dtype=torch.float64, requires_grad=True)]
     assert torch.allclose(theta_sq_sum(ps), sum((p**2).sum() for p in ps))
     assert torch.autograd.gradcheck(lambda a, b: theta_sq_sum([a, b]), tuple(ps))
+
+
+@pytest.mark.parametrize("r0, D, support", [(-4.6, 232, None), (-4.6, 200, 232), (0.4, 6, None),
+                                            (3.0, 2, 5), (25.0, 2, None), (-9.0, 300, None)])
+def test_host_importance_matches_device_path(r0, D, support, monkeypatch):
+    """The CPU path (p and dp/dr from r's value, in numpy) equals the device path (the graph node
+    _ExponentialImportance): values, gradients, and gradcheck through the linearisation."""
+    from widthlab.methods.adaptive import distributions
+
+    dist = Exponential(0.3).double()
+    with torch.no_grad():
+        dist.r.fill_(r0)
+    w = torch.randn(D, dtype=torch.float64)
+    host = dist.importance(D, support)
+    (g_host,) = torch.autograd.grad((host * w).sum(), dist.r)
+    with monkeypatch.context() as m:
+        m.setattr(distributions, "_values_on_host", lambda t: False)
+        dev = dist.importance(D, support)
+        (g_dev,) = torch.autograd.grad((dev * w).sum(), dist.r)
+    assert torch.allclose(host, dev, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(g_host, g_dev, rtol=1e-9, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda r: (dist.importance(D, support) * w).sum(), (dist.r,))
+    # float32 model: the host values (float64, rounded once) agree with the float32 device path.
+    d32 = Exponential(0.3)
+    with torch.no_grad():
+        d32.r.fill_(r0)
+    with monkeypatch.context() as m:
+        m.setattr(distributions, "_values_on_host", lambda t: False)
+        dev32 = d32.importance(D, support).detach()
+    assert torch.allclose(d32.importance(D, support).detach(), dev32, rtol=1e-5, atol=1e-9)
+
+
+def test_host_importance_is_cached_per_value_of_r():
+    dist = Exponential(0.01)
+    p1 = dist.importance(232)
+    p2 = dist.importance(232)
+    assert torch.equal(p1, p2) and p1.grad_fn is not None
+    with torch.no_grad():
+        assert dist.importance(232) is dist.importance(232)  # same r, D: no recomputation
+        dist.r.add_(1e-3)  # an optimizer step: new value, new p
+        assert not torch.equal(dist.importance(232), p1.detach())

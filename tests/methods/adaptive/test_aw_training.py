@@ -86,10 +86,23 @@ def test_no_host_read_in_forward_and_one_per_step(moons, monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    out = model(x)
-    loss = torch.nn.functional.cross_entropy(out, y) + cb.extra_loss(model, out, y)
-    loss.backward()
-    assert reads == []  # forward, priors and backward: no host-device synchronisation
+    def forward_backward():
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out, y) + cb.extra_loss(model, out, y)
+        loss.backward()
+
+    # The device path (any device but the CPU): forward, priors and backward never read a value.
+    from widthlab.methods.adaptive import distributions
+
+    with monkeypatch.context() as m:
+        m.setattr(distributions, "_values_on_host", lambda t: False)
+        forward_backward()
+    assert reads == []
+    # On the CPU a tensor's value is host memory: p(lam) is computed from lam's raw value, one plain
+    # read per adaptive layer and forward (no device to synchronise with).
+    forward_backward()
+    assert reads == ["item"]
+    reads.clear()
 
     class T:
         pass

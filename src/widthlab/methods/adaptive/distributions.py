@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +53,7 @@ EPS = 1e-6  # §2: the official code's log(F(i+1) - F(i) + 1e-6), exponentiated 
 LAM_OFFSET = 1e-32  # §2: lam = softplus(r) + 1e-32 keeps the rate strictly positive in float64
 MARGIN = 2  # §2: D = floor(q) + 2
 THRESHOLD_MARGIN = 1e-5  # relative safety margin of the cached width thresholds (stable_interval)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
 def softplus_inv(y: float) -> float:
@@ -167,6 +169,7 @@ class Exponential(ImportanceDistribution):
         self.r = nn.Parameter(torch.tensor(softplus_inv(lam0)))
         # softplus is increasing, so lam >= b  <=>  r >= softplus^-1(b): a clamp of r on the device.
         self._r_min = softplus_inv(boundary) if boundary is not None else None
+        self._host_cache: dict[str, Any] = {}  # CPU: key (r, D, n, dtype) -> p, dp/dr; see importance()
 
     @property
     def lam(self) -> torch.Tensor:
@@ -181,9 +184,30 @@ class Exponential(ImportanceDistribution):
         return torch.exp(-lam * i) * -torch.expm1(-lam)
 
     def importance(self, D: int, support: int | None = None) -> torch.Tensor:
-        # Same values as the generic path, as one graph node (see _ExponentialImportance).
+        # Same values as the generic path. On the CPU, r's value is host memory (reading it is no
+        # synchronisation), so p and dp/dr are computed once per value of r in float64 and reused (see
+        # _host_importance); elsewhere p(r) is one graph node on the device (_ExponentialImportance).
         n = D if support is None else max(int(support), D)
-        return _ExponentialImportance.apply(self.r, D, n)
+        r = self.r
+        if not _values_on_host(r):
+            return _ExponentialImportance.apply(r, D, n)
+        key = (r.item(), D, n, r.dtype)
+        cache = self._host_cache
+        if cache.get("key") != key:
+            pq = _host_importance(key[0], D, n)
+            np_dtype = _NUMPY_DTYPES.get(r.dtype)
+            if np_dtype is not None:
+                cache["p"], cache["dp_dr"] = (torch.from_numpy(a) for a in pq.astype(np_dtype))
+            else:  # e.g. bfloat16, which numpy lacks
+                cache["p"], cache["dp_dr"] = torch.from_numpy(pq).to(r.dtype).unbind()
+            cache["key"] = key
+        p, dp_dr = cache["p"], cache["dp_dr"]
+        if not (r.requires_grad and torch.is_grad_enabled()):
+            return p
+        # p + dp/dr (r - r_value): the value is p exactly (r minus its own value is exactly 0) and the
+        # derivative in r is dp/dr; two built-in graph nodes, cheaper on small networks than a Python
+        # autograd.Function (exact for first derivatives, which is all training uses).
+        return torch.addcmul(p, dp_dr, r - key[0])
 
     @torch.no_grad()
     def quantile(self, k: float) -> torch.Tensor:
@@ -200,13 +224,53 @@ class Exponential(ImportanceDistribution):
             lo = -math.inf  # project_ clamps r to >= r_min before every check: lower values never occur
         return (self.r, lo, hi) if lo < hi else None
 
-    @torch.no_grad()
     def project_(self) -> None:
-        if self._r_min is not None:
-            self.r.clamp_(min=self._r_min)
+        if self._r_min is not None:  # checked first: runs every step, and without a boundary it is free
+            with torch.no_grad():
+                self.r.clamp_(min=self._r_min)
 
     def describe(self) -> dict[str, float]:
         return {"lambda": float(self.lam.detach())}
+
+
+def _values_on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s value is a plain memory read rather than a device synchronisation."""
+    return t.device.type == "cpu"
+
+
+def _host_importance(r: float, D: int, n: int) -> np.ndarray:
+    """(2, D) float64 array: p over the first D of n units and dp/dr, for the exponential at raw value r.
+
+    lam = softplus(r) + 1e-32 with torch's softplus convention (identity, slope 1, above r = 20). With
+    rho = e^-lam, c = 1 - rho, u_i = c rho^i + eps, the normaliser and its lam-derivative have closed
+    forms, so only the first D entries are ever evaluated::
+
+        S = sum_{i<n} u_i = (1 - rho^n) + n eps,      dS/dlam = n rho^n,
+        p_i = rho^i c / S + eps / S,
+        dp_i/dlam = [rho^i (rho - i c) - p_i dS/dlam] / S = rho^i (a - b i) - g,
+        a = (rho - c dS/S) / S,  b = c / S,  g = eps dS / S^2.
+
+    A handful of numpy operations on the host, instead of two dozen tensor operations in the graph.
+    """
+    if r > 20.0:
+        lam, dlam_dr = r, 1.0
+    else:
+        lam = math.log1p(math.exp(r))
+        dlam_dr = 1.0 / (1.0 + math.exp(-r)) if r >= 0 else math.exp(r) / (1.0 + math.exp(r))
+    lam += LAM_OFFSET
+    rho, c = math.exp(-lam), -math.expm1(-lam)
+    S = -math.expm1(-lam * n) + n * EPS
+    dS = n * math.exp(-lam * n)
+    i = np.arange(D, dtype=np.float64)
+    e = np.exp(i * -lam)  # rho^i
+    out = np.empty((2, D))
+    np.multiply(e, c / S, out=out[0])
+    out[0] += EPS / S
+    np.multiply(i, -c / S * dlam_dr, out=out[1])
+    out[1] += (rho - c * dS / S) / S * dlam_dr
+    out[1] *= e
+    out[1] -= EPS * dS / S**2 * dlam_dr
+    return out
 
 
 class _ExponentialImportance(torch.autograd.Function):

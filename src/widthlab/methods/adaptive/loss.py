@@ -10,7 +10,8 @@ priors; per batch of size M out of N observations the official code minimises::
 * data loss: cross-entropy (classification) or 1/2 ||o - y||^2 summed over outputs (regression, the
   trainer's ``half_sse``), averaged over the batch -- the trainer computes it;
 * the theta prior covers *every* parameter of the network (output layer, biases, convolutions,
-  attention) except the distributions' own parameters (lam's r): §9 test 3 sums 13.15 without r;
+  attention) except the distributions' own parameters (lam's r): §9 test 3 sums 13.15 without r. It
+  is the one prior a fixed network can share (a Gaussian weight prior, i.e. L2);
 * the lam prior acts on the post-softplus rate, drops the constant 1/2 ln 2 pi, and is off when
   sigma_lam is None (a flat prior; most of the paper's configs);
 * N (``n_observations``) scales the priors against the per-example data term.
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from widthlab.methods.adaptive.layer import collect_sites, distribution_parameters
+from widthlab.methods.adaptive.distributions import ImportanceDistribution
+from widthlab.methods.adaptive.layer import collect_sites
 
 
 class _SumOfSquares(torch.autograd.Function):
@@ -47,6 +49,24 @@ class _SumOfSquares(torch.autograd.Function):
 def theta_sq_sum(params: list[torch.Tensor]) -> torch.Tensor:
     """sum of theta^2 over ``params``, differentiable."""
     return _SumOfSquares.apply(*params)
+
+
+def theta_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``model`` except those of importance distributions, in one module walk.
+
+    Works on plain models too (the fixed baseline of the bench trains with this prior). Runs every
+    step, so it walks the modules once instead of collecting the adaptive sites and filtering.
+    """
+    seen: set[int] = set()
+    out = []
+    for m in model.modules():
+        if isinstance(m, ImportanceDistribution):
+            continue
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen:  # shared (tied) parameters count once
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 def neg_log_prior_lambda(lam: torch.Tensor, mu: float, sigma: float) -> torch.Tensor:
@@ -89,9 +109,7 @@ class ElboPrior:
         """sum theta^2 / (2 sigma_theta^2) over all parameters except the distributions'."""
         if self.sigma_theta is None:
             return None
-        skip = {id(p) for p in distribution_parameters(model)}
-        params = [p for p in model.parameters() if id(p) not in skip]
-        return theta_sq_sum(params) / (2 * self.sigma_theta**2)
+        return theta_sq_sum(theta_parameters(model)) / (2 * self.sigma_theta**2)
 
     def lambda_term(self, model: nn.Module) -> torch.Tensor | None:
         """sum_l ln sigma_lam + (lam_l - mu_lam)^2 / (2 sigma_lam^2) over layers with a rate."""
