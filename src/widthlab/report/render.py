@@ -200,6 +200,9 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
         plots = compare_plots(arms, epochs, _slug(studies[0] if len(studies) == 1 else "compare"))
     else:
         plots = make_plots(groups, epochs)
+    # Runs that recorded GP-kernel distances (wide & sparse ``kernel`` option) add D and test error vs width.
+    from widthlab.report.kernel_plots import kernel_plots
+    plots += kernel_plots(runs)
     failed = failed_runs(runs)
     counts = status_counts(runs)
 
