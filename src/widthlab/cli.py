@@ -119,8 +119,11 @@ def _finish_study(out: Path, write_report: bool, quiet: bool) -> None:
 
     html, md = write(out)
     if not quiet:
+        from widthlab.report.compare import format_comparison, is_compare
+
         with ResultStore(out, create=False) as store:
-            print(format_results_table(store.runs()))
+            rows = store.runs()
+        print(format_comparison(rows) if is_compare(rows) else format_results_table(rows))
         print(f"\nreport: {html}\n        {md}\nsummary: {out / 'summary.json'}")
 
 

@@ -119,3 +119,35 @@ def test_compare_study_runs_from_the_command_line_and_reports(tmp_path, capsys):
     assert html.count("data:image/png;base64,") == 3 and 'id="comparison"' in html
     with ResultStore(out, create=False) as store:
         assert all(r["config"]["arm"] for r in store.runs())
+
+
+def _demo_checks(out):
+    entries = json.loads((out / "summary.json").read_text())
+    assert entries and all(e["status"] == "done" for e in entries)
+    assert {e["arm"] for e in entries} == {"dense", "widesparse", "adaptive", "expanding"}
+    md = (out / "report.md").read_text()
+    table = md.split("### digits", 1)[1].split("Per seed", 1)[0]
+    for row in ("dense grid", "widesparse family", "adaptive", "expanding"):
+        assert f"| {row} " in table
+    assert table.count("%") == 1 and "validation" in table  # one accuracy column, searches chosen by val
+    assert len(list((out / "plots").glob("demo-compare-*.png"))) == 3
+
+
+def test_demo_study_runs_all_four_methods_in_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["run", "demo", "--out", str(out), "train.epochs=2", "seeds=[0]",
+                 "tasks.digits.data.subset=300",
+                 "methods.dense.sweep={model.width: [8, 32]}",
+                 "methods.widesparse.sweep={model.width: [16, 32]}",
+                 "methods.expanding.method.proposals=4", "methods.expanding.method.mala_bursts=2"])
+    assert code == 0
+    _demo_checks(out)
+    printed = capsys.readouterr().out
+    assert "| dense grid" in printed and "report: " in printed
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--workers", "2"]) == 0
+    _demo_checks(out)

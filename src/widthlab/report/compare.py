@@ -191,3 +191,13 @@ COMPARE_NOTES = (
     "example, at the widths and sparsity in use at each step; multiply-adds counted as 2 FLOPs); they "
     "leave out evaluation, natural-gradient solves and expansion scoring, which the wall seconds "
     "include. Relative columns divide by the dense grid of the same task.")
+
+
+def format_comparison(rows: list[dict]) -> str:
+    """The comparison tables of a study's runs as Markdown (readable as plain text in a terminal)."""
+    from widthlab.report.tables import markdown_table
+
+    tasks = compare_results(rows)
+    if not tasks:
+        return "(no finished runs yet)"
+    return "\n\n".join(f"## {task}\n\n{markdown_table(*compare_table(arms))}" for task, arms in tasks.items())
