@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import gzip
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fake_files import idx_bytes, mnist_folder, write
 from widthlab.data.readers.idx import FILES, read_idx
 from widthlab.data.registry import load_dataset
-
-
-def idx_bytes(a: np.ndarray) -> bytes:
-    code = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
-            np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}[a.dtype]
-    return bytes([0, 0, code, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes()
-
-
-def write(path: Path, data: bytes, gz: bool) -> Path:
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        data = gzip.compress(data)
-    path.write_bytes(data)
-    return path
-
-
-def mnist_folder(root: Path, gz: bool, n=40, n_test=20, seed=0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    arrays = {"train_images": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-              "train_labels": (np.arange(n) % 10).astype(np.uint8),
-              "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-              "test_labels": (np.arange(n_test) % 10).astype(np.uint8)}
-    root.mkdir(exist_ok=True)
-    for key, stem in FILES.items():
-        write(root / stem, idx_bytes(arrays[key]), gz)
-    return arrays
 
 
 @pytest.mark.parametrize("gz", [False, True])
