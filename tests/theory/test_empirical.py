@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from widthlab.theory import (
+    empirical_distance_on_pairs,
     empirical_kernel_distance,
     empirical_theta,
     infinite_width_theta,
@@ -81,6 +82,20 @@ def test_distance_on_real_inputs_equals_reference(instance):
     assert math.isclose(res.D_se, sq.std().item() / 300**0.5, rel_tol=1e-8)
     assert (res.width, res.d, res.num_pairs) == (200, 784, 300)
     assert res.connectivity == pytest.approx(0.1, abs=0.005)
+
+
+def test_distance_on_given_pairs_equals_reference(instance):
+    """The pairs-given form: same value as the reference on those pairs, and as the sampling form."""
+    model, _ = instance
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(50, 784, generator=g, dtype=F64) ** 3  # heavy-tailed
+    x, y = sample_pairs(120, inputs=X, seed=7)
+    res = empirical_distance_on_pairs(model, x, y)
+    sq = (_autograd_theta(model, x, y) - infinite_width_theta(x, y)) ** 2
+    assert math.isclose(res.D, sq.mean().item(), rel_tol=1e-10) and res.num_pairs == 120
+    assert res.D == empirical_kernel_distance(model, inputs=X, pairs=120, seed=7).D
+    with pytest.raises(ValueError):
+        empirical_distance_on_pairs(model, x, y[:5])
 
 
 def test_parametrisations_map_to_the_same_kernel(instance):

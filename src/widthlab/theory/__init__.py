@@ -29,6 +29,7 @@ from widthlab.theory.distance import (
 )
 from widthlab.theory.empirical import (
     EmpiricalDistance,
+    empirical_distance_on_pairs,
     empirical_kernel_distance,
     empirical_theta,
     last_layer_kernel,
@@ -47,6 +48,7 @@ __all__ = [
     "arccos_kernel_from_gram",
     "diagonal_distance",
     "diagonal_distance_approx",
+    "empirical_distance_on_pairs",
     "empirical_kernel_distance",
     "empirical_theta",
     "eq4_distance",

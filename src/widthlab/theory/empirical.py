@@ -159,9 +159,37 @@ def empirical_kernel_distance(
     Returns:
         An :class:`EmpiricalDistance`.
     """
+    d = first_layer_weight(model).shape[1]
+    x, y = sample_pairs(pairs, d=d, inputs=inputs, seed=seed)
+    return empirical_distance_on_pairs(model, x, y, weight_std=weight_std, mask=mask)
+
+
+def empirical_distance_on_pairs(
+    model: Tensor | torch.nn.Module,
+    x: Tensor,
+    y: Tensor,
+    weight_std: float | str = 1.0,
+    mask: Tensor | None = None,
+) -> EmpiricalDistance:
+    """:func:`empirical_kernel_distance` on given pairs (x_j, y_j), e.g. the pairs on which the
+    Theorem 1 distance of the same family is evaluated, so that the two are directly comparable.
+
+    Args:
+        model: first-layer weight (n, d) or a module whose first 2-D ``.weight`` is it.
+        x: inputs, shape (P, ...) with d features each.
+        y: inputs, same shape as x.
+        weight_std, mask: as in :func:`theorem_weights`.
+
+    Returns:
+        An :class:`EmpiricalDistance`.
+    """
     u = theorem_weights(model, weight_std, mask)
     n, d = u.shape
-    x, y = sample_pairs(pairs, d=d, inputs=inputs, seed=seed)
+    x = torch.as_tensor(x, dtype=torch.float64).reshape(-1, d)
+    y = torch.as_tensor(y, dtype=torch.float64).reshape(-1, d)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    P = x.shape[0]
     sq = (last_layer_kernel(u, x, y) - infinite_width_theta(x, y)) ** 2  # (P,)
-    se = sq.std().item() / pairs**0.5 if pairs > 1 else float("nan")
-    return EmpiricalDistance(sq.mean().item(), se, pairs, n, d, (u != 0).double().mean().item())
+    se = sq.std().item() / P**0.5 if P > 1 else float("nan")
+    return EmpiricalDistance(sq.mean().item(), se, P, n, d, (u != 0).double().mean().item())
