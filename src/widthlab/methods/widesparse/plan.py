@@ -16,6 +16,10 @@ Dense references in the same study file: sweep the whole ``method`` section, e.g
 Each sweep value replaces the method section, so the dense runs are ordinary ``dense`` runs (what
 the report's width fraction (sparse - base)/(dense - base) looks up) and the sparse family shares
 one ``family`` label. The sparse member at w = w0 removes nothing and equals the dense base.
+
+Two options serve the NTK-style family of Fig. 8 (spec §5.5, §6.2): ``lr_preset`` picks the
+per-width learning rate from a named table (:mod:`.lr_presets`), and ``kernel`` records the exact
+and empirical GP-kernel distances of the run's network in its summary (:mod:`.kernel`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from widthlab.methods.base import MethodPlan
 from widthlab.methods.widesparse.bottleneck import KINDS, bottleneck_member
 from widthlab.methods.widesparse.callback import MaskCallback
 from widthlab.methods.widesparse.families import allocate, rebuild_at_width
+from widthlab.methods.widesparse.kernel import KernelOptions, KernelRecorder, check_kernel_model, split_inputs
+from widthlab.methods.widesparse.lr_presets import PresetLR, preset_lr
 from widthlab.methods.widesparse.sparsify import INITS, SPARSE_IMPLS, sparsify
 from widthlab.models.counting import count_nonzero_weights, count_weights
 from widthlab.models.mlp import MLP
@@ -42,12 +48,13 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
           variant: str = "sparse", fract_cl: float | None = None,
           classifier_connectivity: float | None = None, io_only: bool = False,
           init: str = "fan_in_corrected", sparse_impl: str = "auto", mask_seed: int | None = None,
-          bottleneck_match: str = "dense") -> MethodPlan:
+          bottleneck_match: str = "dense", lr_preset: str | None = None,
+          kernel: dict | bool | None = None) -> MethodPlan:
     """Make the wide & sparse member at the model's width from the family based at ``base_width``.
 
     Args:
         model: the dense widthlab MLP or ResNet built at the run's width w.
-        data: the task (unused: the method needs no data).
+        data: the task (read only by the ``kernel`` option, for its input pairs).
         seed: the run's seed; masks and the fan-in-corrected init draw from it (or ``mask_seed``).
         base_width: w0 <= w, the base whose counted weight count N(w0) every member keeps (required).
         variant: ``"sparse"`` (random static masks, the paper's method), ``"linear_bottleneck"`` or
@@ -62,11 +69,17 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
         mask_seed: draw the masks from this seed instead of the run's.
         bottleneck_match: ``"dense"`` (target N(w0), the sparse family's count) or
             ``"factorized"`` (the factorised base's count) for the linear bottleneck.
+        lr_preset: name of a per-width learning-rate table (e.g. ``"ntk-fig8"``, spec §6.2); its
+            rate for (w0, w) replaces ``train.optimizer.lr`` (:mod:`.lr_presets`).
+        kernel: record the GP-kernel distances (one-hidden-layer ReLU MLPs): a mapping of
+            :class:`.kernel.KernelOptions` (``pairs``, ``masks``, ``split``, ``pair_seed``,
+            ``after_training``), or true for the defaults.
 
     Returns:
         the plan; its summary holds ``base_width``, ``family``, ``connectivity`` (N(w0)/N(w) for a
         sparse member), ``sparse_impl``, ``target_weights`` N(w0), ``removed_weights`` T,
-        ``layers_sparsified``, ``cap``, ``classifier_connectivity`` and ``weight_mismatch``.
+        ``layers_sparsified``, ``cap``, ``classifier_connectivity`` and ``weight_mismatch``; with
+        ``lr_preset`` also ``lr_preset`` and ``lr``; with ``kernel`` the ``kernel_*`` keys.
 
     Raises:
         ValueError: a missing or bad option, w < w0, or a budget that cannot be allocated.
@@ -89,6 +102,13 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
     summary: dict[str, Any] = {"base_width": w0, "target_weights": N0,
                                "family": family_label(model, w0, variant, fract_cl, classifier_connectivity,
                                                       io_only)}
+    # Checked before any work, so a bad option fails the run at once.
+    lr = None if lr_preset is None else preset_lr(str(lr_preset), w, w0)
+    kernel_opts = None if kernel is None or kernel is False else KernelOptions.parse(kernel)
+    if kernel_opts is not None:
+        check_kernel_model(model)
+    if variant != "sparse" and (lr is not None or kernel_opts is not None):
+        raise ValueError(f"options 'lr_preset' and 'kernel' are for the sparse variant, not {variant!r}")
     if variant != "sparse":
         new, sizes = bottleneck_member(model, w0, variant, bottleneck_match)
         summary.update(connectivity=sizes.counted / N, sparse_impl="dense", removed_weights=N - sizes.counted,
@@ -106,7 +126,15 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
                    layers_sparsified=alloc.m, layers=len(alloc.sizes), cap=alloc.cap,
                    classifier_connectivity=1.0 - alloc.removals[cl] / alloc.sizes[cl],
                    weight_mismatch=nonzero - N0)
-    return MethodPlan(model, [MaskCallback(removals)], summary)
+    callbacks: list[Any] = [MaskCallback(removals)]
+    if lr is not None:
+        summary.update(lr_preset=str(lr_preset), lr=lr)
+        callbacks.append(PresetLR(lr))
+    if kernel_opts is not None:
+        # The recorder fills this same summary dict during the fit; the runner merges it afterwards.
+        callbacks.append(KernelRecorder(summary, split_inputs(data, kernel_opts.split), kernel_opts,
+                                        seed=seed, init=init))
+    return MethodPlan(model, callbacks, summary)
 
 
 def model_width(model: nn.Module) -> int:
