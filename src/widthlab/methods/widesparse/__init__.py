@@ -7,7 +7,9 @@ Library use::
     sparsify(model, alloc.removals, seed=0)          # exact-k masks (§3.3), fan-in init (§3.4)
 
 Studies use ``method: {name: widesparse, base_width: w0}`` (:func:`.plan.build`); during training
-:class:`MaskCallback` keeps the masked weights exactly zero (§3.5).
+:class:`MaskCallback` keeps the masked weights exactly zero (§3.5). For the NTK-style family of Fig. 8,
+``lr_preset`` picks per-width learning rates (§6.2) and ``kernel`` records the GP-kernel distances
+(§5.5) of each run.
 """
 
 from widthlab.methods.widesparse.budget import (
@@ -27,14 +29,20 @@ from widthlab.methods.widesparse.families import (
     model_builder,
     rebuild_at_width,
 )
+from widthlab.methods.widesparse.kernel import KernelOptions, KernelRecorder
+from widthlab.methods.widesparse.lr_presets import LR_PRESETS, PresetLR, preset_lr
 from widthlab.methods.widesparse.masks import layer_generator, random_mask
 from widthlab.methods.widesparse.sparsify import SparsifyResult, sparsify
 
 __all__ = [
+    "LR_PRESETS",
     "Allocation",
     "BudgetError",
+    "KernelOptions",
+    "KernelRecorder",
     "MaskCallback",
     "Member",
+    "PresetLR",
     "SparsifyResult",
     "allocate",
     "build_member",
@@ -45,6 +53,7 @@ __all__ = [
     "mlp_split",
     "mlp_split_grid",
     "model_builder",
+    "preset_lr",
     "random_mask",
     "rebuild_at_width",
     "sparsify",
