@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from widthlab.methods.expanding import kfac, proposals, scores
+from widthlab.methods.expanding import kfac, proposals, scores, unit_score
 from widthlab.nn.rational import RationalActivation
 
 DT = torch.float64
@@ -84,7 +84,7 @@ def test_closed_form_score_gradient_matches_autograd(k):
     theta = proposals.random_candidates(layout, 5, generator=g)
     theta[0, -k:] = 0.0  # l = 0 on one candidate: the norm still involves v, c
     # no jitter: the closed form ignores how the jitter's trace term moves with f
-    us = proposals.UnitScore(layout, h, r, G_inv, n, norm=0.7, jitter=0.0)
+    us = unit_score.UnitScore.single(layout, h, r, G_inv, n, norm=0.7, jitter=0.0)
     generic = proposals.unit_score_fn(lambda th: proposals.unit_features(layout, th, h), r, G_inv, n, 0.7,
                                       jitter=0.0)
     torch.testing.assert_close(us(theta), generic(theta), rtol=1e-10, atol=1e-14)
@@ -92,6 +92,59 @@ def test_closed_form_score_gradient_matches_autograd(k):
     t = theta.clone().requires_grad_(True)
     (want,) = torch.autograd.grad(generic(t).sum(), t)
     torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-13)
+
+
+def _sites(g, n, dims):
+    """Sites with fan-in d and consumer width m each, random residuals and G⁻¹."""
+    out = []
+    for d, m in dims:
+        h = torch.randn(n, d, generator=g, dtype=DT)
+        r = torch.randn(n, m, generator=g, dtype=DT)
+        G_inv = torch.linalg.inv(r.T @ r / n + 0.1 * torch.eye(m, dtype=DT))
+        out.append(unit_score.Site(h, r, G_inv, float(torch.rand((), generator=g, dtype=DT)) + 0.5))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_batched_score_equals_the_per_candidate_formula(k):
+    """One UnitScore over three sites of different fan-in d and consumer width m (rows padded to the
+    largest): every row's score equals Δη′/η of that candidate alone (scores.delta_eta_lb on its own
+    features), its gradient equals autograd of the per-candidate formula, and padding gets no gradient."""
+    g = torch.Generator().manual_seed(10 + k)
+    n, count, dims = 30, 4, [(2, 3), (5, 1), (3, 4)]
+    sites = _sites(g, n, dims)
+    us = unit_score.UnitScore(k, sites, n, jitter=0.0)
+    assert us.layout.d == 5
+    own = [proposals.random_candidates(lay, count, generator=g) for lay in us.layouts]
+    theta = torch.cat([us.pad_rows(t, i) for i, t in enumerate(own)])
+    s, grad = us.value_and_grad(theta)
+    mask = us.mask(theta.shape[0])
+    assert mask.sum(1).tolist() == [lay.size for lay in us.layouts for _ in range(count)]
+    assert (grad[~mask] == 0).all()
+    for i, (lay, site) in enumerate(zip(us.layouts, sites)):
+        rows = slice(i * count, (i + 1) * count)
+        want = unit_score.delta_eta_rows(lay, own[i], site, n)
+        torch.testing.assert_close(s[rows], want, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(us.unpad_rows(theta[rows], i), own[i], rtol=0, atol=0)
+        t = own[i].clone().requires_grad_(True)
+        (g_want,) = torch.autograd.grad(unit_score.delta_eta_rows(lay, t, site, n).sum(), t)
+        torch.testing.assert_close(us.unpad_rows(grad[rows], i), g_want, rtol=1e-9, atol=1e-12)
+
+
+def test_masked_mala_keeps_padding_at_zero_and_rows_independent():
+    """MALA over padded rows: padding stays exactly 0 and the real coordinates move."""
+    g = torch.Generator().manual_seed(3)
+    sites = _sites(g, 25, [(1, 2), (3, 2)])
+    us = unit_score.UnitScore(1, sites, 25, jitter=1e-10)
+    theta = torch.cat([us.pad_rows(proposals.random_candidates(lay, 6, generator=g), i)
+                       for i, lay in enumerate(us.layouts)])
+    mask = us.mask(theta.shape[0])
+    for variant in proposals.MALA_VARIANTS:
+        res = proposals.mala(us, theta, bursts=3, steps=5, variant=variant, generator=g, mask=mask)
+        assert (res.theta[~mask] == 0).all() and not torch.equal(res.theta[mask], theta[mask])
+        torch.testing.assert_close(res.score, us(res.theta))
+    asc = proposals.ascent(us, theta, steps=5, lr=0.05, mask=mask)
+    assert (asc.theta[~mask] == 0).all()
 
 
 def test_refinement_raises_the_score():

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from widthlab.methods.expanding import kfac, proposals, scores
+from widthlab.methods.expanding import kfac, proposals, scores, unit_score
 from widthlab.methods.expanding.fisher import named_trainable, output_grad, per_sample_loss
 from widthlab.methods.expanding.insertion import full_rank, insert_layer, insert_units
 from widthlab.methods.expanding.natural_gradient import GaussNewtonOperator, conjugate_gradient
@@ -270,11 +270,14 @@ class ExpansionController:
             # it (its consumer's A) and the next one (its input) need new width candidates; the others'
             # scores are unchanged, so their evaluated candidates are kept (the "natural" residual moves
             # with the natural gradient, so it is always re-scored).
+            todo = []
             for i in range(model.depth):
                 if model.hidden_widths()[i] >= self._cap(i):
                     cache.pop(i, None)
                 elif i not in cache or self.cfg.width_residual == "natural":
-                    cache[i] = self._width_candidate(model, ctx, i)
+                    todo.append(i)
+            if todo:
+                cache.update(self._width_candidates(model, ctx, todo))
             cands = list(cache.values())
             if self._depth_allowed(model, added_layer):
                 cands.append(self._depth_candidate(model, ctx))
@@ -366,30 +369,74 @@ class ExpansionController:
 
     # ------------------------------------------------------------------------------- propose/evaluate
 
-    def _evaluate(self, ctx: _Context, kind: str, index: int, consumer: str, h: torch.Tensor,
-                  layout: proposals.UnitLayout, count: int, residual: str,
-                  conv: tuple[nn.Module, bool] | None = None) -> Candidate:
-        cfg = self.cfg
+    def _site(self, ctx: _Context, consumer: str, h: torch.Tensor, residual: str) -> unit_score.Site:
         info = ctx.per_layer[consumer]
         # A layer with (almost) no gradient left would make s = Δη′/η explode: floor η on the loss scale.
         eta = max(info["eta"], 1e-8 * float(ctx.obs.loss_sqnorm), 1e-30)
-        r_perp, G_inv, n = info["r_perp"][residual], info["G_inv"], ctx.obs.n
-        # Search in the configured precision; the decision re-scores the chosen candidate in float64.
+        return unit_score.Site(h.reshape(h.shape[0], -1), info["r_perp"][residual], info["G_inv"], eta)
+
+    def _search(self, fn, theta0: torch.Tensor, mask: torch.Tensor | None = None) -> proposals.RefineResult:
+        cfg = self.cfg
+        res = proposals.refine(fn, theta0, cfg.refine, generator=self.generator,
+                               mala_variant=cfg.mala_variant, bursts=cfg.mala_bursts, steps=cfg.mala_steps,
+                               step_size=cfg.mala_step_size, temperature=cfg.temperature,
+                               ascent_steps=cfg.ascent_steps, ascent_lr=cfg.ascent_lr, mask=mask)
+        res.score = torch.where(torch.isfinite(res.score), res.score, torch.zeros_like(res.score))
+        return res
+
+    def _evaluate_units(self, ctx: _Context, kind: str, places: list[tuple[int, str, torch.Tensor]], k: int,
+                        count: int, residual: str) -> list[Candidate]:
+        """Refine ``count`` k-unit MLP candidates at every place (index, consumer, h) in ONE batched search
+        (``unit_score.UnitScore``), then pick one per place and re-score it in float64 for the decision."""
+        cfg = self.cfg
         dtype = getattr(torch, cfg.search_dtype)
         jitter = 1e-6 if dtype == torch.float32 else 1e-10
-        fn, exact_fn = self._score_fns(layout, h, r_perp, G_inv, n, eta, jitter, dtype, conv)
-        theta0 = proposals.random_candidates(layout, count, generator=self.generator, dtype=dtype,
+        sites = [self._site(ctx, consumer, h, residual) for _, consumer, h in places]
+        fn = unit_score.UnitScore(k, sites, ctx.obs.n, jitter=jitter, dtype=dtype)
+        device = sites[0].h.device
+        theta0 = torch.cat([fn.pad_rows(proposals.random_candidates(lay, count, generator=self.generator,
+                                                                    dtype=dtype, device=device), i)
+                            for i, lay in enumerate(fn.layouts)])
+        res = self._search(fn, theta0, fn.mask(theta0.shape[0]))
+        out = []
+        for i, ((index, _, _), site) in enumerate(zip(places, sites)):
+            rows = slice(i * count, (i + 1) * count)
+            j = proposals.select(res.score[rows], cfg.selection, cfg.temperature, self.generator)
+            theta = fn.unpad_rows(res.theta[rows][j:j + 1].detach().to(torch.float64), i)[0]
+            exact = unit_score.UnitScore(k, [site], ctx.obs.n, jitter=1e-10)(theta[None])[0]
+            out.append(self._candidate(ctx, kind, index, exact, res.score[rows][j], site.norm, theta,
+                                       fn.layouts[i]))
+        return out
+
+    def _evaluate_channels(self, ctx: _Context, index: int, consumer: str, module: nn.Module, pool: bool,
+                           kernel: tuple[int, ...], h: torch.Tensor) -> Candidate:
+        """Channel candidates of a CNN stage (autograd through the convolution features of ``module``, the
+        consumer; ``kernel`` of the producing convolution)."""
+        cfg = self.cfg
+        site = self._site(ctx, consumer, h, cfg.width_residual)
+        layout = proposals.UnitLayout(1, h.shape[1], kernel)
+
+        def make(dt, jit):
+            hh, rr, gg = h.to(dt), site.r_perp.to(dt), site.G_inv.to(dt)
+            feats = lambda th: proposals.conv_unit_features(layout, th.to(dt), hh, pool=pool,  # noqa: E731
+                                                            consumer=module)
+            return proposals.unit_score_fn(feats, rr, gg, ctx.obs.n, site.norm, jitter=jit)
+
+        dtype = getattr(torch, cfg.search_dtype)
+        fn = make(dtype, 1e-6 if dtype == torch.float32 else 1e-10)
+        theta0 = proposals.random_candidates(layout, cfg.proposals, generator=self.generator, dtype=dtype,
                                              device=h.device)
-        res = proposals.refine(fn, theta0, cfg.refine, generator=self.generator,
-                               mala_variant=cfg.mala_variant,
-                               bursts=cfg.mala_bursts, steps=cfg.mala_steps, step_size=cfg.mala_step_size,
-                               temperature=cfg.temperature, ascent_steps=cfg.ascent_steps,
-                               ascent_lr=cfg.ascent_lr)
-        s = torch.where(torch.isfinite(res.score), res.score, torch.zeros_like(res.score))
-        j = proposals.select(s, cfg.selection, cfg.temperature, self.generator)
+        res = self._search(fn, theta0)
+        j = proposals.select(res.score, cfg.selection, cfg.temperature, self.generator)
         theta = res.theta[j].detach().to(torch.float64)
-        exact = exact_fn(theta[None])[0]
-        delta = float(exact) * eta if torch.isfinite(exact) else float(s[j]) * eta
+        exact = make(torch.float64, 1e-10)(theta[None])[0]
+        return self._candidate(ctx, "width", index, exact, res.score[j], site.norm, theta, layout)
+
+    def _candidate(self, ctx: _Context, kind: str, index: int, exact: torch.Tensor, searched: torch.Tensor,
+                   eta: float, theta: torch.Tensor, layout: proposals.UnitLayout) -> Candidate:
+        """The thresholds of spec §2.3: Δη′/η_layer > τ and Δη′/E‖∇_yℓ‖² > α (depth: Δη′/layer_cost_mul)."""
+        cfg = self.cfg
+        delta = float(exact) * eta if torch.isfinite(exact) else float(searched) * eta
         if kind == "depth":
             delta /= cfg.layer_cost_mul
         alpha = cfg.alpha_layer if kind == "depth" else cfg.alpha
@@ -398,41 +445,31 @@ class ExpansionController:
         return Candidate(kind, index, delta, rel, ab, theta, layout,
                          passes=bool(rel > cfg.tau and ab > alpha and math.isfinite(delta)))
 
-    @staticmethod
-    def _score_fns(layout, h, r_perp, G_inv, n, eta, jitter, dtype, conv):
-        """(search score in ``dtype``, float64 score) for MLP units (closed-form gradient) or channels."""
-        if conv is None:
-            h = h.to(torch.float64).reshape(h.shape[0], -1)
-            return (proposals.UnitScore(layout, h, r_perp, G_inv, n, eta, jitter=jitter, dtype=dtype),
-                    proposals.UnitScore(layout, h, r_perp, G_inv, n, eta, jitter=1e-10))
-        consumer, pool = conv
-
-        def make(dt, jit):
-            hh, rr, gg = h.to(dt), r_perp.to(dt), G_inv.to(dt)
-            feats = lambda th: proposals.conv_unit_features(layout, th.to(dt), hh, pool=pool,  # noqa: E731
-                                                            consumer=consumer)
-            return proposals.unit_score_fn(feats, rr, gg, n, eta, jitter=jit)
-
-        return make(dtype, jitter), make(torch.float64, 1e-10)
-
-    def _width_candidate(self, model: nn.Module, ctx: _Context, i: int) -> Candidate:
-        producer, consumer = model.site_layers(i)
-        h = ctx.obs.layers[producer].a
-        conv = None
-        if h.dim() == 4:  # channels of a CNN stage
-            layout = proposals.UnitLayout(1, h.shape[1], tuple(model.get_submodule(producer).kernel_size))
-            conv = (model.get_submodule(consumer), bool(getattr(model, "pool", False)))
-        else:
-            layout = proposals.UnitLayout(1, h[0].numel())
-        return self._evaluate(ctx, "width", i, consumer, h, layout, self.cfg.proposals,
-                              self.cfg.width_residual, conv)
+    def _width_candidates(self, model: nn.Module, ctx: _Context, layers: list[int]) -> dict[int, Candidate]:
+        """The evaluated one-unit candidate of each hidden layer in ``layers`` (MLP: one batched search)."""
+        out: dict[int, Candidate] = {}
+        places = []
+        for i in layers:
+            producer, consumer = model.site_layers(i)
+            h = ctx.obs.layers[producer].a
+            if h.dim() == 4:  # channels of a CNN stage
+                out[i] = self._evaluate_channels(ctx, i, consumer, model.get_submodule(consumer),
+                                                 bool(getattr(model, "pool", False)),
+                                                 tuple(model.get_submodule(producer).kernel_size), h)
+            else:
+                places.append((i, consumer, h))
+        if places:
+            cands = self._evaluate_units(ctx, "width", places, 1, self.cfg.proposals, self.cfg.width_residual)
+            out.update({c.index: c for c in cands})
+        return out
 
     def _depth_candidate(self, model: nn.Module, ctx: _Context) -> Candidate:
         p = model.depth
         h = ctx.obs.layers[f"layers.{p}"].a
         k = h[0].numel()
-        return self._evaluate(ctx, "depth", p, f"layers.{p}", h, proposals.UnitLayout(k, k),
-                              self.cfg.layer_proposals, "natural")
+        (cand,) = self._evaluate_units(ctx, "depth", [(p, f"layers.{p}", h)], k, self.cfg.layer_proposals,
+                                       "natural")
+        return cand
 
     @staticmethod
     def _candidate_metrics(ctx: _Context, cands: list[Candidate | None]) -> dict[str, float]:

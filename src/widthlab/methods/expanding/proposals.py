@@ -1,9 +1,13 @@
 """Propose step of self-expansion: random candidate units, refined to raise Δη′ (specs/senn.md §2.3).
 
 A batch of P candidates is one tensor θ of shape (P, D): each row holds the incoming weights, biases and
-rational coefficients of k new units. A *score function* ``s(θ) -> (P,)`` (built by
-:func:`unit_score_fn` from the statistics of the consuming layer) returns Δη′ normalised by the layer's
-η, and is differentiable in θ.
+rational coefficients of k new units. A *score function* ``s(θ) -> (P,)`` returns Δη′ normalised by the
+consuming layer's η: :class:`~.unit_score.UnitScore` (MLP units, closed-form gradient, batched over
+candidates and sites) or :func:`unit_score_fn` (any feature map, autograd; CNN channels).
+
+Every refiner treats the rows as independent chains and takes an optional ``mask`` (P, D): coordinates
+where it is False (padding of rows batched across sites of different fan-in) get no noise and no step,
+so they stay at 0 and rows score and move exactly as they would alone.
 
 Refinement (``refine=``):
 
@@ -86,8 +90,10 @@ def random_candidates(layout: UnitLayout, count: int, *, generator: torch.Genera
     return torch.cat([W.reshape(count, -1), rest], 1).to(device)
 
 
-def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+def _randn(like: torch.Tensor, generator: torch.Generator | None, mask: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    xi = torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+    return xi if mask is None else xi * mask
 
 
 def _rand(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -152,63 +158,6 @@ def unit_score_fn(features: Callable[[torch.Tensor], torch.Tensor], r_perp: torc
     return score
 
 
-class UnitScore:
-    """s(θ) = Δη′/norm of MLP candidate units on inputs h, with a closed-form gradient.
-
-    Calling it evaluates s(θ) (differentiable by autograd); :meth:`value_and_grad` returns s and ∂s/∂θ
-    without autograd: ∂s/∂f = (2/N)(r_⊥ − f M) G⁻¹ Mᵀ / norm with M = A_f⁻¹ C (spec §1, batched over
-    candidates and units), then the chain rule through σ(h Wᵀ + b). MALA and ascent spend nearly all
-    their time here, and the closed form avoids building an autograd graph at every step.
-
-    Args:
-        layout: the candidates' parameter layout (k units of fan-in d).
-        h: (N, d) inputs of the layer the units would join.
-        r_perp: (N, m) residual rows at the consuming layer; G_inv: (m, m); n: N.
-        norm: the score's normaliser (η of the consuming layer).
-        jitter: relative damping of A_f in the solves.
-        dtype: working precision of the search (float32 is about twice as fast; the controller re-scores
-            its decision in float64).
-    """
-
-    def __init__(self, layout: UnitLayout, h: torch.Tensor, r_perp: torch.Tensor, G_inv: torch.Tensor, n: int,
-                 norm: float = 1.0, jitter: float = 1e-8, dtype: torch.dtype = torch.float64,
-                 eps: float = 1e-8):
-        self.layout, self.n, self.norm, self.jitter, self.eps = layout, n, float(norm), jitter, eps
-        self.h, self.r, self.G_inv = h.to(dtype), r_perp.to(dtype), G_inv.to(dtype)
-        self.dtype = dtype
-
-    def _forward(self, theta: torch.Tensor):
-        p = self.layout.split(theta.to(self.dtype))
-        pre = torch.einsum("nd,pkd->pnk", self.h, p["W"]) + p["b"][:, None, :]  # (P, N, k)
-        v, c, l = (p[k][:, None, :] for k in "vcl")
-        q = v * v + c * c + l * l
-        nrm = q.clamp_min(self.eps).sqrt()
-        den = 1 / (1 + pre * pre)
-        f = (l * pre + (2 * v * pre + c) * den) / nrm
-        C = f.transpose(1, 2) @ self.r / self.n  # (P, k, m)
-        A_f = f.transpose(1, 2) @ f / f.shape[1]  # (P, k, k)
-        M = torch.linalg.solve(scores.damp(A_f, self.jitter), C)
-        s = (C * (M @ self.G_inv)).sum((1, 2)) / self.norm
-        return s, (pre, v, c, l, q, nrm, den, f, M)
-
-    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
-        return self._forward(theta)[0]
-
-    @torch.no_grad()
-    def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, (pre, v, c, l, q, nrm, den, f, M) = self._forward(theta)
-        gf = (2.0 / self.n) * (self.r - f @ M) @ self.G_inv @ M.transpose(1, 2) / self.norm  # (P, N, k)
-        dpre = gf * (l + 2 * v * den - 2 * pre * (2 * v * pre + c) * den * den) / nrm
-        # the norm depends on (v, c, l) only where it is not floored
-        free = (q > self.eps).to(f.dtype) / nrm
-        grads = {"W": torch.einsum("pnk,nd->pkd", dpre, self.h),
-                 "b": dpre.sum(1),
-                 "v": (gf * (2 * pre * den - f * v * free)).sum(1) / nrm[:, 0],
-                 "c": (gf * (den - f * c * free)).sum(1) / nrm[:, 0],
-                 "l": (gf * (pre - f * l * free)).sum(1) / nrm[:, 0]}
-        return s, self.layout.join(grads).to(theta.dtype)
-
-
 def _value_and_grad(score_fn: ScoreFn, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(score_fn, "value_and_grad"):
         s, g = score_fn.value_and_grad(theta.detach())
@@ -238,7 +187,7 @@ class RefineResult:
 def mala(score_fn: ScoreFn, theta: torch.Tensor, *, bursts: int = 300, steps: int = 10,
          step_size: float = 0.3,
          temperature: float = 1.0, prior_var: float = 1.0, variant: str = "correct",
-         generator: torch.Generator | None = None) -> RefineResult:
+         generator: torch.Generator | None = None, mask: torch.Tensor | None = None) -> RefineResult:
     """Refine P candidates by MALA (see the module docstring for the variants).
 
     Args:
@@ -250,25 +199,26 @@ def mala(score_fn: ScoreFn, theta: torch.Tensor, *, bursts: int = 300, steps: in
         prior_var: σ² of the Gaussian prior on every coordinate.
         variant: ``"correct"``, ``"official"`` or ``"official_legacy"``.
         generator: random source (proposal noise and acceptance).
+        mask: (P, D), False on padding coordinates (kept at 0).
     """
     if variant not in MALA_VARIANTS:
         raise ValueError(f"mala variant must be one of {MALA_VARIANTS}, got {variant!r}")
     step = _official_step if variant != "correct" else _correct_step
     h = torch.full((theta.shape[0],), float(step_size), dtype=theta.dtype, device=theta.device)
+    noise = None if mask is None else mask.to(theta.dtype)
     state = _State(theta.detach().clone(), *_value_and_grad(score_fn, theta))
-    total_acc, count = 0.0, 0
+    total_acc = torch.zeros((), dtype=theta.dtype, device=theta.device)  # no host sync in the loop
     for _ in range(bursts):
         acc = torch.zeros_like(h)
         for _ in range(steps):
             state, a = step(score_fn, state, h, temperature, prior_var, generator,
-                            variant == "official_legacy")
+                            variant == "official_legacy", noise)
             acc += a
         acc /= steps
-        total_acc += float(acc.mean())
-        count += 1
+        total_acc += acc.mean()
         off = (acc - 0.6).abs() > 0.3
         h = torch.where(off, torch.where(acc > 0.6, h * 1.3, h / 1.3), h)
-    return RefineResult(state.theta, state.s, total_acc / max(count, 1))
+    return RefineResult(state.theta, state.s, float(total_acc) / max(bursts, 1))
 
 
 @dataclass
@@ -282,11 +232,11 @@ def _log_target(s, theta, temperature, prior_var):
     return s / temperature - 0.5 * (theta * theta).sum(1) / prior_var
 
 
-def _correct_step(score_fn, st: _State, h, temperature, prior_var, generator, legacy):
+def _correct_step(score_fn, st: _State, h, temperature, prior_var, generator, legacy, mask=None):
     """θ' = θ + h∇log π(θ) + √(2h) ξ, accepted with the Metropolis-Hastings ratio."""
     hh = h[:, None]
     drift = st.grad_s / temperature - st.theta / prior_var
-    xi = _randn(st.theta, generator)
+    xi = _randn(st.theta, generator, mask)
     prop = st.theta + hh * drift + (2 * hh).sqrt() * xi
     s_p, g_p = _value_and_grad(score_fn, prop)
     drift_p = g_p / temperature - prop / prior_var
@@ -303,7 +253,7 @@ def _correct_step(score_fn, st: _State, h, temperature, prior_var, generator, le
                   torch.where(t, g_p, st.grad_s)), alpha
 
 
-def _official_step(score_fn, st: _State, h, temperature, prior_var, generator, legacy):
+def _official_step(score_fn, st: _State, h, temperature, prior_var, generator, legacy, mask=None):
     """The official mala_step, per candidate (spec §2.3): midpoint proposal, sign bug, heuristic accept."""
     hh = h[:, None]
 
@@ -316,7 +266,7 @@ def _official_step(score_fn, st: _State, h, temperature, prior_var, generator, l
     def reg_loss(s, theta):  # U = −s + Σθ²/σ²
         return -s + (theta * theta).sum(1) / prior_var
 
-    xi = _randn(st.theta, generator)
+    xi = _randn(st.theta, generator, mask)
     g0 = grad_code(st.grad_s)
     half = st.theta + 0.5 * delta(st.theta, g0, xi)
     _, g_half = _value_and_grad(score_fn, half)
@@ -338,7 +288,8 @@ def _official_step(score_fn, st: _State, h, temperature, prior_var, generator, l
 # ----------------------------------------------------------------------------------- ascent
 
 
-def ascent(score_fn: ScoreFn, theta: torch.Tensor, *, steps: int = 300, lr: float = 0.03) -> RefineResult:
+def ascent(score_fn: ScoreFn, theta: torch.Tensor, *, steps: int = 300, lr: float = 0.03,
+           mask: torch.Tensor | None = None) -> RefineResult:
     """Adam ascent on s(θ), each candidate independently; returns each candidate's best point."""
     t = theta.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([t], lr=lr)
@@ -349,7 +300,7 @@ def ascent(score_fn: ScoreFn, theta: torch.Tensor, *, steps: int = 300, lr: floa
         better = s > best_s
         best = torch.where(better[:, None], t.detach(), best)
         best_s = torch.where(better, s, best_s)
-        t.grad = -g
+        t.grad = -g if mask is None else -g * mask  # Adam moves no coordinate whose gradient stays 0
         opt.step()
     final, _ = _value_and_grad(score_fn, t.detach())
     better = final > best_s
@@ -358,13 +309,14 @@ def ascent(score_fn: ScoreFn, theta: torch.Tensor, *, steps: int = 300, lr: floa
 
 def refine(score_fn: ScoreFn, theta: torch.Tensor, method: str, *, generator: torch.Generator | None = None,
            mala_variant: str = "correct", bursts: int = 300, steps: int = 10, step_size: float = 0.3,
-           temperature: float = 1.0, ascent_steps: int = 300, ascent_lr: float = 0.03) -> RefineResult:
+           temperature: float = 1.0, ascent_steps: int = 300, ascent_lr: float = 0.03,
+           mask: torch.Tensor | None = None) -> RefineResult:
     """Dispatch to :func:`mala`, :func:`ascent` or nothing (``"none"``)."""
     if method == "mala":
         return mala(score_fn, theta, bursts=bursts, steps=steps, step_size=step_size, temperature=temperature,
-                    variant=mala_variant, generator=generator)
+                    variant=mala_variant, generator=generator, mask=mask)
     if method == "ascent":
-        return ascent(score_fn, theta, steps=ascent_steps, lr=ascent_lr)
+        return ascent(score_fn, theta, steps=ascent_steps, lr=ascent_lr, mask=mask)
     if method == "none":
         s, _ = _value_and_grad(score_fn, theta)
         return RefineResult(theta, s)
