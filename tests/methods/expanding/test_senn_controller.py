@@ -78,6 +78,24 @@ def test_official_switches_run(moons):
     assert plan.summary["layers_added"] >= 1
 
 
+def test_select_best_restores_the_architecture_of_the_best_epoch(moons):
+    """With select_best, the trainer goes back to the best-validation snapshot: the controller rebuilds
+    that epoch's architecture before the weights load, and the totals of the run are kept."""
+    plan = build(None, moons, seed=0, start_widths=[], tau=0.0, alpha=0.0, alpha_layer=0.0,
+                 optimizer="default", **CHEAP)
+    cfg = TrainConfig(epochs=5, batch_size=32, progress="none", select_best=True, checkpoint_every=0,
+                      optimizer=_adam(), monitor="epoch")  # "epoch", minimised: epoch 1 is the best
+    res = Trainer(plan.model, moons, cfg, plan.callbacks).fit()
+    assert res.status == "done", res.error
+    best = res.history[res.best_epoch - 1]
+    assert res.best_epoch == 1 and best["neurons"] < res.history[-1]["neurons"]
+    assert plan.model.depth == best["layers"] and sum(plan.model.hidden_widths()) == best["neurons"]
+    assert plan.summary["final_widths"] == plan.model.hidden_widths()
+    assert Trainer(plan.model, moons, cfg).evaluate("test")["test_accuracy"] == best["test_accuracy"]
+    s = plan.summary  # the whole run's totals, not the snapshot's
+    assert s["layers_added"] == 2 and s["neurons_added"] == 2 and s["expansion_events"] == 3
+
+
 def test_high_thresholds_add_nothing(moons):
     plan = build(None, moons, seed=0, start_widths=[2], tau=1e30, **CHEAP)
     res = Trainer(plan.model, moons, _cfg(3), plan.callbacks).fit()
@@ -106,6 +124,35 @@ def test_resume_is_exact_across_growth(moons, tmp_path, optimizer):
     resumed = run(6, tmp_path / "b", resume=True)
     assert resumed.hidden_widths() == full.hidden_widths()
     for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("select_best", [False, True])
+def test_resumed_run_rebuilds_the_grown_architecture_and_keeps_the_totals(moons, tmp_path, select_best):
+    """The checkpoint of a grown network is loaded into a fresh (linear) model: the controller rebuilds
+    the architecture first, and the summary (totals, event log, final widths) equals an uninterrupted
+    run's; with select_best the best snapshot (saved in the checkpoint) is restored the same way."""
+    opts = dict(start_widths=[], tau=0.0, alpha=0.0, alpha_layer=0.0, optimizer="default", **CHEAP)
+
+    def run(run_dir, resume=False, upto=None):
+        seed_everything(2)
+        plan = build(None, moons, seed=2, **opts)
+        cfg = TrainConfig(epochs=6, batch_size=32, progress="none", select_best=select_best,
+                          checkpoint_every=1, max_steps=upto, optimizer=_adam())
+        res = Trainer(plan.model, moons, cfg, plan.callbacks, run_dir=run_dir).fit(resume=resume)
+        assert res.status == "done", res.error
+        return plan, res
+
+    full, res_a = run(tmp_path / "a")
+    run(tmp_path / "b", upto=3 * 2)
+    resumed, res_b = run(tmp_path / "b", resume=True)
+    assert res_b.best_epoch == res_a.best_epoch
+    keys = ["final_widths", "layers_added", "neurons_added", "expansion_events", "final_layers"]
+    assert {k: resumed.summary[k] for k in keys} == {k: full.summary[k] for k in keys}
+    assert full.summary["layers_added"] == 2
+    ctl_a, ctl_b = full.callbacks[-1], resumed.callbacks[-1]
+    assert [r["widths"] for r in ctl_a.log] == [r["widths"] for r in ctl_b.log]
+    for (n, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), n
 
 

@@ -172,11 +172,13 @@ class ExpansionController:
         self.log: list[dict[str, Any]] = []
         self._fit_t0: float | None = None
         self._last: dict[str, float] = {}
+        self._epochs_seen = 0  # epochs finished in this fit (tells a resume from a select_best restore)
 
     # ------------------------------------------------------------------------------- hooks
 
     def on_fit_start(self, trainer) -> list[ResizeEvent] | None:
         self.model = trainer.model
+        self._epochs_seen = 0
         self.loss = getattr(trainer, "loss_kind", self.loss)
         self._fit_t0 = time.perf_counter()
         if self.cfg.expand_at_start and trainer.epoch == 0:
@@ -184,6 +186,7 @@ class ExpansionController:
         return None
 
     def on_epoch_end(self, trainer) -> list[ResizeEvent] | None:
+        self._epochs_seen += 1
         e, last = trainer.epoch, trainer.cfg.epochs
         if (e < last and e % self.cfg.cooldown == 0) or (e == last and self.cfg.expand_at_end):
             return self.expand(trainer)
@@ -227,24 +230,28 @@ class ExpansionController:
                 "arch": self.model.architecture()}
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
-        """Restore counters and the proposal RNG; rebuild the model's architecture first (the trainer
-        then loads the weights into modules of the right shapes).
+        """Rebuild the model's architecture from ``state`` (the trainer then loads the weights into modules
+        of the right shapes) and restore the controller.
 
-        Used both to resume a run and, with ``select_best``, to go back to the best epoch's model at the
-        end; the totals of the run (events, additions, seconds) never go back, so the summary reports
-        the whole fit either way.
+        Two uses, told apart by whether this fit has finished an epoch yet:
+
+        * resume (a checkpoint loaded before training goes on): everything comes back exactly, counters,
+          log and proposal RNG, so the resumed run continues as if never interrupted (the expansion event
+          that ``on_fit_start`` may have run on the fresh model is discarded with it);
+        * ``select_best`` (the trainer goes back to the best epoch's snapshot at the end): only the
+          architecture goes back; the totals of the run (events, additions, seconds, log) stay the whole
+          fit's, so the summary reports the selected network next to everything the run did.
         """
-        self.layer_cd = int(state["layer_cd"])
-        self.events = max(self.events, int(state["events"]))
-        self.neurons_added = max(self.neurons_added, int(state["neurons_added"]))
-        self.layers_added = max(self.layers_added, int(state["layers_added"]))
-        self.seconds = max(self.seconds, float(state["seconds"]))
-        if len(state["log"]) >= len(self.log):
-            self.log = list(state["log"])
-        self._last = dict(state.get("last", {}))
-        self.generator.set_state(state["generator"])
         if model is not None and state.get("arch") is not None:
             model.set_architecture(state["arch"])
+        if self._epochs_seen > 0:
+            return
+        self.layer_cd = int(state["layer_cd"])
+        self.events, self.seconds = int(state["events"]), float(state["seconds"])
+        self.neurons_added, self.layers_added = int(state["neurons_added"]), int(state["layers_added"])
+        self.log = list(state["log"])
+        self._last = dict(state.get("last", {}))
+        self.generator.set_state(state["generator"])
 
     # ------------------------------------------------------------------------------- one event
 
