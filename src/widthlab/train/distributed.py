@@ -111,15 +111,17 @@ class DistContext:
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """A DDP view of ``model`` (rebuilt after every structural change: DDP fixes its buckets).
 
-        Checks first that every rank holds the same structure (:meth:`check_same_structure`). The
-        integer/bool buffers just verified equal (masks, sparse indices) are left out of DDP's
-        per-forward buffer broadcast: they never change in training, and a wide network's masks are as
-        large as its dense weights.
+        Checks first that every rank holds the same structure (:meth:`check_same_structure`). Left out
+        of DDP's per-forward buffer broadcast (one collective per step, and a wide network's masks are
+        as large as its dense weights): the integer/bool buffers just verified equal (masks, sparse
+        indices), which training never changes, and non-persistent buffers (constants derived from the
+        architecture, e.g. positional tables). BatchNorm statistics are still broadcast from rank 0.
         """
         if not self.active:
             return model
         self.check_same_structure(model, device)
-        static = [n for n, b in model.named_buffers() if not _is_float(b)]
+        persistent = model.state_dict(keep_vars=True).keys()
+        static = [n for n, b in model.named_buffers() if not _is_float(b) or n not in persistent]
         ignore = getattr(nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model",
                          None)
         if static and ignore is not None:  # a private hook of DDP; without it, they are broadcast too
