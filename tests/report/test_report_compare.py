@@ -73,3 +73,11 @@ def test_regression_selects_the_lowest_validation_loss():
     assert arm.metric == "test_loss" and arm.choices[0].test == 0.3 and arm.choices[0].flops == 3.0
     header, _ = compare_table([arm])
     assert "test loss" in header
+
+
+def test_verdict_names_the_best_the_cheapest_and_the_smallest():
+    from widthlab.report.compare import verdict
+
+    line = verdict(compare_results(_rows())["t"])
+    assert line == ("best test accuracy: adaptive (95.00 ± 1.41%); least training compute: adaptive "
+                    "(95.00 ± 1.41%); fewest weights: dense grid (92.00 ± 1.41%).")

@@ -170,8 +170,7 @@ def compare_table(arms: list[ArmResult]) -> tuple[list[str], list[list[str]]]:
         flops, wall = a.stat("flops"), a.stat("wall")
         runs_per_seed = sorted({c.members for c in a.choices})
         rows.append([
-            a.arm + (" grid" if a.role == SEARCH and a.method == "dense" else
-                     " family" if a.role == SEARCH else ""),
+            _name(a),
             "/".join(str(n) for n in runs_per_seed), str(len(a.choices)),
             _fmt(a.stat("test"), "pct" if metric == "test_accuracy" else "loss"),
             _widths_text(a), _fmt(a.stat("weights"), "int"),
@@ -181,6 +180,31 @@ def compare_table(arms: list[ArmResult]) -> tuple[list[str], list[list[str]]]:
         ])
     keep = [j for j in range(len(header)) if j < 4 or any(r[j] for r in rows)]
     return [header[j] for j in keep], [[r[j] for j in keep] for r in rows]
+
+
+def verdict(arms: list[ArmResult]) -> str:
+    """One factual line per task: the best test metric, the least compute and the smallest model."""
+    done = [a for a in arms if a.stat("test").mean is not None]
+    if not done:
+        return ""
+    maximise = done[0].metric == "test_accuracy"
+    best = (max if maximise else min)(done, key=lambda a: a.stat("test").mean)
+    unit = "%" if maximise else ""
+
+    def score(a: ArmResult) -> str:
+        return f"{_name(a)} ({_fmt(a.stat('test'), 'pct' if maximise else 'loss')}{unit})"
+
+    parts = [f"best test {'accuracy' if maximise else 'loss'}: {score(best)}"]
+    for key, what in (("flops", "least training compute"), ("weights", "fewest weights")):
+        have = [a for a in done if a.stat(key).mean is not None]
+        if have:
+            parts.append(f"{what}: {score(min(have, key=lambda a: a.stat(key).mean))}")
+    return "; ".join(parts) + "."
+
+
+def _name(a: ArmResult) -> str:
+    return a.arm + (" grid" if a.role == SEARCH and a.method == "dense" else " family" if a.role == SEARCH
+                    else "")
 
 
 COMPARE_NOTES = (
@@ -200,4 +224,5 @@ def format_comparison(rows: list[dict]) -> str:
     tasks = compare_results(rows)
     if not tasks:
         return "(no finished runs yet)"
-    return "\n\n".join(f"## {task}\n\n{markdown_table(*compare_table(arms))}" for task, arms in tasks.items())
+    return "\n\n".join(f"## {task}\n\n{markdown_table(*compare_table(arms))}\n\n{verdict(arms)}"
+                       for task, arms in tasks.items())

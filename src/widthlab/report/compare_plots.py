@@ -16,7 +16,7 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from widthlab.report.compare import SEARCH, ArmResult
+from widthlab.report.compare import SEARCH, ArmResult, _name
 from widthlab.report.plots import METHOD_COLORS, METHOD_MARKERS, Plot, _png, _scale, epoch_curve, metric_title
 from widthlab.report.tables import stat
 
@@ -48,9 +48,6 @@ def _style(arms: Sequence[ArmResult]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _label(a: ArmResult) -> str:
-    return a.arm + (" grid" if a.role == SEARCH and a.method == "dense" else " family" if a.role == SEARCH
-                    else "")
 
 
 def _scatter_panel(ax, arms: Sequence[ArmResult], styles, x_key: str, member_x: str) -> bool:
@@ -72,7 +69,7 @@ def _scatter_panel(ax, arms: Sequence[ArmResult], styles, x_key: str, member_x: 
         if x.mean is None or y.mean is None or x.mean <= 0:
             continue
         ax.errorbar([x.mean], [scale * y.mean], xerr=[x.std or 0.0], yerr=[scale * (y.std or 0.0)],
-                    color=color, marker=marker, markersize=9, capsize=3, lw=1.4, label=_label(a),
+                    color=color, marker=marker, markersize=9, capsize=3, lw=1.4, label=_name(a),
                     markeredgecolor="black", markeredgewidth=0.6)
         drawn = True
     if drawn:
@@ -123,7 +120,7 @@ def width_over_training(tasks: dict[str, list[ArmResult]], epochs: dict[str, lis
             if not xs:
                 continue
             color, _ = styles[a.arm]
-            ax.plot(xs, ys, color=color, lw=2.0, label=_label(a) + (" (chosen width)" if a.role == SEARCH
+            ax.plot(xs, ys, color=color, lw=2.0, label=_name(a) + (" (chosen width)" if a.role == SEARCH
                                                                        else ""),
                     ls="--" if a.role == SEARCH else "-")
             any_line = True

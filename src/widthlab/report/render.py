@@ -22,7 +22,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from widthlab.report.compare import COMPARE_NOTES, compare_results, compare_table, is_compare
+from widthlab.report.compare import COMPARE_NOTES, compare_results, compare_table, is_compare, verdict
 from widthlab.report.compare_plots import compare_plots
 from widthlab.report.plots import Plot, _slug, make_plots
 from widthlab.report.tables import (
@@ -100,8 +100,8 @@ def render_markdown(studies, counts, tables, plots: list[Plot], failed, comparis
     out = [f"# {_title(studies)}", "", _status_line(counts), ""]
     if comparison:
         out += ["## Comparison", ""]
-        for task, header, rows in comparison:
-            out += [f"### {task}", "", markdown_table(header, rows), ""]
+        for task, header, rows, line in comparison:
+            out += [f"### {task}", "", markdown_table(header, rows), "", line, ""]
         out += [COMPARE_NOTES, ""]
     out += ["## All runs" if comparison else "## Results", ""]
     for study, header, rows in tables:
@@ -144,8 +144,8 @@ def render_html(studies, counts, tables, plots: list[Plot], failed, comparison=(
            f"<h1>{e(_title(studies))}</h1>", f'<p class="status">{e(_status_line(counts))}</p>']
     if comparison:
         out += ['<h2 id="comparison">Comparison</h2>']
-        for task, header, rows in comparison:
-            out += [f"<h3>{e(task)}</h3>", _html_table(header, rows, set(TEXT_COLUMNS))]
+        for task, header, rows, line in comparison:
+            out += [f"<h3>{e(task)}</h3>", _html_table(header, rows, set(TEXT_COLUMNS)), f"<p>{e(line)}</p>"]
         out += [f'<p class="notes">{e(COMPARE_NOTES)}</p>']
     out += ["<h2>All runs</h2>" if comparison else "<h2>Results</h2>"]
     for study, header, rows in tables:
@@ -196,7 +196,7 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
     comparison: list = []
     if is_compare(runs):  # one section per task; its figures replace the per-group ones
         arms = compare_results(runs)
-        comparison = [(task, *compare_table(a)) for task, a in arms.items()]
+        comparison = [(task, *compare_table(a), verdict(a)) for task, a in arms.items()]
         plots = compare_plots(arms, epochs, _slug(studies[0] if len(studies) == 1 else "compare"))
     else:
         plots = make_plots(groups, epochs)
