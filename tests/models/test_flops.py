@@ -39,3 +39,15 @@ def test_meter_over_a_fit_is_three_forwards_per_example_seen():
     Trainer(model, data, TrainConfig(epochs=2, batch_size=32, progress="none"), [meter]).fit()
     per_example = 2 * (8 * 16 + 16 * 3)
     assert meter.train_flops == 3 * per_example * 96 * 2 == meter.train_flops_dense
+
+
+def test_selecting_an_earlier_best_epoch_keeps_the_compute_of_the_whole_run():
+    data = make_blobs_task(n=96)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    meter = ComputeMeter()
+    # Monitoring the epoch number, minimised: epoch 1 is the best, restored at the end.
+    cfg = TrainConfig(epochs=3, batch_size=32, progress="none", select_best=True, monitor="epoch")
+    res = Trainer(model, data, cfg, [meter]).fit()
+    assert res.best_epoch == 1
+    assert meter.train_flops == 3 * 2 * (8 * 16 + 16 * 3) * 96 * 3

@@ -19,7 +19,11 @@ Optional non-event members:
   config; ``default(params)`` builds that one, so a method may only change the parameter set.
 * ``uses_closure``: if True, the trainer calls ``optimizer.step(closure)`` with a closure that
   recomputes the loss (second-order optimizers).
-* ``state_dict() / load_state_dict(d)``: saved in checkpoints for exact resume.
+* ``state_dict() / load_state_dict(d)``: saved in checkpoints for exact resume, and with the
+  best-validation snapshot, so that selecting the best epoch also restores the method's state of that
+  epoch (its architecture, say).
+* ``run_totals``: if True, the callback's state counts the whole run (compute spent, events seen):
+  it is checkpointed for resume but not rolled back when the best epoch's snapshot is restored.
 * ``metrics() -> dict``: extra per-epoch numbers for the record (e.g. current widths).
 """
 

@@ -15,7 +15,12 @@ from widthlab.models.flops import TRAIN_FORWARD_RATIO, spatial_factors, weight_c
 
 
 class ComputeMeter:
-    """Accumulates ``train_flops`` (and the dense-equivalent ``train_flops_dense``) over a fit."""
+    """Accumulates ``train_flops`` (and the dense-equivalent ``train_flops_dense``) over a fit.
+
+    A run total: selecting the best epoch at the end does not roll it back (the compute was spent).
+    """
+
+    run_totals = True
 
     def __init__(self) -> None:
         self.train_flops = 0.0

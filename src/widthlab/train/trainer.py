@@ -290,8 +290,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _snapshot(self) -> dict[str, Any]:
+        # Run totals (e.g. the compute meter) describe the whole run, not the selected epoch: left out
+        # (None), so that restoring the snapshot leaves them as they are.
+        states = [None if getattr(cb, "run_totals", False) else st
+                  for cb, st in zip(self.callbacks, self._callback_states())]
         return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                "callbacks": copy.deepcopy(self._callback_states())}
+                "callbacks": copy.deepcopy(states)}
 
     def _restore_snapshot(self, snap: dict[str, Any]) -> None:
         self._load_callback_states(snap["callbacks"])
