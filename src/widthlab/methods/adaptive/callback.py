@@ -22,6 +22,9 @@ exact targets travel by a non-blocking copy and are applied at the first step en
 usually one step late. Plus one read per epoch for the record (``metrics``). Evaluation never changes
 widths, because lam only moves in optimizer steps.
 
+Data-parallel runs (``trainer.dist.active``) take the exact check at every check, with the targets
+compared across ranks (``_agreed_targets``); ``sync="async"`` does not apply there.
+
 :class:`LinearAnneal` is the official LinearAlphaScheduler for online compression (§3 "Schedulers").
 """
 
@@ -154,7 +157,8 @@ class AdaptiveWidthCallback:
 
     def on_fit_start(self, trainer) -> list[ResizeEvent]:
         # A model built at another width (or a boundary below lam0) is brought to D(lam) before step 1.
-        return self.update_widths(trainer.model)
+        sites = collect_sites(trainer.model)
+        return self.update_widths(trainer.model, self._agreed_targets(trainer, sites) if sites else None)
 
     def on_step_end(self, trainer) -> list[ResizeEvent] | None:
         self.steps += 1
@@ -164,11 +168,37 @@ class AdaptiveWidthCallback:
         sites = collect_sites(model)
         if not sites or not any(s.scale.adapt for s in sites):
             return None
+        if getattr(getattr(trainer, "dist", None), "active", False):
+            return self.update_widths(model, self._agreed_targets(trainer, sites))
         if self.sync == "async" and sites[0].scale.dist._like().device.type == "cuda":
             return self._async_update(model, self._targets(sites))
         if self._surely_unchanged(sites):
             return None
         return self.update_widths(model, self._targets(sites).tolist())
+
+    @classmethod
+    def _agreed_targets(cls, trainer, sites: list[AdaptiveSite]) -> list[int]:
+        """Exact targets, checked equal on every rank of a data-parallel run (``trainer.dist``).
+
+        All ranks must resize at the same step to the same widths: each then rebuilds its DDP view, a
+        collective. lam is a parameter, so DDP all-reduces its gradient and every rank holds the same
+        lam; the targets are compared anyway (one small all-gather per check, in place of the cheap
+        check, whose flag would need a collective too), and a disagreement stops every rank with a
+        clear error instead of a hang. Single process: no communication.
+        """
+        targets = cls._targets(sites)
+        ctx = getattr(trainer, "dist", None)
+        if ctx is not None:
+            targets = ctx.agree(targets, "adaptive target widths")
+        return targets.tolist()
+
+    def _step_sites(self, model: nn.Module) -> list[AdaptiveSite]:
+        """``collect_sites(model)``, rebuilt only for a new model object or after a resize or a restore
+        (a Transformer has a dozen prefixed sites: rebuilding them every step costs more than the check).
+        """
+        if self._sites_cache is None or self._sites_cache[0] is not model:
+            self._sites_cache = (model, collect_sites(model))
+        return self._sites_cache[1]
 
     def _surely_unchanged(self, sites: list[AdaptiveSite]) -> bool:
         """The cheap check: is every raw parameter strictly inside its cached width thresholds?
