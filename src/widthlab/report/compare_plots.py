@@ -88,24 +88,14 @@ def _finish(fig, axes, drawn) -> bytes | None:
     return _png(fig)
 
 
-def metric_vs_compute(tasks: dict[str, list[ArmResult]]) -> bytes | None:
+def metric_vs(tasks: dict[str, list[ArmResult]], key: str, member_key: str, xlabel: str) -> bytes | None:
+    """Test metric against ``key`` of each method's choice (``member_key`` of each search member)."""
     fig, axes = _panels(len(tasks))
     drawn = []
     for ax, (task, arms) in zip(axes, tasks.items()):
-        drawn.append(_scatter_panel(ax, arms, _style(arms), "flops", "train_flops"))
+        drawn.append(_scatter_panel(ax, arms, _style(arms), key, member_key))
         ax.set_title(task, fontsize=10)
-        ax.set_xlabel("training FLOPs (whole search for grids and families)")
-        ax.set_ylabel(metric_title(arms[0].metric))
-    return _finish(fig, axes, drawn)
-
-
-def metric_vs_weights(tasks: dict[str, list[ArmResult]]) -> bytes | None:
-    fig, axes = _panels(len(tasks))
-    drawn = []
-    for ax, (task, arms) in zip(axes, tasks.items()):
-        drawn.append(_scatter_panel(ax, arms, _style(arms), "weights", "nonzero_weights"))
-        ax.set_title(task, fontsize=10)
-        ax.set_xlabel("nonzero weights of the final model")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric_title(arms[0].metric))
     return _finish(fig, axes, drawn)
 
@@ -144,12 +134,13 @@ def compare_plots(tasks: dict[str, list[ArmResult]], epochs: dict[str, list[dict
          "whole search per seed: every width of the dense grid, every member of the wide & sparse "
          "family, the single adaptive or self-expanding run. Small joined markers: each member of a "
          "search at its own cost. Log x axis.",
-         lambda: metric_vs_compute(tasks)),
+         lambda: metric_vs(tasks, "flops", "train_flops",
+                           "training FLOPs (whole search for grids and families)")),
         ("compare-weights", "Test metric vs weights",
          "Test metric against the nonzero weights (Linear and Conv weights, no biases) of the final "
          "model; large markers: each method's chosen model, small joined markers: the members of a "
          "search. Log x axis.",
-         lambda: metric_vs_weights(tasks)),
+         lambda: metric_vs(tasks, "weights", "nonzero_weights", "nonzero weights of the final model")),
         ("compare-width", "Width over training",
          "Total hidden width of the chosen runs at the end of each epoch, mean over seeds: learnt "
          "(adaptive) and grown (self-expanding) widths as they change, a search's chosen width as a "

@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from widthlab.studies.schema import StudySpec
+from widthlab.studies.schema import StudySpec, distinct_seeds
 
 # The roles of compare runs, recorded in each run's config and summary.
 SEARCH, SINGLE = "search", "single"
@@ -83,9 +83,7 @@ class CompareSpec(_Strict):
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError("seeds must be distinct")
-        return v
+        return distinct_seeds(v)
 
     @field_validator("tasks", "methods")
     @classmethod

@@ -157,6 +157,11 @@ class StudySpec(_Strict):
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError("seeds must be distinct")
-        return v
+        return distinct_seeds(v)
+
+
+def distinct_seeds(v: list[int]) -> list[int]:
+    """Validator of a study's ``seeds``: a repeated seed would repeat a run under the same id."""
+    if len(set(v)) != len(v):
+        raise ValueError("seeds must be distinct")
+    return v
