@@ -1,11 +1,13 @@
 """Running studies: results database, failures, parallel workers, kill + resume, re-rendered reports."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from study_files import tiny_study
@@ -103,6 +105,48 @@ def test_killed_study_resumes_to_the_same_results(tmp_path):
 
     assert main(["run", str(path), "--out", str(out), "--quiet", "--no-report", "--resume"]) == 0
     assert _metrics(out) == _metrics(ref)
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_workers_stop_when_their_driver_is_killed(tmp_path):
+    path = tiny_study(tmp_path, epochs=2000)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "widthlab.cli", "run", str(path), "--out", str(out), "--quiet",
+           "--workers", "2"]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        workers: set[int] = set()
+        while time.time() < deadline and len(workers) < 2:
+            workers = {k for k in _children(proc.pid)
+                       if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()}
+            time.sleep(0.1)
+        assert len(workers) == 2, "workers did not start"
+        with_epochs = time.time() + 120
+        while time.time() < with_epochs and not list(out.glob("runs/*/metrics.jsonl")):
+            time.sleep(0.1)
+        proc.kill()  # the driver alone: SIGKILL leaves its daemonic workers running
+        proc.wait()
+        deadline = time.time() + 60
+        while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+            time.sleep(0.2)
+        alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+        assert not alive, "orphaned workers kept training"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_report_rerenders_from_the_database_alone(tmp_path, capsys):

@@ -89,10 +89,22 @@ class ProgressPrinter:
                 self._print(f"{self._counts()} FAILED {label} ({msg['run_id']}): {msg.get('error')}")
 
 
-def _worker_main(runs: list[RunSpec], out_dir: str, resume: bool, threads: int, q) -> None:
-    """Entry of a spawned worker: run each assigned run, reporting through ``q``."""
+def _worker_main(runs: list[RunSpec], out_dir: str, resume: bool, threads: int, q, driver: int) -> None:
+    """Entry of a spawned worker: run each assigned run, reporting through ``q``.
+
+    A worker whose driver died (killed with SIGKILL, say: daemonic children are only reaped on a clean
+    exit) stops at its next progress message, at most an epoch later, instead of training on unseen;
+    its run stays ``running`` in the database and ``--resume`` restarts it from its checkpoint.
+    """
+    def report(msg: dict[str, Any]) -> None:
+        if os.getppid() != driver:
+            os._exit(3)
+        q.put(msg)
+
     for run in runs:
-        execute_run(run, Path(out_dir), resume=resume, progress=q.put, num_threads=threads)
+        if os.getppid() != driver:
+            os._exit(3)
+        execute_run(run, Path(out_dir), resume=resume, progress=report, num_threads=threads)
 
 
 def plan_runs(spec: StudySpec, out_dir: Path, resume: bool) -> tuple[list[RunSpec], int]:
@@ -176,8 +188,8 @@ def _run_parallel(todo: list[RunSpec], out_dir: Path, workers: int, resume: bool
     ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
     q = ctx.Queue()
     shards = [todo[i::workers] for i in range(workers)]
-    procs = [ctx.Process(target=_worker_main, args=(shard, str(out_dir), resume, threads, q), daemon=True)
-             for shard in shards if shard]
+    procs = [ctx.Process(target=_worker_main, args=(shard, str(out_dir), resume, threads, q, os.getpid()),
+                         daemon=True) for shard in shards if shard]
     for p in procs:
         p.start()
     summaries: dict[str, dict[str, Any]] = {}
