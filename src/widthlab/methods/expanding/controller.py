@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from widthlab.methods.expanding import kfac, proposals, scores, unit_score
-from widthlab.methods.expanding.fisher import named_trainable, output_grad, per_sample_loss
+from widthlab.methods.expanding.fisher import metric_pinv_norm, named_trainable, output_grad, per_sample_loss
 from widthlab.methods.expanding.insertion import full_rank, insert_layer, insert_units
 from widthlab.methods.expanding.natural_gradient import GaussNewtonOperator, conjugate_gradient
 from widthlab.nn.resize import ResizeEvent
@@ -102,6 +102,7 @@ class ExpansionConfig:
     optimizer_mode: str = "keep"
     check_tol: float = 1e-3
     search_dtype: str = "float32"
+    abs_normalizer: str = "sqnorm"
 
     def __post_init__(self):
         object.__setattr__(self, "max_widths", tuple(int(w) for w in self.max_widths))
@@ -119,6 +120,7 @@ class ExpansionConfig:
             (all(w >= 1 for w in self.max_widths), "max_widths must be positive"),
             (self.optimizer_mode in ("keep", "reset"), "optimizer_mode must be 'keep' or 'reset'"),
             (self.search_dtype in ("float32", "float64"), "search_dtype must be 'float32' or 'float64'"),
+            (self.abs_normalizer in ("metric", "sqnorm"), "abs_normalizer must be 'metric' or 'sqnorm'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -146,6 +148,7 @@ class _Context:
     obs: kfac.Observation
     eta_global: float
     per_layer: dict[str, dict[str, Any]]
+    bound: float = float("nan")  # normaliser of the absolute score (ExpansionConfig.abs_normalizer)
 
 
 class ExpansionController:
@@ -173,6 +176,7 @@ class ExpansionController:
         self._fit_t0: float | None = None
         self._last: dict[str, float] = {}
         self._epochs_seen = 0  # epochs finished in this fit (tells a resume from a select_best restore)
+        self._commits: list[Candidate] = []  # what the last event inserted (broadcast under DDP)
 
     # ------------------------------------------------------------------------------- hooks
 
@@ -223,11 +227,22 @@ class ExpansionController:
         out.update(self._last)
         return out
 
-    def state_dict(self) -> dict[str, Any]:
+    def _counters(self) -> dict[str, Any]:
+        """Everything of the controller except the architecture: counters, log, proposal RNG."""
         return {"layer_cd": self.layer_cd, "events": self.events, "neurons_added": self.neurons_added,
                 "layers_added": self.layers_added, "seconds": self.seconds, "log": list(self.log),
-                "generator": self.generator.get_state(), "last": dict(self._last),
-                "arch": self.model.architecture()}
+                "generator": self.generator.get_state(), "last": dict(self._last)}
+
+    def _set_counters(self, state: dict[str, Any]) -> None:
+        self.layer_cd = int(state["layer_cd"])
+        self.events, self.seconds = int(state["events"]), float(state["seconds"])
+        self.neurons_added, self.layers_added = int(state["neurons_added"]), int(state["layers_added"])
+        self.log = list(state["log"])
+        self._last = dict(state.get("last", {}))
+        self.generator.set_state(state["generator"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._counters(), "arch": self.model.architecture()}
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
         """Rebuild the model's architecture from ``state`` (the trainer then loads the weights into modules
@@ -244,19 +259,31 @@ class ExpansionController:
         """
         if model is not None and state.get("arch") is not None:
             model.set_architecture(state["arch"])
-        if self._epochs_seen > 0:
-            return
-        self.layer_cd = int(state["layer_cd"])
-        self.events, self.seconds = int(state["events"]), float(state["seconds"])
-        self.neurons_added, self.layers_added = int(state["neurons_added"]), int(state["layers_added"])
-        self.log = list(state["log"])
-        self._last = dict(state.get("last", {}))
-        self.generator.set_state(state["generator"])
+        if self._epochs_seen == 0:
+            self._set_counters(state)
 
     # ------------------------------------------------------------------------------- one event
 
     def expand(self, trainer) -> list[ResizeEvent]:
-        """Run one expansion event on the trainer's model; returns the committed resize events."""
+        """Run one expansion event on the trainer's model; returns the committed resize events.
+
+        Under data parallelism (``trainer.dist.active``) rank 0 alone searches, on the whole scoring data
+        as a single process would; it broadcasts the units it committed (kind, place, parameters) and its
+        counters, and every other rank inserts exactly the same units. All ranks then return the same
+        resize events, so the trainer remaps every optimizer and rebuilds the DDP wrapper together.
+        """
+        dist = getattr(trainer, "dist", None)
+        if dist is None or not dist.active:
+            return self._expand(trainer)
+        events = self._expand(trainer) if dist.is_main else []
+        msg = dist.broadcast_object({"commits": self._commits, "counters": self._counters()}
+                                    if dist.is_main else None)
+        if dist.is_main:
+            return events
+        self._set_counters(msg["counters"])
+        return [self._commit(trainer.model, c) for c in msg["commits"]]
+
+    def _expand(self, trainer) -> list[ResizeEvent]:
         t0 = time.perf_counter()
         model = trainer.model
         x, y = self._scoring_data(trainer)
@@ -266,6 +293,7 @@ class ExpansionController:
         added_layer = False
         cache: dict[int, Candidate] = {}  # evaluated width candidates by hidden layer
         record: dict[str, Any] = {"epoch": int(trainer.epoch), "additions": []}
+        self._commits = []
         while len(events) < self.cfg.max_additions:
             # The CG solve is needed for the depth (and "natural" width) residual; η_global is logged once.
             natural = (not events or self._depth_allowed(model, added_layer)
@@ -294,6 +322,7 @@ class ExpansionController:
                 break
             best = max(passing, key=lambda c: c.delta)
             events.append(self._commit(model, best, x, y))
+            self._commits.append(replace(best, theta=best.theta.detach().cpu()))
             record["additions"].append({"kind": best.kind, "index": best.index, "delta": best.delta,
                                         "rel": best.rel, "abs": best.abs})
             if best.kind == "depth":
@@ -361,6 +390,10 @@ class ExpansionController:
             residuals["natural"] = r - c * jx  # what the current natural-gradient step leaves (spec §2.3)
         obs = kfac.observe(model, x, y, self.loss, metric=cfg.output_metric, g_estimator=cfg.g_estimator,
                            bias=cfg.bias, residuals=residuals)
+        if cfg.abs_normalizer == "metric":
+            bound = float(metric_pinv_norm(self.loss, obs.out, y, cfg.output_metric))
+        else:
+            bound = float(obs.loss_sqnorm)
         per_layer = {}
         for name, lay in obs.layers.items():
             f = lay.factors
@@ -372,7 +405,7 @@ class ExpansionController:
                       for k, e in lay.e_rows.items()}
             per_layer[name] = {"G_inv": G_inv, "eta": float(scores.layer_eta(gbar, A_pinv, G_inv)),
                                "r_perp": r_perp}
-        return _Context(obs, eta_global, per_layer)
+        return _Context(obs, eta_global, per_layer, bound)
 
     # ------------------------------------------------------------------------------- propose/evaluate
 
@@ -448,7 +481,7 @@ class ExpansionController:
             delta /= cfg.layer_cost_mul
         alpha = cfg.alpha_layer if kind == "depth" else cfg.alpha
         rel = delta / eta
-        ab = delta / max(float(ctx.obs.loss_sqnorm), 1e-30)
+        ab = delta / max(ctx.bound, 1e-30)
         return Candidate(kind, index, delta, rel, ab, theta, layout,
                          passes=bool(rel > cfg.tau and ab > alpha and math.isfinite(delta)))
 
@@ -480,7 +513,7 @@ class ExpansionController:
 
     @staticmethod
     def _candidate_metrics(ctx: _Context, cands: list[Candidate | None]) -> dict[str, float]:
-        out = {"loss_sqnorm": float(ctx.obs.loss_sqnorm)}
+        out = {"loss_sqnorm": float(ctx.obs.loss_sqnorm), "score_bound": ctx.bound}
         for c in cands:
             if c is not None:
                 key = f"{c.kind}{'' if c.kind == 'depth' else c.index}"
@@ -490,12 +523,15 @@ class ExpansionController:
 
     # ------------------------------------------------------------------------------- commit
 
-    def _commit(self, model: nn.Module, cand: Candidate, x: torch.Tensor, y: torch.Tensor) -> ResizeEvent:
+    def _commit(self, model: nn.Module, cand: Candidate, x: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> ResizeEvent:
+        """Insert the candidate; with scoring data (x, y), check that the loss did not change."""
         ref = next(model.parameters())
         parts = {k: v.to(dtype=ref.dtype, device=ref.device)
                  for k, v in cand.layout.split(cand.theta[None]).items()}
-        with torch.no_grad():
-            before = per_sample_loss(self.loss, model(x), y).mean()
+        if x is not None:
+            with torch.no_grad():
+                before = per_sample_loss(self.loss, model(x), y).mean()
         if cand.kind == "width":
             ev = insert_units(model, cand.index, parts["W"][0], parts["b"][0],
                               {n: parts[n][0] for n in "vcl"})
@@ -504,12 +540,13 @@ class ExpansionController:
             ev = insert_layer(model, cand.index, basis=B, shift=parts["b"][0])
         else:
             ev = insert_layer(model, cand.index)
-        with torch.no_grad():
-            after = per_sample_loss(self.loss, model(x), y).mean()
-        change = float((after - before).abs() / before.abs().clamp_min(1e-12))
-        if not change <= self.cfg.check_tol:
-            raise RuntimeError(f"self-expansion: {ev.description} changed the loss by {change:.3g} "
-                               "(relative); insertion should preserve the function")
+        if x is not None:
+            with torch.no_grad():
+                after = per_sample_loss(self.loss, model(x), y).mean()
+            change = float((after - before).abs() / before.abs().clamp_min(1e-12))
+            if not change <= self.cfg.check_tol:
+                raise RuntimeError(f"self-expansion: {ev.description} changed the loss by {change:.3g} "
+                                   "(relative); insertion should preserve the function")
         return ResizeEvent(ev.params, ev.added, ev.removed, ev.description, ev.widths,
                            optimizer_mode=self.cfg.optimizer_mode)
 

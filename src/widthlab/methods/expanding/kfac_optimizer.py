@@ -27,6 +27,7 @@ from torch import nn
 
 from widthlab.methods.expanding import kfac
 from widthlab.methods.expanding.fisher import check_loss, check_metric
+from widthlab.methods.expanding.natural_gradient import rank_weighted_sum
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -65,6 +66,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.ema_decay, self.stat_every, self.inv_every = ema_decay, stat_every, inv_every
         self.g_estimator, self.kl_clip, self.bias = g_estimator, kl_clip, bias
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dist = None  # a DistContext under data parallelism (set by plan.OptimizerHook), else None
 
     def set_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._batch = (x, y)
@@ -87,11 +89,15 @@ class KFACOptimizer(torch.optim.Optimizer):
             es = [kfac.backprop(out, cap, u.to(out.dtype), list(cap)) for u in us]
         self.model.train(was_training)
         n = x.shape[0]
+        batch = {}
         for name, m in layers.items():
-            if name not in cap:
-                continue
-            a_rows = kfac.input_rows(m, cap[name].a, self.bias)
-            f = kfac.factors_from_rows(a_rows, [kfac.output_rows(e[name]) for e in es], n)
+            if name in cap:
+                a_rows = kfac.input_rows(m, cap[name].a, self.bias)
+                batch[name] = kfac.factors_from_rows(a_rows, [kfac.output_rows(e[name]) for e in es], n)
+        if self.dist is not None and self.dist.active:
+            self._all_reduce_factors(batch, n)
+        for name, f in batch.items():
+            m = layers[name]
             st = self.state[m.weight]
             old = st.get("A")
             if old is None or old.shape != f.A.shape or st["G"].shape != f.G.shape or self.ema_decay == 0:
@@ -100,6 +106,17 @@ class KFACOptimizer(torch.optim.Optimizer):
             else:
                 kfac.ema_(st["A"], f.A.detach(), self.ema_decay)
                 kfac.ema_(st["G"], f.G.detach(), self.ema_decay)
+
+    def _all_reduce_factors(self, batch: dict[str, kfac.LayerFactors], n: int) -> None:
+        """Data parallelism: each rank's factors are means over its slice; the global batch's are their
+        n_r/n-weighted sum, taken in one all-reduce of all layers' A and G."""
+        if not batch:
+            return
+        mats = [t for f in batch.values() for t in (f.A, f.G)]
+        reduce = rank_weighted_sum(self.dist, n, mats[0])
+        parts = reduce(torch.cat([t.reshape(-1) for t in mats])).split([t.numel() for t in mats])
+        for i, f in enumerate(batch.values()):
+            f.A, f.G = parts[2 * i].view_as(f.A), parts[2 * i + 1].view_as(f.G)
 
     def _ready(self, m: nn.Module) -> bool:
         st = self.state.get(m.weight, {})

@@ -151,11 +151,26 @@ class GaussNewtonOperator:
 def natural_gradient(model: nn.Module, x: torch.Tensor, g: torch.Tensor, loss: str, *,
                      output_metric: str = "fisher", damping: float = 0.1, maxiter: int = 100,
                      tol: float = 1e-5, params: dict[str, torch.Tensor] | None = None,
-                     mode: str = "auto") -> CGResult:
-    """x = (F + λI)⁻¹ g on the batch ``x`` by CG; η = gᵀx."""
+                     mode: str = "auto", reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> CGResult:
+    """x = (F + λI)⁻¹ g on the batch ``x`` by CG; η = gᵀx.
+
+    ``reduce`` turns this batch's F v into the global batch's under data parallelism (a weighted sum over
+    ranks); every rank then runs the same CG iterations on the same vectors.
+    """
     op = GaussNewtonOperator(model, x, loss, output_metric=output_metric, damping=damping, params=params,
                              mode=mode)
-    return conjugate_gradient(op, g, maxiter=maxiter, tol=tol)
+    if reduce is None:
+        return conjugate_gradient(op, g, maxiter=maxiter, tol=tol)
+    return conjugate_gradient(lambda v: reduce(op.gn(v)) + damping * v, g, maxiter=maxiter, tol=tol)
+
+
+def rank_weighted_sum(dist, n_local: int, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """u ↦ Σ_ranks (n_r / n) u_r: the global batch mean of per-rank batch means (``dist`` a
+    ``train.distributed.DistContext``; one all-reduce for n here, one per call)."""
+    n = like.new_tensor(float(n_local))
+    w = n / dist.all_reduce_(n.clone())
+    return lambda u: dist.all_reduce_(u * w)
 
 
 class NaturalGradientCG(torch.optim.Optimizer):
@@ -189,6 +204,7 @@ class NaturalGradientCG(torch.optim.Optimizer):
         self.model, self.loss, self.output_metric = model, check_loss(loss), check_metric(output_metric)
         self.mode = mode
         self._batch: torch.Tensor | None = None
+        self.dist = None  # a DistContext under data parallelism (set by plan.OptimizerHook), else None
         self.last_eta: torch.Tensor | None = None  # gᵀx of the last step (a device tensor)
         self.last_iterations = 0
 
@@ -210,12 +226,15 @@ class NaturalGradientCG(torch.optim.Optimizer):
             params = {names[id(p)]: p for p in group["params"] if p.grad is not None}
             if not params:
                 continue
-            g = flatten(p.grad for p in params.values())
+            g = flatten(p.grad for p in params.values())  # the global mean gradient under DDP
+            reduce = None
+            if self.dist is not None and self.dist.active:  # F of the global batch from the ranks' slices
+                reduce = rank_weighted_sum(self.dist, self._batch.shape[0], g)
             with torch.enable_grad():
                 res = natural_gradient(self.model, self._batch, g, self.loss,
                                        output_metric=self.output_metric,
                                        damping=group["damping"], maxiter=group["maxiter"], tol=group["tol"],
-                                       params=params, mode=self.mode)
+                                       params=params, mode=self.mode, reduce=reduce)
             self.last_eta, self.last_iterations = g @ res.x, res.iterations
             wd, lr = group["weight_decay"], group["lr"]
             for p, xp in zip(params.values(), unflatten(res.x, params).values()):

@@ -79,7 +79,9 @@ class OptimizerHook:
     def on_after_backward(self, trainer) -> None:
         opt = trainer.optimizer
         if hasattr(opt, "set_batch"):
-            opt.set_batch(*trainer.last_batch)
+            opt.set_batch(*trainer.last_batch)  # this rank's slice under data parallelism
+            dist = getattr(trainer, "dist", None)
+            opt.dist = dist if dist is not None and dist.active else None
 
     def metrics(self, trainer) -> dict[str, float]:
         eta = getattr(trainer.optimizer, "last_eta", None)
@@ -114,6 +116,7 @@ def build(
     kfac_inv_every: int = 10,
     kfac_momentum: float = 0.0,
     kfac_kl_clip: float | None = None,
+    kfac_g_estimator: str = "sampled",
     output_metric: str = "fisher",
     tau: float = 1.0,
     alpha: float = 2.5e-3,
@@ -143,6 +146,7 @@ def build(
     recursive: bool = True,
     max_additions: int = 64,
     eta_maxiter: int = 100,
+    abs_normalizer: str = "sqnorm",
 ) -> MethodPlan:
     """Build the self-expanding method (specs/senn.md §2): expandable MLP, optimizer hook, controller.
 
@@ -160,7 +164,8 @@ def build(
         optimizer: ``cg`` (official), ``kfac`` or ``default`` (the study's ``train.optimizer``).
         lr, damping, weight_decay, cg_maxiter, cg_tol: natural-gradient step (official 0.1, 0.1, 0, 100,
             1e-5); for K-FAC ``damping`` is λ of its factored damping.
-        kfac_ema_decay, kfac_stat_every, kfac_inv_every, kfac_momentum, kfac_kl_clip: K-FAC options.
+        kfac_ema_decay, kfac_stat_every, kfac_inv_every, kfac_momentum, kfac_kl_clip, kfac_g_estimator:
+            K-FAC options (``kfac_g_estimator``: ``sampled`` Monte-Carlo Fisher, or ``exact``).
         output_metric: ``fisher`` (the loss's Gauss-Newton, default) or ``identity`` (official) for the
             optimiser, η and the G factors.
         eta_maxiter: CG iterations for the global η and the natural-gradient residual of the scores.
@@ -185,7 +190,8 @@ def build(
         opt_options = {"lr": lr, "damping": damping, "weight_decay": weight_decay,
                        "ema_decay": kfac_ema_decay,
                        "stat_every": kfac_stat_every, "inv_every": kfac_inv_every, "momentum": kfac_momentum,
-                       "kl_clip": kfac_kl_clip, "output_metric": output_metric}
+                       "kl_clip": kfac_kl_clip, "output_metric": output_metric,
+                       "g_estimator": kfac_g_estimator}
     else:
         opt_options = {}
     hook = OptimizerHook(optimizer, loss, **opt_options)
@@ -198,7 +204,7 @@ def build(
         g_damping=g_damping, bias=bias_in_factors, width_residual=width_residual, layer_init=layer_init,
         score_batch=score_batch, expand_at_start=expand_at_start, expand_at_end=expand_at_end,
         recursive=recursive, max_additions=max_additions, eta_maxiter=eta_maxiter,
-        eta_damping=damping if optimizer == "cg" else 0.1,
+        abs_normalizer=abs_normalizer, eta_damping=damping if optimizer == "cg" else 0.1,
         optimizer_mode="reset" if optimizer == "kfac" else "keep")
     summary: dict = {"start_widths": widths, "optimizer": optimizer}
     controller = ExpansionController(net, config, loss, seed=seed, summary=summary)
