@@ -13,6 +13,7 @@ from itertools import pairwise
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from widthlab.methods.adaptive.distributions import make_distribution
@@ -117,15 +118,31 @@ class AdaptiveMLP(nn.Module):
         for i, layer in enumerate(self.layers):
             p = self.scales[i - 1].importance(widths[i - 1]) if i > 0 else None
             kaiming_plus_(layer, p, c.init)
+        self._fold_ok = c.act_outer in _HOMOGENEOUS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.flatten:
             x = x.reshape(x.shape[0], -1)  # (B, *input_shape) -> (B, d)
-        for layer, scale in zip(self.layers, self.scales):
-            x = scale(self.act(layer(x)))  # (..., D_l)
+        p = None  # importance of the previous layer's units when it is folded into this layer (_folds)
+        for layer, consumer, scale in zip(self.layers, self.layers[1:], self.scales):
+            x = self.act(_linear(layer, x, p))  # (..., D_l)
+            p = scale.importance(x.shape[-1]) if self._folds(scale, consumer, x) else None
+            if p is None:
+                x = scale(x)
             if self.act_outer is not None:
                 x = self.act_outer(x)
-        return self.layers[-1](x)  # (..., out_features)
+        return _linear(self.layers[-1], x, p)  # (..., out_features)
+
+    def _folds(self, scale: AdaptiveScale, consumer: nn.Module, a: torch.Tensor) -> bool:
+        """Whether to apply p_l as W_{l+1} diag(p_l) instead of a ⊙ p_l (the same function, §2).
+
+        Cheaper when W_{l+1} has fewer entries than the activations (narrow outputs: classifier heads,
+        Transformer FFNs over many tokens): forward and backward then multiply the weight, not the batch.
+        Exact because act_outer, if any, is positively homogeneous and p >= 0 (see fold_importance).
+        Not done when hooks watch the consumer (e.g. the FLOP meter's), which must see it called.
+        """
+        return (scale.adapt and self._fold_ok and type(consumer) is nn.Linear
+                and consumer.weight.numel() < a.numel() and not _has_hooks(consumer))
 
     def width_sites(self) -> list[WidthSite]:
         """Hidden layer i: ``layers.i`` rows -> ``layers.{i+1}`` columns; rebuilt at every call."""
@@ -144,6 +161,21 @@ class AdaptiveMLP(nn.Module):
     def to_dense(self) -> nn.Module:
         """A plain MLP computing the same function (see :func:`fold_importance`)."""
         return fold_importance(self)
+
+
+_HOMOGENEOUS = (None, "relu", "leaky_relu")  # act_outer with f(c x) = c f(x) for c >= 0
+
+
+def _linear(layer: nn.Module, x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    """``layer(x)``, or ``layer(x ⊙ p)`` computed as ``F.linear(x, W diag(p), b)``."""
+    if p is None:
+        return layer(x)
+    return F.linear(x, layer.weight * p, layer.bias)  # (out, D) * (D,): column scaling
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 def fold_importance(m: AdaptiveMLP) -> nn.Module:
