@@ -50,3 +50,14 @@ def test_bad_input_shapes_are_named():
         create_model("transformer", input_shape=(3, 4), num_outputs=5)
     with pytest.raises(ValueError, match="divisible"):
         create_model("transformer", input_shape=(2, 4), num_outputs=5, d_model=10, heads=3)
+
+
+def test_transformer_embeddings_have_the_scale_of_the_positions():
+    """Embeddings are multiplied by sqrt(d_model): drawn with std d_model^-1/2 they add to the unit-scale
+    sinusoidal positions at the same scale (N(0, 1) would drown the positions and stall reordering)."""
+    torch.manual_seed(0)
+    model = create_model("transformer", input_shape=(2, 13), num_outputs=512, d_model=64)
+    scaled = model.embed.weight[1:].detach() * 64**0.5
+    assert scaled.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.positions.abs().max().item() == pytest.approx(1.0, abs=1e-6)
+    assert model.embed.weight[0].abs().max().item() == 0.0  # PAD

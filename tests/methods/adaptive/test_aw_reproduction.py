@@ -32,3 +32,12 @@ def test_learned_widths_and_accuracy_match_the_paper(tmp_path):
     for name, (paper_width, min_acc, _) in PAPER.items():
         assert paper_width / 2 <= widths[name] <= paper_width * 2, (name, widths[name])
         assert got[name]["test_accuracy"] >= min_acc, (name, got[name]["test_accuracy"])
+
+
+@pytest.mark.slow
+def test_adaptive_transformer_learns_the_seq2seq_task(tmp_path):
+    """The quick Transformer study (a few CPU minutes) ends far above chance (~3% token accuracy)."""
+    outcome = run_study(load_study("adaptive-transformer-seq2seq-quick", []), tmp_path, quiet=True)
+    (summary,) = outcome.summaries
+    assert summary["status"] == "done", summary["error"]
+    assert summary["test_accuracy"] >= 0.6, summary["test_accuracy"]
