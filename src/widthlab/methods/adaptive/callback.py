@@ -8,14 +8,15 @@ check per optimizer step, in ``on_step_end``:
 1. project every distribution's parameters (a device ``clamp_``, no sync);
 2. cheap check: compare every layer's raw parameter with cached thresholds of its current width (for
    the exponential, c/(D - 1) < lam <= c/(D - 2) mapped to r and shrunk by a 1e-5 safety margin),
-   all layers in one fused comparison, and read the single "some layer may change" flag to the host;
+   reading the L raw parameters to the host in one transfer (L scalars: cheaper than comparing on
+   the device and reading a flag, and on the CPU no synchronisation at all);
 3. only when flagged, exact check: compute every target width D(lam) on the device (float64 floor,
    ``width_tensor``), read the L targets in one transfer, and resize the layers whose target differs
    through ``resizing.set_width``; the returned event makes the trainer remap the optimizer (mode
    ``reset`` or ``keep``).
 
 Sync budget: 0 host-device synchronisations per forward pass (the forward reads D from tensor shapes);
-1 per optimizer step (the flag), plus a second one on the steps where some lam crossed, or came within
+1 per optimizer step (the parameters), plus a second one on the steps where some lam crossed, or came within
 the margin of, a threshold; families without closed-form thresholds take the exact check every step
 (still 1 read). ``check_every=n`` checks every n steps; ``sync="async"`` on CUDA blocks never: the
 exact targets travel by a non-blocking copy and are applied at the first step end after they arrive,
@@ -116,6 +117,7 @@ class AdaptiveWidthCallback:
         self.resizes = 0
         self._pending: tuple[torch.Tensor, Any] | None = None  # (pinned host targets, CUDA event)
         self._threshold_key: tuple | None = None
+        self._sites_cache: tuple[nn.Module, list[AdaptiveSite]] | None = None
         self._thresholds: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
         if anneal is not None:
             self._set_epoch(0)
@@ -138,6 +140,7 @@ class AdaptiveWidthCallback:
             The resize events (empty when nothing changed).
         """
         sites = collect_sites(model)
+        self._sites_cache = None
         if targets is None:
             targets = self._targets(sites).tolist()  # the one host read of this step
         events = []
@@ -165,7 +168,7 @@ class AdaptiveWidthCallback:
         if self.steps % self.check_every:
             return None
         model = trainer.model
-        sites = collect_sites(model)
+        sites = self._step_sites(model)
         if not sites or not any(s.scale.adapt for s in sites):
             return None
         if getattr(getattr(trainer, "dist", None), "active", False):
@@ -203,31 +206,32 @@ class AdaptiveWidthCallback:
     def _surely_unchanged(self, sites: list[AdaptiveSite]) -> bool:
         """The cheap check: is every raw parameter strictly inside its cached width thresholds?
 
-        One fused comparison of all layers' parameters with the (lo, hi) intervals of their current
-        widths (``stable_interval``), and one host read of the result. False (go to the exact check)
-        when some parameter left its interval, came within the safety margin of a threshold, or a
-        family has no thresholds. The intervals are rebuilt when a width or a parameter object changes.
+        One host read of all layers' raw parameters (a single transfer; on the CPU, where the values are
+        host memory, plain reads), compared on the host with the (lo, hi) intervals of their current
+        widths (``stable_interval``). False (go to the exact check) when some parameter left its
+        interval, came within the safety margin of a threshold, or a family has no thresholds. The
+        intervals are rebuilt when a width or a parameter object changes.
         """
         with torch.no_grad():
             for s in sites:
                 s.scale.dist.project_()
-        key = tuple((s.width, *map(id, s.scale.dist.parameters())) for s in sites)
+        # Direct parameters only (the distributions have no submodules): cheaper than parameters().
+        key = tuple((s.width, *map(id, s.scale.dist._parameters.values())) for s in sites)
         if key != self._threshold_key:
             self._threshold_key = key
             intervals = [s.scale.dist.stable_interval(s.width, s.scale.k) for s in sites]
             self._thresholds = None
             if all(iv is not None for iv in intervals):
-                ref = intervals[0][0]
-                lo = torch.tensor([iv[1] for iv in intervals], dtype=torch.float64).to(ref)
-                hi = torch.tensor([iv[2] for iv in intervals], dtype=torch.float64).to(ref)
-                self._thresholds = ([iv[0] for iv in intervals], lo, hi)
+                self._thresholds = tuple(list(x) for x in zip(*intervals))  # (params, lo, hi)
         if self._thresholds is None:
             return False
         params, lo, hi = self._thresholds
-        with torch.no_grad():
-            r = torch.stack(params)  # (L,)
-            outside = ((r <= lo) | (r >= hi)).any()
-        return not outside.item()  # the one host read of a step that changes nothing
+        if all(p.device.type == "cpu" for p in params):
+            values = [p.item() for p in params]
+        else:
+            with torch.no_grad():
+                values = torch.stack(params).tolist()  # the one host read of a step that changes nothing
+        return all(a < v < b for v, a, b in zip(values, lo, hi))
 
     def _async_update(self, model: nn.Module, targets: torch.Tensor) -> list[ResizeEvent] | None:
         events = None
@@ -293,3 +297,4 @@ class AdaptiveWidthCallback:
         self.prior.active, self.prior.sigma_lambda = bool(state["prior_active"]), state["sigma_lambda"]
         self._pending = None
         self._threshold_key = None
+        self._sites_cache = None
