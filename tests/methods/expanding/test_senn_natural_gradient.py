@@ -108,6 +108,29 @@ def test_eta_two_ways_and_bound(damping, loss):
     assert -1e-12 <= eta_out <= sqnorm * (1 + 1e-10)
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_eta_under_the_fisher_metric_is_bounded_by_its_pinv_norm(loss):
+    """With the loss's Gauss-Newton metric H, η = gᵀ(F+λI)⁻¹g ≤ E[∇ℓᵀH⁺∇ℓ] (``metric_pinv_norm``, the
+    normaliser of ``abs_normalizer: metric``), not by E‖∇_yℓ‖², which it can exceed; for softmax
+    cross-entropy the bound is E[1/p_y − 1] = E[exp(ℓ) − 1]."""
+    net = tiny_net(c=3)
+    with torch.no_grad():
+        net[2].weight.mul_(4.0)  # confident outputs: small H, large natural gradient
+    x, y = batch(loss, n=6, c=3)
+    out = net(x)
+    r = fisher.output_grad(loss, out, y)
+    g = fisher.loss_gradient(net, x, y, loss)
+    F = fisher.gauss_newton(net, x, loss, "fisher")
+    bound = fisher.metric_pinv_norm(loss, out, y, "fisher")
+    etas = [fisher.eta_dense(F, g, lam) for lam in (1e-6, 1e-3, 0.1)]
+    assert all(0 <= e <= bound * (1 + 1e-9) for e in etas)
+    if loss == "cross_entropy":
+        ell = fisher.per_sample_loss(loss, out, y)
+        torch.testing.assert_close(bound, (ell.exp() - 1).mean())
+        assert etas[0] > r.pow(2).sum(1).mean()  # the identity-metric bound does not hold here
+    assert fisher.metric_pinv_norm(loss, out, y, "identity") == r.pow(2).sum(1).mean()
+
+
 def test_fisher_metric_is_the_loss_hessian():
     """metric_sqrt and metric_matrix agree, and H is ∇²_y ℓ (autograd) for every loss."""
     g = torch.Generator().manual_seed(0)

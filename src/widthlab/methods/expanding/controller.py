@@ -65,6 +65,11 @@ class ExpansionConfig:
         check_tol: largest relative loss change an insertion may cause before it is reported as a bug.
         search_dtype: precision of the proposal search (``"float32"`` or ``"float64"``); decisions always
             re-score the chosen candidate in float64.
+        abs_normalizer: denominator of the absolute score: ``"sqnorm"`` E‖∇_yℓ‖² (spec §2.3, official),
+            the bound of η under the identity metric; or ``"metric"`` E[∇ℓᵀH⁺∇ℓ], the bound of η under
+            ``output_metric`` (the same for ``identity``; for softmax cross-entropy with ``fisher`` it is
+            E[exp(ℓ) − 1] ≥ 2·E‖∇_yℓ‖², dominated by confidently wrong points). With the default fisher
+            metric only ``"metric"`` keeps the absolute score in [0, 1]; the default stays the spec's.
     """
 
     tau: float = 1.0

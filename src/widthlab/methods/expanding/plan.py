@@ -24,13 +24,15 @@ output metric              ``output_metric: fisher`` (loss GN)         ``identit
 proposal sampler           ``mala_variant: correct`` (MH-adjusted)     ``official`` / ``official_legacy``
 G factor of the scores     ``g_estimator: exact`` (metric square root) ``normalized`` (∇ℓ/‖∇ℓ‖, rank one)
 bias coordinate in A       ``bias_in_factors: true``                   ``false``
+absolute-score normaliser  ``abs_normalizer: sqnorm`` (= official;     same (``metric``: E[∇ℓᵀH⁺∇ℓ], the
+                           not in [0, 1] with the fisher metric)       bound of η under the fisher metric)
 inserted layer             ``layer_init: identity`` (exact)            ``basis`` (B⁺ basis change)
 =========================  ==========================================  ====================================
 
 Summary extras after the fit: ``final_widths``, ``final_layers``, ``final_neurons``, ``neurons_added``,
 ``layers_added``, ``expansion_events``, ``expansion_seconds`` and ``expansion_share`` (of the fit's wall
 time). Per-epoch records add ``layers``, ``neurons``, ``expansion_seconds``, ``eta_global``,
-``loss_sqnorm`` and the last event's scores.
+``loss_sqnorm``, ``score_bound`` (the absolute score's normaliser) and the last event's scores.
 """
 
 from __future__ import annotations
