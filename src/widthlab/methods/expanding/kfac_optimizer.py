@@ -142,23 +142,15 @@ class KFACOptimizer(torch.optim.Optimizer):
         done: set[int] = set()
         for m in layers.values():
             group = group_of[id(m.weight)]
-            gmat = kfac.weight_gradient_matrix(m, self.bias)
-            if gmat is None:
+            if m.weight.grad is None:
                 continue
-            wd = group["weight_decay"]
-            if wd:
-                gmat = gmat + wd * kfac.weight_matrix(m, self.bias)
             st = self.state[m.weight]
             if invert or "A_inv" not in st:
                 st["A_inv"], st["G_inv"] = kfac.damped_inverses(st["A"], st["G"], group["damping"])
-            delta = st["A_inv"] @ gmat @ st["G_inv"]
-            dw, db = kfac.set_from_matrix(m, delta, self.bias)
+            dw, db = self._precondition(m, st["A_inv"], st["G_inv"], group["weight_decay"])
             updates.append((m.weight, dw, group))
             done.add(id(m.weight))
             if m.bias is not None:
-                if db is None:  # bias outside the factorisation: plain gradient
-                    db = m.bias.grad if m.bias.grad is not None else torch.zeros_like(m.bias)
-                    db = db + wd * m.bias if wd else db
                 updates.append((m.bias, db, group))
                 done.add(id(m.bias))
         for group in self.param_groups:
@@ -181,6 +173,26 @@ class KFACOptimizer(torch.optim.Optimizer):
             group["kfac_step"] = step + 1
         self._batch = None
         return loss
+
+    def _precondition(self, m: nn.Module, A_inv: torch.Tensor, G_inv: torch.Tensor, wd: float
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ΔW, Δb) of one layer: Δᵀ = G⁻¹ ḡᵀ A⁻¹, the transpose of A⁻¹ ḡ G⁻¹ (both factors symmetric),
+        computed in the weight's own (out, in) layout so that no transposed copies are made; the bias
+        column enters as a rank-one term instead of being concatenated to the gradient."""
+        W = m.weight
+        gw = W.grad.reshape(W.shape[0], -1)  # (m, d)
+        if wd:
+            gw = gw + wd * W.reshape(W.shape[0], -1)
+        if m.bias is None:
+            return (G_inv @ (gw @ A_inv)).reshape(W.shape), None
+        gb = m.bias.grad if m.bias.grad is not None else torch.zeros_like(m.bias)
+        if wd:
+            gb = gb + wd * m.bias
+        if not self.bias:  # bias outside the factorisation: plain gradient
+            return (G_inv @ (gw @ A_inv)).reshape(W.shape), gb
+        d = gw.shape[1]
+        delta = G_inv @ (gw @ A_inv[:d]).addr_(gb, A_inv[d])  # G⁻¹ [ḡ_W | ḡ_b] A⁻¹, (m, d + 1)
+        return delta[:, :d].reshape(W.shape), delta[:, d]
 
     def _kl_scale(self, updates) -> float | torch.Tensor:
         if self.kl_clip is None:
