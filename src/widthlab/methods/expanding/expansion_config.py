@@ -1,0 +1,103 @@
+"""Knobs of the self-expansion loop (specs/senn.md §2.3, §2.4), validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from widthlab.methods.expanding import kfac, proposals
+
+
+@dataclass(frozen=True)
+class ExpansionConfig:
+    """Knobs of the expansion loop; defaults are experiment 2's (spec §2.4) with the correct sampler.
+
+    Attributes:
+        tau, alpha, alpha_layer: relative and absolute thresholds (τ, α, α_layer).
+        cooldown: epochs between expansion events; ``layer_cooldown``: events between layer insertions.
+        layer_cost_mul: a layer candidate's Δη′ is divided by this before the thresholds.
+        max_widths: cap per hidden-layer position; its length is the maximum number of hidden layers.
+        proposals, layer_proposals: candidates drawn per layer and per event for width and for depth.
+        refine: ``"mala"``, ``"ascent"`` or ``"none"``; ``mala_variant``: ``"correct"``, ``"official"``,
+            ``"official_legacy"``; ``mala_bursts`` × ``mala_steps`` MALA steps from ``mala_step_size``.
+        temperature: T of the MALA target exp(s/T) and of ``selection="sample"``.
+        selection: ``"argmax"`` or ``"sample"`` (∝ softmax(s/T)).
+        output_metric, g_estimator: how G is formed (``kfac.g_cotangents``); ``g_damping`` its relative
+            damping in the scores (official 0.1).
+        bias: homogeneous coordinate in A (official: no).
+        width_residual: ``"grad"`` (ρ = ∇_yℓ, experiments 1, 2, 4) or ``"natural"`` (ρ = ∇_yℓ − c·Jx, as
+            for depth; experiment 3's legacy width path).
+        layer_init: ``"identity"`` (exact) or ``"basis"`` (official basis change with the candidate's B, β).
+        score_batch: None scores on the whole training set; an int on a fixed random subset of that size.
+        expand_at_start, expand_at_end: also expand before the first / after the last epoch.
+        recursive: keep adding one unit at a time within an event until nothing passes.
+        max_additions: safety cap on additions per event.
+        eta_damping, eta_maxiter, eta_tol: CG for the global η and the natural-gradient residual.
+        optimizer_mode: how the trainer remaps optimizer state (``"keep"``; ``"reset"`` for K-FAC).
+        check_tol: largest relative loss change an insertion may cause before it is reported as a bug.
+        search_dtype: precision of the proposal search (``"float32"`` or ``"float64"``); decisions always
+            re-score the chosen candidate in float64.
+        abs_normalizer: denominator of the absolute score: ``"sqnorm"`` E‖∇_yℓ‖² (spec §2.3, official),
+            the bound of η under the identity metric; or ``"metric"`` E[∇ℓᵀH⁺∇ℓ], the bound of η under
+            ``output_metric`` (the same for ``identity``; for softmax cross-entropy with ``fisher`` it is
+            E[exp(ℓ) − 1] ≥ 2·E‖∇_yℓ‖², dominated by confidently wrong points). With the default fisher
+            metric only ``"metric"`` keeps the absolute score in [0, 1]; the default stays the spec's.
+    """
+
+    tau: float = 1.0
+    alpha: float = 2.5e-3
+    alpha_layer: float = 2.5e-3
+    cooldown: int = 30
+    layer_cooldown: int = 3
+    layer_cost_mul: float = 2.0
+    max_widths: tuple[int, ...] = (16, 16, 16)
+    proposals: int = 100
+    layer_proposals: int = 100
+    refine: str = "mala"
+    mala_variant: str = "correct"
+    mala_bursts: int = 300
+    mala_steps: int = 10
+    mala_step_size: float = 0.3
+    temperature: float = 1.0
+    selection: str = "argmax"
+    ascent_steps: int = 300
+    ascent_lr: float = 0.03
+    output_metric: str = "fisher"
+    g_estimator: str = "exact"
+    g_damping: float = 0.1
+    bias: bool = True
+    width_residual: str = "grad"
+    layer_init: str = "identity"
+    score_batch: int | None = None
+    expand_at_start: bool = True
+    expand_at_end: bool = False
+    recursive: bool = True
+    max_additions: int = 64
+    eta_damping: float = 0.1
+    eta_maxiter: int = 100
+    eta_tol: float = 1e-5
+    optimizer_mode: str = "keep"
+    check_tol: float = 1e-3
+    search_dtype: str = "float32"
+    abs_normalizer: str = "sqnorm"
+
+    def __post_init__(self):
+        object.__setattr__(self, "max_widths", tuple(int(w) for w in self.max_widths))
+        checks = [
+            (self.refine in proposals.REFINES, f"refine must be one of {proposals.REFINES}"),
+            (self.mala_variant in proposals.MALA_VARIANTS,
+             f"mala_variant must be one of {proposals.MALA_VARIANTS}"),
+            (self.selection in proposals.SELECTIONS, f"selection must be one of {proposals.SELECTIONS}"),
+            (self.g_estimator in kfac.G_ESTIMATORS, f"g_estimator must be one of {kfac.G_ESTIMATORS}"),
+            (self.width_residual in ("grad", "natural"), "width_residual must be 'grad' or 'natural'"),
+            (self.layer_init in ("identity", "basis"), "layer_init must be 'identity' or 'basis'"),
+            (self.cooldown >= 1 and self.layer_cooldown >= 0, "cooldown must be >= 1, layer_cooldown >= 0"),
+            (self.proposals >= 1 and self.layer_proposals >= 1, "proposals must be >= 1"),
+            (self.layer_cost_mul > 0 and self.temperature > 0, "layer_cost_mul and temperature must be > 0"),
+            (all(w >= 1 for w in self.max_widths), "max_widths must be positive"),
+            (self.optimizer_mode in ("keep", "reset"), "optimizer_mode must be 'keep' or 'reset'"),
+            (self.search_dtype in ("float32", "float64"), "search_dtype must be 'float32' or 'float64'"),
+            (self.abs_normalizer in ("metric", "sqnorm"), "abs_normalizer must be 'metric' or 'sqnorm'"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
