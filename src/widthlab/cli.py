@@ -131,13 +131,12 @@ def cmd_run(args) -> int:
     import torch
 
     from widthlab.studies.executor import run_study
-    from widthlab.studies.load import load_study
+    from widthlab.studies.load import load_study, study_device
     from widthlab.train.distributed import init_from_env
 
     spec = load_study(args.study, args.overrides)
     # Under torchrun (WORLD_SIZE > 1) every rank joins the process group and trains data-parallel.
-    device = str(spec.train.get("device", "cpu") if isinstance(spec.train, dict) else spec.train.device)
-    ctx = init_from_env(torch.device("cuda" if device.startswith("cuda") else "cpu"))
+    ctx = init_from_env(torch.device(study_device(spec)))
     t0 = time.perf_counter()
     outcome = run_study(spec, args.out, workers=args.workers, resume=args.resume, quiet=args.quiet,
                         executor=args.executor, address=args.address, runs_root=args.checkpoint_dir)

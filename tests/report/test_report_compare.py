@@ -79,5 +79,33 @@ def test_verdict_names_the_best_the_cheapest_and_the_smallest():
     from widthlab.report.compare import verdict
 
     line = verdict(compare_results(_rows())["t"])
-    assert line == ("best test accuracy: adaptive (95.00 ± 1.41%); least training compute: adaptive "
-                    "(95.00 ± 1.41%); fewest weights: dense grid (92.00 ± 1.41%).")
+    # adaptive: mean FLOPs 2e6 = 2/7 of the grid's 7e6, mean wall 4.5 s = 4.5/11 of the grid's 11 s;
+    # the dense grid's chosen models have 320 and 160 weights (mean 240) against adaptive's 380.
+    assert line == ("best test accuracy: adaptive (95.00 ± 1.41%); fewest training FLOPs: adaptive "
+                    f"(2e+06, {2 / 7:.3g}× the dense grid); least wall time: adaptive (4.5 s, "
+                    f"{4.5 / 11:.3g}× the dense grid); fewest weights: dense grid (240).")
+
+
+def test_failed_search_members_are_charged_and_flagged():
+    rows = _rows()
+    # A third dense member for seed 0 that failed after 50 s.
+    rows.append(_row(99, "t", "dense", "search", "dense", 0, 128, val=0, test=0, flops=0, wall=50.0,
+                     weights=0, status="failed"))
+    arms = {a.arm: a for a in compare_results(rows)["t"]}
+    seed0 = arms["dense"].choices[0]
+    assert seed0.members == 4 and seed0.failed_members == 1
+    assert seed0.wall == 10.0 + 50.0 and seed0.flops == 7e6 and seed0.run_id == "r1"
+    header, cells = compare_table(list(arms.values()))
+    dense = dict(zip(header, cells[0]))
+    assert dense["train FLOPs"].startswith("≥ ") and dense["runs/seed"] == "3–4" and dense["failed"] == "1"
+
+
+def test_the_metric_is_decided_per_task_even_when_the_first_method_failed():
+    rows = [_row(0, "t", "dense", "search", "dense", 0, 8, val=0, test=0, flops=0, wall=1.0, weights=0,
+                 status="failed"),
+            _row(1, "t", "adaptive", "single", "adaptive", 0, 8, val=0.9, test=0.91, flops=1.0, wall=1.0,
+                 weights=80)]
+    arms = compare_results(rows)["t"]
+    assert [a.metric for a in arms] == ["test_accuracy", "test_accuracy"]
+    header, cells = compare_table(arms)
+    assert "test acc (%)" in header and dict(zip(header, cells[1]))["test acc (%)"] == "91.00 ± –"

@@ -129,7 +129,8 @@ def _demo_checks(out):
     table = md.split("### digits", 1)[1].split("Per seed", 1)[0]
     for row in ("dense grid", "widesparse family", "adaptive", "expanding"):
         assert f"| {row} " in table
-    assert table.count("%") == 1 and "validation" in table  # one accuracy column, searches chosen by val
+    header = table.strip().splitlines()[0]
+    assert header.count("%") == 1 and "validation" in table  # one accuracy column, searches chosen by val
     assert len(list((out / "plots").glob("demo-compare-*.png"))) == 3
 
 
@@ -151,3 +152,33 @@ def test_full_demo(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--workers", "2"]) == 0
     _demo_checks(out)
+
+
+def test_sweep_overrides_inside_a_method_and_missing_kind(tmp_path):
+    spec = load_study(_write(tmp_path), ["methods.dense.sweep.model.width=[2, 3]"])
+    iris_dense = [r for r in expand_runs(spec) if r.tags["arm"] == "dense" and r.tags["task"] == "iris"]
+    assert {r.spec.model.width for r in iris_dense} == {2, 3}
+    with pytest.raises(StudyError, match="kind: compare"):
+        load_study(_write(tmp_path, COMPARE.replace("kind: compare\n", "")))
+
+
+def test_widesparse_base_defaults_to_the_task_width(tmp_path):
+    text = COMPARE.replace("    method: {base_width: 8, fract_cl: 0.5}", "    method: {fract_cl: 0.5}")
+    runs = expand_runs(load_study(_write(tmp_path, text)))
+    assert {r.spec.method.options()["base_width"] for r in runs if r.tags["arm"] == "widesparse"} == {8}
+
+
+def test_resume_refuses_a_study_whose_runs_changed(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["run", _write(tmp_path), "--out", str(out), "--quiet", "--no-report", "seeds=[0]",
+            "train.epochs=1", "methods.dense.sweep.model.width=[4]",
+            "methods.widesparse.sweep.model.width=[8]"]
+    assert main(args) == 0
+    first = len(json.loads((out / "summary.json").read_text()))
+    assert main([*args, "--resume", "methods.dense.sweep.model.width=[4, 16]"]) == 0  # growing is fine
+    grown = json.loads((out / "summary.json").read_text())
+    assert len(grown) == first + 1  # one more dense width on iris (wine has its own dense sweep)
+    capsys.readouterr()
+    assert main([*args, "--resume", "methods.dense.sweep.model.width=[16]"]) == 2  # width 4 would linger
+    assert "no longer has" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text()) == grown  # nothing changed

@@ -15,6 +15,7 @@ also shown relative to the dense grid of the same task.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,14 +30,15 @@ class Choice:
 
     seed: Any
     run_id: str
-    members: int
+    members: int  # runs of the search for this seed, failed ones included
     test: float | None
     total_width: float | None
     widths: dict[str, int]
     weights: float | None
-    flops: float | None
-    wall: float | None
+    flops: float | None  # finished members' FLOPs (a failed member's were not metered)
+    wall: float | None  # all members' wall seconds, failed ones included
     selected_by: str  # "validation", "only run", or "test (no validation metric)"
+    failed_members: int = 0
 
 
 @dataclass
@@ -59,6 +61,11 @@ class ArmResult:
     def selected_by(self) -> str:
         return ", ".join(sorted({c.selected_by for c in self.choices}))
 
+    @property
+    def incomplete(self) -> bool:
+        """A search with failed members: its FLOPs are a lower bound."""
+        return any(c.failed_members for c in self.choices)
+
 
 def is_compare(runs: list[dict]) -> bool:
     return any((r.get("config") or {}).get("arm") for r in runs)
@@ -69,34 +76,42 @@ def _tags(row: dict) -> tuple[str, str, str]:
     return str(cfg.get("task", "")), str(cfg.get("arm", "")), str(cfg.get("role", "single"))
 
 
-def _choice(members: list[dict], metric: str, role: str) -> Choice:
-    """The member chosen by validation (search) and the summed cost of all members of the seed."""
+def _choice(members: list[dict], failed: list[dict], metric: str) -> Choice | None:
+    """The member chosen by validation and the summed cost of all members of one seed (None when every
+    member failed)."""
+    if not members:
+        return None
     maximise = metric == "test_accuracy"
     val_key = "val_accuracy" if maximise else "val_loss"
     scored = [m for m in members if m[val_key] is not None]
-    if len(members) == 1:
+    if len(members) + len(failed) == 1:
         chosen, how = members[0], "only run"
     elif scored:
-        # Ties go to the smaller model (fewer nonzero weights), then to study order.
+        # Ties go to the smaller model (fewer nonzero weights; unknown counts last), then study order.
         def key(m):
             v = m[val_key] if maximise else -m[val_key]
-            return (v, -(m["nonzero_weights"] or 0), -m["position"])
+            w = m["nonzero_weights"]
+            return (v, -(w if w is not None else math.inf), -m["position"])
         chosen, how = max(scored, key=key), "validation"
     else:
         pool = [m for m in members if m[metric] is not None] or members
         chosen = (max if maximise else min)(pool, key=lambda m: m[metric] if m[metric] is not None else 0)
         how = "test (no validation metric)"
     flops = [m["train_flops"] for m in members]
-    walls = [m["wall_seconds"] for m in members]
-    return Choice(seed=chosen["seed"], run_id=chosen["run_id"], members=len(members), test=chosen[metric],
-                  total_width=chosen["total_width"], widths=chosen["widths"],
+    walls = [m["wall_seconds"] for m in members + failed]
+    return Choice(seed=chosen["seed"], run_id=chosen["run_id"], members=len(members) + len(failed),
+                  test=chosen[metric], total_width=chosen["total_width"], widths=chosen["widths"],
                   weights=chosen["nonzero_weights"],
                   flops=sum(flops) if all(f is not None for f in flops) else None,
-                  wall=sum(walls) if all(w is not None for w in walls) else None, selected_by=how)
+                  wall=sum(w for w in walls if w is not None) if any(w is not None for w in walls) else None,
+                  selected_by=how, failed_members=len(failed))
 
 
 def compare_results(runs: list[dict]) -> dict[str, list[ArmResult]]:
     """Task name -> one :class:`ArmResult` per compared method, in the study's method order.
+
+    The headline metric is decided once per task (test accuracy if any run of the task reports one,
+    else test loss), so every method of a task is chosen and shown by the same number.
 
     Args:
         runs: Rows of :meth:`ResultStore.runs` (non-compare rows are ignored).
@@ -112,21 +127,24 @@ def compare_results(runs: list[dict]) -> dict[str, list[ArmResult]]:
         info["val_loss"] = as_float(s.get("val_loss"))
         info["widths"] = s.get("widths") if isinstance(s.get("widths"), dict) else {}
         entry = by_arm.setdefault((task, arm), {"role": role, "method": info["method"], "seeds": {},
-                                                "failed": 0, "order": len(by_arm)})
-        if row["status"] == "failed":
-            entry["failed"] += 1
-        else:
-            entry["seeds"].setdefault(info["seed"], []).append(info)
+                                                "order": len(by_arm)})
+        done, failed = entry["seeds"].setdefault(info["seed"], ([], []))
+        (done if row["status"] == "done" else failed).append(info)
+    classification = {task for (task, _), e in by_arm.items()
+                      if any(m["test_accuracy"] is not None for d, _ in e["seeds"].values() for m in d)}
     out: dict[str, list[ArmResult]] = {}
     for (task, arm), e in sorted(by_arm.items(), key=lambda kv: kv[1]["order"]):
-        done = [m for ms in e["seeds"].values() for m in ms]
-        metric = "test_accuracy" if any(m["test_accuracy"] is not None for m in done) else "test_loss"
-        res = ArmResult(task, arm, e["method"], e["role"], metric, failed=e["failed"])
+        metric = "test_accuracy" if task in classification else "test_loss"
+        res = ArmResult(task, arm, e["method"], e["role"], metric,
+                        failed=sum(len(f) for _, f in e["seeds"].values()))
         for seed in sorted(e["seeds"], key=lambda s: (s is None, s)):
-            res.choices.append(_choice(e["seeds"][seed], metric, e["role"]))
-        if e["role"] == SEARCH:
-            for m in done:
-                res.members_by_width.setdefault(m["width"] if m["width"] is not None else -1, []).append(m)
+            done, failed = e["seeds"][seed]
+            if (c := _choice(done, failed, metric)) is not None:
+                res.choices.append(c)
+            if e["role"] == SEARCH:
+                for m in done:
+                    width = m["width"] if m["width"] is not None else -1
+                    res.members_by_width.setdefault(width, []).append(m)
         out.setdefault(task, []).append(res)
     return out
 
@@ -168,13 +186,14 @@ def compare_table(arms: list[ArmResult]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for a in sorted(arms, key=lambda a: METHOD_ORDER.get(a.method, len(METHOD_ORDER))):
         flops, wall = a.stat("flops"), a.stat("wall")
-        runs_per_seed = sorted({c.members for c in a.choices})
+        lower = "≥ " if a.incomplete else ""  # a failed member's FLOPs were never metered
+        members = sorted({c.members for c in a.choices})
         rows.append([
-            _name(a),
-            "/".join(str(n) for n in runs_per_seed), str(len(a.choices)),
+            _name(a), "–".join(str(n) for n in (members[0], members[-1]) if members)
+            if len(members) > 1 else (str(members[0]) if members else ""), str(len(a.choices)),
             _fmt(a.stat("test"), "pct" if metric == "test_accuracy" else "loss"),
             _widths_text(a), _fmt(a.stat("weights"), "int"),
-            "" if flops.mean is None else f"{flops.mean:.3g}", _fmt(wall, "sec"),
+            "" if flops.mean is None else f"{lower}{flops.mean:.3g}", _fmt(wall, "sec"),
             _ratio(flops, ref, "flops"), _ratio(wall, ref, "wall"), a.selected_by,
             str(a.failed) if a.failed else "",
         ])
@@ -183,38 +202,43 @@ def compare_table(arms: list[ArmResult]) -> tuple[list[str], list[list[str]]]:
 
 
 def verdict(arms: list[ArmResult]) -> str:
-    """One factual line per task: the best test metric, the least compute and the smallest model."""
+    """One factual line per task: who has the best test metric, and who spent the least FLOPs, the
+    least wall time and the fewest weights (each with its own number)."""
     done = [a for a in arms if a.stat("test").mean is not None]
     if not done:
         return ""
     maximise = done[0].metric == "test_accuracy"
     best = (max if maximise else min)(done, key=lambda a: a.stat("test").mean)
-    unit = "%" if maximise else ""
-
-    def score(a: ArmResult) -> str:
-        return f"{_name(a)} ({_fmt(a.stat('test'), 'pct' if maximise else 'loss')}{unit})"
-
-    parts = [f"best test {'accuracy' if maximise else 'loss'}: {score(best)}"]
-    for key, what in (("flops", "least training compute"), ("weights", "fewest weights")):
+    test = _fmt(best.stat("test"), "pct" if maximise else "loss") + ("%" if maximise else "")
+    parts = [f"best test {'accuracy' if maximise else 'loss'}: {_name(best)} ({test})"]
+    ref = dense_reference(arms)
+    for key, what, show in (("flops", "fewest training FLOPs", lambda v: f"{v:.3g}"),
+                            ("wall", "least wall time", lambda v: f"{v:.1f} s"),
+                            ("weights", "fewest weights", lambda v: f"{v:,.0f}")):
         have = [a for a in done if a.stat(key).mean is not None]
         if have:
-            parts.append(f"{what}: {score(min(have, key=lambda a: a.stat(key).mean))}")
+            a = min(have, key=lambda a: a.stat(key).mean)
+            rel = _ratio(a.stat(key), ref, key) if key != "weights" and a is not ref else ""
+            parts.append(f"{what}: {_name(a)} ({show(a.stat(key).mean)}"
+                         + (f", {rel} the dense grid" if rel else "") + ")")
     return "; ".join(parts) + "."
 
 
 def _name(a: ArmResult) -> str:
-    return a.arm + (" grid" if a.role == SEARCH and a.method == "dense" else " family" if a.role == SEARCH
-                    else "")
+    if a.role != SEARCH:
+        return a.arm
+    return a.arm + {"dense": " grid", "widesparse": " family"}.get(a.method, " search")
 
 
 COMPARE_NOTES = (
     "Per seed, a search (a method with a sweep: the dense width grid, the wide & sparse family) keeps "
-    "its member with the best validation metric and is charged for all its members; adaptive and "
-    "self-expanding methods are one run per seed. Values are mean ± sample std over seeds; accuracies "
-    "in %. Train FLOPs estimate the training steps' forward + backward passes (3 x forward FLOPs per "
-    "example, at the widths and sparsity in use at each step; multiply-adds counted as 2 FLOPs); they "
-    "leave out evaluation, natural-gradient solves and expansion scoring, which the wall seconds "
-    "include. Relative columns divide by the dense grid of the same task.")
+    "its member with the best validation metric and is charged for all its members, failed ones "
+    "included (their wall seconds; their FLOPs were not metered, so the total is a lower bound, ≥); "
+    "adaptive and self-expanding methods are one run per seed. Values are mean ± sample std over "
+    "seeds; accuracies in %. Train FLOPs estimate the training steps' forward + backward passes "
+    "(3 x forward FLOPs per example, at the widths and sparsity in use at each step; multiply-adds "
+    "counted as 2 FLOPs); they leave out evaluation, natural-gradient solves and expansion scoring, "
+    "which the wall seconds include. Relative columns divide by the dense grid of the same task.")
 
 
 def format_comparison(rows: list[dict]) -> str:

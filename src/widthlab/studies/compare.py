@@ -24,13 +24,15 @@ search for all of its members::
 
 Merge order (later wins, mappings merged key by key): the shared ``train``; the task's ``data``,
 ``model`` and ``train``; the method's ``model``, ``method`` and ``train``; the task's
-``methods.<name>`` overrides. A method's ``method.name`` defaults to its key.
+``methods.<name>`` overrides. A method's ``method.name`` defaults to its key, and a wide & sparse
+family's ``base_width`` to the task model's ``width``. Task and method names enter every run id.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import dataclasses
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -67,18 +69,11 @@ class CompareSpec(_Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
-    kind: str = "compare"
+    kind: Literal["compare"] = "compare"
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     train: dict[str, Any] = {}
     tasks: dict[str, TaskEntry] = Field(min_length=1)
     methods: dict[str, MethodEntry] = Field(min_length=1)
-
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, v: str) -> str:
-        if v != "compare":
-            raise ValueError("a comparison study has kind: compare")
-        return v
 
     @field_validator("seeds")
     @classmethod
@@ -113,14 +108,17 @@ def study_of(spec: CompareSpec, task: str, arm: str) -> dict[str, Any]:
         raise ValueError(f"tasks.{task}.methods names unknown method(s) {sorted(task_only)}; "
                          f"known: {', '.join(spec.methods)}")
     method = deep_merge({"name": arm}, deep_merge(m.method, over.method))
+    model = deep_merge(deep_merge(t.model, m.model), over.model)
+    if method["name"] == "widesparse" and "base_width" not in method and "width" in t.model:
+        method["base_width"] = t.model["width"]  # the family keeps the task's base model's weights
     return {
         "name": spec.name,
         "data": copy.deepcopy(t.data),
-        "model": deep_merge(deep_merge(t.model, m.model), over.model),
+        "model": model,
         "method": method,
         "train": deep_merge(deep_merge(deep_merge(spec.train, t.train), m.train), over.train),
         "seeds": list(spec.seeds),
-        "sweep": deep_merge(m.sweep, over.sweep) if over.sweep else copy.deepcopy(m.sweep),
+        "sweep": deep_merge(m.sweep, over.sweep),
     }
 
 
@@ -141,9 +139,5 @@ def expand_compare(spec: CompareSpec, source: str = "study") -> list:
                 raise StudyError(f"{where}: {e}") from None
             role = SEARCH if sub.sweep else SINGLE
             for r in expand_runs(sub, where, tags={"task": task, "arm": arm, "role": role}):
-                runs.append(RunSpec(r.run_id, r.group, len(runs), spec.name, r.seed, r.axes, r.spec,
-                                    tags=r.tags))
-    ids = [r.run_id for r in runs]
-    if len(set(ids)) != len(ids):
-        raise StudyError(f"{source}: two methods produce the same run; give them different settings")
+                runs.append(dataclasses.replace(r, position=len(runs)))
     return runs

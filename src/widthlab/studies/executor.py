@@ -118,6 +118,12 @@ def plan_runs(spec: StudySpec, out_dir: Path, resume: bool) -> tuple[list[RunSpe
     if known and not resume:
         raise StudyError(f"{out_dir} already holds results of {len(known)} run(s); use --resume to continue "
                          f"that study or choose another --out (nothing was changed)")
+    # Resuming may add runs (a longer sweep) but not leave old ones behind: the report would mix them
+    # in (a comparison would even charge a search for them).
+    stale = set(known) - {r.run_id for r in runs}
+    if stale:
+        raise StudyError(f"{out_dir} holds {len(stale)} run(s) that this study no longer has (its settings "
+                         f"changed); choose another --out (nothing was changed)")
     todo = [r for r in runs if known.get(r.run_id) != "done"]
     return todo, len(runs) - len(todo)
 

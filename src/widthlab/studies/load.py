@@ -88,6 +88,18 @@ def set_dotted(d: dict, key: str, value: Any, source: str = "override") -> None:
     node[parts[-1]] = value
 
 
+def _get_dotted(d: dict, key: str) -> Any:
+    node: Any = d
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def study_device(spec: StudySpec | CompareSpec) -> str:
+    """``cuda`` if any run of the study trains on a GPU, else ``cpu`` (for the process group)."""
+    return "cuda" if any(r.spec.train.device.startswith("cuda") for r in expand_runs(spec)) else "cpu"
+
+
 def read_study_file(ref: str) -> tuple[dict, str]:
     """Resolve ``ref`` (a built-in name or a YAML path) to its raw mapping and a source label."""
     path = Path(ref)
@@ -126,14 +138,19 @@ def load_study(ref: str, overrides: list[str] | tuple[str, ...] = ()) -> StudySp
     raw = copy.deepcopy(raw)
     for text in overrides:
         key, value = parse_override(text)
-        if key.startswith("sweep."):  # an axis name is itself a dotted key: sweep.model.width=[...]
-            sweep = raw.setdefault("sweep", {}) or {}
+        head, sep, axis = ("", "sweep.", key[len("sweep."):]) if key.startswith("sweep.") \
+            else key.partition(".sweep.")
+        if sep and axis:  # an axis name is itself a dotted key: [methods.dense.]sweep.model.width=[...]
+            path = f"{head}.sweep" if head else "sweep"
+            sweep = _get_dotted(raw, path) or {}
             if not isinstance(sweep, dict):
-                raise StudyError(f"override {text!r}: sweep is not a mapping")
-            sweep[key.removeprefix("sweep.")] = value
-            raw["sweep"] = sweep
+                raise StudyError(f"override {text!r}: {path} is not a mapping")
+            set_dotted(raw, path, {**sweep, axis: value})
         else:
             set_dotted(raw, key, value)
+    if raw.get("kind", "train") != "compare" and ("tasks" in raw or "methods" in raw):
+        raise StudyError(f"{source}: has tasks/methods sections but no 'kind: compare' (a comparison "
+                         "study needs it; a plain study has data, model, method)")
     spec = validate_study(raw, source if not overrides else f"{source} (with overrides)")
     expand_runs(spec, source)  # validates every sweep point, so a bad sweep value fails before any run
     return spec
