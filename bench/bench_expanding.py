@@ -119,11 +119,14 @@ def study_shares(results: list[str], quick: bool) -> str:
         source = "short runs of the CPU studies: " + runs
     rows = []
     for s in summaries:
-        if s.get("method") != "expanding":
+        if s.get("method") != "expanding" or s.get("status") != "done":
             continue
+        events, seconds = s.get("expansion_events") or 0, s.get("expansion_seconds")
+        per_event = seconds / events if events and seconds is not None else None
         rows.append([s["study"], s.get("label", ""), s["seed"], s.get("final_widths"), s.get("wall_seconds"),
-                     s.get("expansion_seconds"), s.get("expansion_share")])
-    header = ["study", "run", "seed", "final widths", "wall (s)", "expansion (s)", "share"]
+                     s.get("expansion_seconds"), events, per_event, s.get("expansion_share")])
+    header = ["study", "run", "seed", "final widths", "wall (s)", "expansion (s)", "events", "s/event",
+              "share"]
     table = markdown_table(header, rows)
     return f"Source: {source}.\n\n{table}"
 
