@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: a small width study on scikit-learn digits (minutes)")
     d.add_argument("--out", type=Path, default=Path("widthlab-demo"),
                    help="output dir (default ./widthlab-demo)")
-    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="parallel worker processes (default: 2, or 1 on a 1-core machine)")
 
     rep = sub.add_parser("report", help="(re)write DIR/report.html and DIR/report.md from DIR/results.sqlite")
     rep.add_argument("dir", type=Path)
