@@ -14,8 +14,10 @@ into the param group and slot of the old one and remaps its state in one of two 
     surviving units in their new order, and zeros (or per-key ``fill`` values) are appended for the new
     units. Scalar state such as Adam's ``step`` is kept. So a surviving unit continues exactly as if
     nothing had happened. New units share the old step count, so Adam's bias correction treats their zero
-    moments as long-averaged: their first updates are smaller than a fresh parameter's. State that must
-    not start at zero needs ``fill`` (Rprop's ``step_size``, Adagrad with ``initial_accumulator_value``).
+    moments as long-averaged: their first update is m / sqrt(v) = (1 - beta1) g / sqrt((1 - beta2) g^2),
+    about 3x a fresh parameter's lr-sized step with the default betas (0.1 / sqrt(0.001)). State that
+    must not start at zero needs ``fill`` (Rprop's ``step_size``, Adagrad with
+    ``initial_accumulator_value``).
 
 Optimizers whose state is not shaped like the parameter (e.g. factored second moments) work in
 ``"reset"`` mode only; ``"keep"`` refuses them rather than guess.
