@@ -173,6 +173,8 @@ def test_fused_sum_of_squares():
           torch.randn(5, dtype=torch.float64, requires_grad=True)]
     assert torch.allclose(theta_sq_sum(ps), sum((p**2).sum() for p in ps))
     assert torch.autograd.gradcheck(lambda a, b: theta_sq_sum([a, b]), tuple(ps))
+    assert torch.allclose(theta_sq_sum(ps, 0.25), 0.25 * sum((p**2).sum() for p in ps))
+    assert torch.autograd.gradcheck(lambda a, b: theta_sq_sum([a, b], 0.25), tuple(ps))
 
 
 @pytest.mark.parametrize("r0, D, support", [(-4.6, 232, None), (-4.6, 200, 232), (0.4, 6, None),

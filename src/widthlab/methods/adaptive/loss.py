@@ -33,22 +33,25 @@ from widthlab.methods.adaptive.layer import collect_sites
 
 
 class _SumOfSquares(torch.autograd.Function):
-    """sum_k ||theta_k||^2 over a list of tensors as one graph node (gradient 2 theta_k g), with the
-    multi-tensor ``_foreach`` kernels: a step of a small network costs per graph node, not per flop."""
+    """c sum_k ||theta_k||^2 over a list of tensors as one graph node (gradient 2 c theta_k g), with the
+    multi-tensor ``_foreach`` kernels: a step of a small network costs per graph node, not per flop, so
+    the constant c (1 / (2 sigma_theta^2 N) in the loss) is applied inside rather than as two more nodes.
+    """
 
     @staticmethod
-    def forward(ctx, *params: torch.Tensor):
+    def forward(ctx, c: float, *params: torch.Tensor):
         ctx.save_for_backward(*params)
-        return torch.stack(torch._foreach_norm(params)).square().sum()
+        ctx.c = c
+        return torch.stack(torch._foreach_norm(params)).square().sum() * c
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        return tuple(torch._foreach_mul(ctx.saved_tensors, 2 * g))
+        return (None, *torch._foreach_mul(ctx.saved_tensors, g * (2 * ctx.c)))
 
 
-def theta_sq_sum(params: list[torch.Tensor]) -> torch.Tensor:
-    """sum of theta^2 over ``params``, differentiable."""
-    return _SumOfSquares.apply(*params)
+def theta_sq_sum(params: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """``scale`` times the sum of theta^2 over ``params``, differentiable."""
+    return _SumOfSquares.apply(float(scale), *params)
 
 
 def theta_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -105,11 +108,11 @@ class ElboPrior:
     def lambda_prior_on(self) -> bool:
         return self.active and self.sigma_lambda is not None
 
-    def theta_term(self, model: nn.Module) -> torch.Tensor | None:
-        """sum theta^2 / (2 sigma_theta^2) over all parameters except the distributions'."""
+    def theta_term(self, model: nn.Module, scale: float = 1.0) -> torch.Tensor | None:
+        """``scale`` times sum theta^2 / (2 sigma_theta^2) over all parameters except the distributions'."""
         if self.sigma_theta is None:
             return None
-        return theta_sq_sum(theta_parameters(model)) / (2 * self.sigma_theta**2)
+        return theta_sq_sum(theta_parameters(model), scale / (2 * self.sigma_theta**2))
 
     def lambda_term(self, model: nn.Module) -> torch.Tensor | None:
         """sum_l ln sigma_lam + (lam_l - mu_lam)^2 / (2 sigma_lam^2) over layers with a rate."""
@@ -122,8 +125,9 @@ class ElboPrior:
 
     def __call__(self, model: nn.Module) -> torch.Tensor | None:
         """(theta term + lam term) / N, or None when both priors are off."""
-        terms = [t for t in (self.theta_term(model), self.lambda_term(model)) if t is not None]
-        if not terms:
-            return None
-        total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        return total / self.n_observations
+        theta = self.theta_term(model, 1.0 / self.n_observations)  # 1/N folded into its one graph node
+        lam = self.lambda_term(model)
+        if lam is None:
+            return theta
+        lam = lam / self.n_observations
+        return lam if theta is None else theta + lam
