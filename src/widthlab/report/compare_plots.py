@@ -74,6 +74,8 @@ def _scatter_panel(ax, arms: Sequence[ArmResult], styles, x_key: str, member_x: 
         drawn = True
     if drawn:
         ax.set_xscale("log")
+        if arms and arms[0].metric == "test_loss":
+            ax.set_yscale("log")  # losses of a width search span decades
         ax.legend(fontsize=8, loc="best")
     return drawn
 
