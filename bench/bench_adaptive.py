@@ -1,14 +1,24 @@
 """Bench: one training step of an adaptive-width MLP vs a fixed MLP of the same width (specs/awnn.md).
 
-The adaptive step is everything the method adds to a plain step: the rescaling by p (forward and
-backward), the ELBO prior terms, lam's parameter in Adam, and the per-step width check of the callback
-(projection, device-side D(lam), one host read). The fixed step is the same MLP (same width, same
-activation, Adam, cross-entropy) without the method. Both are timed round-robin in one process
-(bench/_timing.py) and reported as a ratio of medians. lam is put back after each adaptive step so that
-both nets keep the same width throughout (the steady state; resizes are rare once training settles and
-are measured separately below).
+The comparison is the method's own cost, at equal width, loss and optimizer:
 
-    python bench/bench_adaptive.py            # writes bench/results/adaptive-cpu.md
+* fixed step: a plain MLP (``models.mlp.MLP``, ReLU6) at the adaptive net's width, cross-entropy plus
+  the Gaussian weight prior sum theta^2 / (2 sigma_theta^2 N) (``ElboPrior.theta_term``: the loss minus
+  its adaptive-only terms), Adam;
+* adaptive step: the same plus everything the method adds: the rescaling by p (forward and backward,
+  including dL/dr), r in Adam, and the callback's per-step width check against cached thresholds (one
+  read of r, which on the CPU is a plain memory read).
+
+r is nudged by 1e-6 after every adaptive step, alternately up and down, so that p is recomputed every
+step as in training (r moves at every optimizer step) while the width stays where it is (the steady
+state; resizes are rare once training settles, and their cost is measured separately: the last table).
+
+Both steps are timed round-robin in one process (bench/_timing.py), so a busy spell on a shared machine
+hits both alike; per round the ratio adaptive / fixed is taken, and the table gives the median of those
+ratios and their inter-quartile range. On one CPU thread the same is repeated on the thread's CPU clock,
+which leaves out the time the process spends descheduled.
+
+    python bench/bench_adaptive.py --threads 1          # writes bench/results/adaptive-cpu.md
 
 Target (issue 6): ratio <= 1.2.
 """
@@ -20,17 +30,23 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import markdown_table, ratio, time_interleaved  # noqa: E402
+from _timing import markdown_table, time_interleaved  # noqa: E402
 from widthlab.methods.adaptive.callback import AdaptiveWidthCallback  # noqa: E402
+from widthlab.methods.adaptive.layer import collect_sites  # noqa: E402
 from widthlab.methods.adaptive.loss import ElboPrior  # noqa: E402
 from widthlab.methods.adaptive.mlp import adaptive_mlp  # noqa: E402
+from widthlab.methods.adaptive.resizing import set_width  # noqa: E402
 from widthlab.models.mlp import MLP, MLPConfig  # noqa: E402
+from widthlab.train.optim_surgery import remap_optimizer  # noqa: E402
+
+SIGMA_THETA, N_OBS = 1.0, 1000
 
 
 class _Trainer:
@@ -40,43 +56,110 @@ class _Trainer:
         self.model = model
 
 
-def steps(d_in: int, n_out: int, lam0: float, batch: int, hidden_layers: int, device: str):
+def adaptive_step(d_in: int, n_out: int, lam0: float, hidden_layers: int, x, y, device: str, *,
+                  new_r: bool = True, grad_r: bool = True, adam_r: bool = True, check: bool = True):
+    """One adaptive training step, with switches that drop the method's parts one by one (breakdown).
+
+    Args:
+        new_r: give r a new value after every step (p is recomputed, as in training, where r moves
+            every step); False keeps r, so p comes from the cache.
+        grad_r: r requires grad (dL/dr through p); False: p is a constant.
+        adam_r: r is in Adam (its update; the value is reset by ``new_r`` after the step).
+        check: the callback's per-step width check.
+
+    Returns:
+        (step function, adaptive model, its optimizer).
+    """
+    torch.manual_seed(0)
+    ada = adaptive_mlp(d_in, n_out, lam0=lam0, hidden_layers=hidden_layers).to(device)
+    dists = [s.scale.dist for s in collect_sites(ada)]
+    for d in dists:
+        d.r.requires_grad_(grad_r)
+    params = [p for n, p in ada.named_parameters() if adam_r or not n.endswith("dist.r")]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    cb = AdaptiveWidthCallback(ElboPrior(sigma_theta=SIGMA_THETA, n_observations=N_OBS), seed=0)
+    tr = _Trainer(ada)
+    r0 = [d.r.detach().clone() for d in dists]
+    parity = [0]
+
+    def step():
+        out = ada(x)
+        loss = F.cross_entropy(out, y) + cb.extra_loss(ada, out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        parity[0] ^= new_r
+        with torch.no_grad():  # r inside the same width: the steady state, no resizes
+            for d, r in zip(dists, r0):
+                d.r.copy_(r + 1e-6 * parity[0])
+        if check:
+            assert not cb.on_step_end(tr)
+
+    return step, ada, opt
+
+
+def steps(d_in: int, n_out: int, lam0: float, batch: int, hidden_layers: int, device: str,
+          breakdown: bool = False):
+    """Step functions: fixed with the weight prior, fixed with CE only, adaptive, and with
+    ``breakdown`` the adaptive step without some of its parts (``adaptive_step``)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, d_in, generator=g).to(device)
     y = torch.randint(0, n_out, (batch,), generator=g).to(device)
-    torch.manual_seed(0)
-    ada = adaptive_mlp(d_in, n_out, lam0=lam0, hidden_layers=hidden_layers).to(device)
+    step_adaptive, ada, opt_a = adaptive_step(d_in, n_out, lam0, hidden_layers, x, y, device)
     widths = tuple(ada.widths().values())
     fixed = MLP(MLPConfig(d_in, n_out, widths=widths, activation="relu6")).to(device)
-    opt_a = torch.optim.Adam(ada.parameters(), lr=1e-3)
-    opt_f = torch.optim.Adam(fixed.parameters(), lr=1e-3)
-    cb = AdaptiveWidthCallback(ElboPrior(sigma_theta=1.0, n_observations=1000), seed=0)
-    tr = _Trainer(ada)
-    r0 = [s.dist.r.detach().clone() for s in ada.scales]
+    fixed_ce = MLP(MLPConfig(d_in, n_out, widths=widths, activation="relu6")).to(device)
+    opt_f, opt_c = (torch.optim.Adam(m.parameters(), lr=1e-3) for m in (fixed, fixed_ce))
+    weight_prior = ElboPrior(sigma_theta=SIGMA_THETA, n_observations=N_OBS)  # no lam prior: flat
 
     def step_fixed():
         out = fixed(x)
-        loss = F.cross_entropy(out, y)
+        loss = F.cross_entropy(out, y) + weight_prior(fixed)
         opt_f.zero_grad(set_to_none=True)
         loss.backward()
         opt_f.step()
 
-    def step_adaptive():
-        out = ada(x)
-        loss = F.cross_entropy(out, y) + cb.extra_loss(ada, out, y)
-        opt_a.zero_grad(set_to_none=True)
+    def step_fixed_ce():
+        out = fixed_ce(x)
+        loss = F.cross_entropy(out, y)
+        opt_c.zero_grad(set_to_none=True)
         loss.backward()
-        opt_a.step()
-        with torch.no_grad():  # steady state: keep lam (hence D) where it was
-            for s, r in zip(ada.scales, r0):
-                s.dist.r.copy_(r)
-        events = cb.on_step_end(tr)
-        assert not events
+        opt_c.step()
 
-    return widths, step_fixed, step_adaptive, (ada, cb, tr, opt_a)
+    fns = {"fixed": step_fixed, "fixed_ce": step_fixed_ce, "adaptive": step_adaptive}
+    if breakdown:
+        args = (d_in, n_out, lam0, hidden_layers, x, y, device)
+        for name, kw in BREAKDOWN.items():
+            fns[name] = adaptive_step(*args, **kw)[0]
+    return widths, fns, (ada, opt_a)
 
 
-def time_interleaved_cpu(fns, rounds: int, inner: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+REMAINING = """\
+What the adaptive step still adds is per-step work of the method itself, a fixed number of small
+operations per adaptive layer, which on networks this small (a fixed step is ~60 tiny kernel
+dispatches) shows as tens of percent, and on the MNIST-sized net as about a tenth:
+the rescaling (p folded into the next layer's columns, W diag(p): one product forward, two and a
+reduction backward); p and dp/dr recomputed every step, because r moves at every optimizer step
+(closed form in numpy from r's host value, no tensor graph); the gradient to r (two graph nodes
+linearising p around r's value, and the reduction sum_i dL/dp_i dp_i/dr); r as one more tensor in
+torch's per-tensor CPU Adam (about ten dispatches, whatever the tensor's size); and the width check
+(one read of r, compared with cached thresholds on the host). Already removed: about two dozen graph
+operations for p(r) (now host-side, once per value of r), rescaling a batch x D activation (now the
+out x D weight), the device-side threshold comparison and flag read, per-step site collection, the
+theta prior's two extra graph nodes, and a ModuleList slice per forward."""
+
+# Cumulative parts of the adaptive step (each row adds one part to the row above; the last row adds the
+# width check and is the full adaptive step).
+BREAKDOWN = {
+    "rescaling by a constant p": dict(new_r=False, grad_r=False, adam_r=False, check=False),
+    "+ p recomputed (r moves)": dict(grad_r=False, adam_r=False, check=False),
+    "+ dL/dr through p": dict(adam_r=False, check=False),
+    "+ r in Adam": dict(check=False),
+}
+
+
+def time_interleaved_cpu(fns: dict[str, Callable[[], object]], rounds: int, inner: int = 20,
+                         warmup: int = 3) -> dict[str, list[float]]:
     """Like ``_timing.time_interleaved`` (round-robin, rotating order) but on the thread's CPU clock.
 
     With one torch thread all of a step's work runs on the calling thread, so ``time.thread_time``
@@ -97,10 +180,32 @@ def time_interleaved_cpu(fns, rounds: int, inner: int = 20, warmup: int = 3) -> 
     return samples
 
 
+def ratio_stats(num: list[float] | tuple[float, ...], den: list[float] | tuple[float, ...]):
+    """Median and inter-quartile range of the per-round ratios num[i] / den[i]."""
+    ratios = [a / b for a, b in zip(num, den)]
+    q1, med, q3 = statistics.quantiles(ratios, n=4)
+    return med, f"{q1:.2f}-{q3:.2f}"
+
+
+def resize_cost(ada, opt, rounds: int) -> float:
+    """Seconds for one resize event of the first site (+1 unit, then -1), with the optimizer surgery."""
+    site = collect_sites(ada)[0]
+    g = torch.Generator().manual_seed(0)
+    D = site.width
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for target in (D + 1, D):
+            ev = set_width(site, target, model=ada, generator=g, optimizer_mode="reset")
+            remap_optimizer(opt, ev, mode="reset")
+        times.append((time.perf_counter() - t0) / 2)
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=31)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "adaptive-cpu.md"))
     args = ap.parse_args()
@@ -108,40 +213,67 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     configs = [
         # (label, d_in, outputs, lam0, batch, hidden layers)
-        ("MNIST-sized, 784 -> D -> 10, batch 128", 784, 10, 0.01, 128, 1),
-        ("SpiralHard-sized, 2 -> D -> 2, batch 128", 2, 2, 0.01, 128, 1),
-        ("deep, 784 -> D -> D -> D -> 10, batch 128", 784, 10, 0.01, 128, 3),
+        ("Spiral/SpiralHard-sized, 2 -> D -> 2", 2, 2, 0.01, 128, 1),
+        ("Spiral 2-layer, 2 -> D -> D -> 2", 2, 2, 0.01, 128, 2),
+        ("MNIST-sized, 784 -> D -> 10", 784, 10, 0.01, 128, 1),
     ]
-    rows = []
+    rows, resize_rows = [], []
     cpu_clock = args.device == "cpu" and args.threads == 1
-    for label, d_in, n_out, lam0, batch, layers in configs:
-        widths, fixed, adaptive, _ = steps(d_in, n_out, lam0, batch, layers, args.device)
-        fns = {"fixed": fixed, "adaptive": adaptive}
+    breakdown_rows: list[list[object]] = []
+    for k, (label, d_in, n_out, lam0, batch, layers) in enumerate(configs):
+        widths, fns, (ada, opt) = steps(d_in, n_out, lam0, batch, layers, args.device, breakdown=k == 0)
+        if k == 0:  # where the cost goes, on the smallest network (all parts timed in one interleaved loop)
+            parts = ["fixed", *BREAKDOWN, "adaptive"]
+            bd = {n: list(v.samples) for n, v in
+                  time_interleaved({n: fns[n] for n in parts}, rounds=args.rounds, sync=sync).items()} \
+                if not cpu_clock else time_interleaved_cpu({n: fns[n] for n in parts}, rounds=args.rounds)
+            prev = 1.0
+            for n in parts[1:]:
+                med, iqr = ratio_stats(bd[n], bd["fixed"])
+                breakdown_rows.append([n if n != "adaptive" else "+ width check (= adaptive step)", med, iqr,
+                                       med - prev])
+                prev = med
+            fns = {n: fns[n] for n in ("fixed", "fixed_ce", "adaptive")}
         t = time_interleaved(fns, rounds=args.rounds, sync=sync)
-        row = [label, "/".join(map(str, widths)), t["fixed"].ms, t["adaptive"].ms,
-               ratio(t["adaptive"], t["fixed"]), max(t["fixed"].spread, t["adaptive"].spread)]
+        med, iqr = ratio_stats(t["adaptive"].samples, t["fixed"].samples)
+        med_ce, _ = ratio_stats(t["adaptive"].samples, t["fixed_ce"].samples)
+        row = [label, "/".join(map(str, widths)), t["fixed"].ms, t["adaptive"].ms, med, iqr, med_ce]
         if cpu_clock:
             c = time_interleaved_cpu(fns, rounds=args.rounds)
-            cf, ca = statistics.median(c["fixed"]), statistics.median(c["adaptive"])
-            row += [1e3 * cf, 1e3 * ca, ca / cf, min(c["adaptive"]) / min(c["fixed"])]
+            cmed, ciqr = ratio_stats(c["adaptive"], c["fixed"])
+            row += [1e3 * statistics.median(c["fixed"]), 1e3 * statistics.median(c["adaptive"]), cmed, ciqr]
         rows.append(row)
         print(" | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row), flush=True)
-    header = ["config", "width D", "fixed step (ms, wall)", "adaptive step (ms, wall)",
-              "ratio (wall)", "IQR spread (wall)"]
+        rc = resize_cost(ada, opt, rounds=max(5, args.rounds // 3))
+        resize_rows.append([label, 1e3 * rc, rc / t["adaptive"].median])
+    header = ["config (batch 128)", "width D", "fixed step (ms, wall)", "adaptive step (ms, wall)",
+              "ratio (wall, median)", "ratio IQR (wall)", "ratio vs CE-only fixed (wall)"]
     if cpu_clock:
-        header += ["fixed (ms, thread CPU)", "adaptive (ms, thread CPU)", "ratio (thread CPU)",
-                   "ratio of minima (thread CPU)"]
+        header += ["fixed (ms, thread CPU)", "adaptive (ms, thread CPU)", "ratio (thread CPU, median)",
+                   "ratio IQR (thread CPU)"]
     table = markdown_table(header, rows)
+    resize_table = markdown_table(["config", "one resize + optimizer surgery (ms)", "in adaptive steps"],
+                                  resize_rows)
+    clock = "thread CPU" if cpu_clock else "wall"
+    breakdown_table = markdown_table(["adaptive step, cumulative parts", f"ratio to fixed ({clock}, median)",
+                                      "IQR", "increment"], breakdown_rows)
     text = (f"# Adaptive-width MLP step vs fixed MLP step ({args.device})\n\n"
-            f"`python bench/bench_adaptive.py --device {args.device} --threads {args.threads}`; torch "
-            f"{torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
-            f"{args.rounds} interleaved rounds, medians.\n\n{table}\n\n"
-            "The adaptive step includes the rescaling by p, the ELBO prior terms (sigma_theta = 1, "
-            "N = 1000), lam in Adam and the callback's per-step width check (one host read). Target: "
-            "ratio <= 1.2. Wall-clock medians come from bench/_timing.py; on one CPU thread the same "
-            "interleaved scheme is repeated on the thread's CPU clock (time.thread_time), which leaves out "
-            "time the process spends descheduled on a shared, loaded machine; the ratio of the fastest "
-            "samples estimates the cost on an idle machine.\n")
+            f"`nice -n 5 .venv/bin/python bench/bench_adaptive.py --device {args.device} --threads "
+            f"{args.threads} --rounds {args.rounds}`; torch {torch.__version__}, "
+            f"{platform.processor() or platform.machine()}, {args.threads} thread(s), {args.rounds} "
+            f"interleaved rounds.\n\n{table}\n\n"
+            "Fixed step: plain MLP at the same width, ReLU6, cross-entropy + the Gaussian weight prior "
+            f"(sigma_theta = {SIGMA_THETA}, N = {N_OBS}), Adam (the loss minus its adaptive-only terms). "
+            "Adaptive step: the same plus the rescaling by p (forward and backward, dL/dr), r in Adam and "
+            "the callback's per-step width check against cached thresholds. Ratios are medians of the "
+            "per-round ratios (both steps timed in the same round, bench/_timing.py), with their "
+            "inter-quartile range; `ratio vs CE-only fixed` compares with a fixed MLP trained without "
+            "the weight prior. Target: ratio <= 1.2. Thread-CPU columns repeat the interleaved timing "
+            "on time.thread_time (one torch thread), which leaves out time spent descheduled on a "
+            "shared, loaded machine.\n\n"
+            f"Where the cost goes ({configs[0][0]}; each row adds one part of the method):\n\n"
+            f"{breakdown_table}\n\n{REMAINING}\n\n"
+            f"Resize events (rare once training settles):\n\n{resize_table}\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
