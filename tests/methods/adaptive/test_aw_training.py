@@ -110,13 +110,14 @@ def test_no_host_read_in_forward_and_one_per_step(moons, monkeypatch):
     t = T()
     t.model = model
     cb.on_step_end(t)
-    assert len(reads) == 1  # one read per optimizer step: the cheap threshold flag
+    assert len(reads) == 1  # one read per optimizer step: r, for the cheap threshold check
     reads.clear()
     with torch.no_grad():  # move lam across a width threshold: the exact check runs and resizes
         model.scales[0].dist.r.add_(0.5)
     events = cb.on_step_end(t)
-    # The flag, then the exact targets; the surgery itself reads only host-side index tensors.
-    assert reads[:2] == ["item", "tolist"] and events and model.widths()["hidden.0"] < 232
+    # The lean CPU check's read of r, the full check's, then the exact targets (CPU reads: no sync);
+    # the surgery itself reads only host-side index tensors.
+    assert reads[:3] == ["item", "item", "tolist"] and events and model.widths()["hidden.0"] < 232
 
 
 def test_anneal_schedule():
@@ -156,3 +157,29 @@ def test_disable_adaptation_is_a_plain_network(moons):
     assert torch.allclose(dense(x), p.model(x))
     res = Trainer(p.model, moons, cfg(1), p.callbacks).fit()
     assert res.status == "done" and p.model.widths() == {"hidden.0": 25} and p.summary["resizes"] == 0
+
+
+def test_lean_check_steps_aside_for_resizes_and_the_boundary(moons):
+    """The per-step CPU fast path agrees with the full check: a crossing, a resize done elsewhere and a
+    value below the boundary all go to the full check (which projects and resizes)."""
+    p = plan(moons, boundary=5e-3)
+    model, (cb,) = p.model, p.callbacks
+
+    class T:
+        pass
+
+    t = T()
+    t.model = model
+    assert cb.on_step_end(t) is None and cb._fast is not None  # armed
+    dist = model.scales[0].dist
+    with torch.no_grad():
+        dist.r.fill_(-20.0)  # lam far below the boundary: projected back, width capped at D(b)
+    cb.on_step_end(t)
+    assert dist.r.item() == pytest.approx(dist.raw_floor()) and model.widths()["hidden.0"] == \
+        dist.width(0.9) == 462
+    assert cb.on_step_end(t) is None and cb._fast is not None  # at the floor: the lean path holds
+    from widthlab.methods.adaptive.resizing import set_width
+
+    set_width(collect_sites(model)[0], 100, model=model)  # a resize the callback did not make
+    events = cb.on_step_end(t)
+    assert events and model.widths()["hidden.0"] == 462

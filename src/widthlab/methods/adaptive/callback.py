@@ -74,6 +74,16 @@ class LinearAnneal:
         return True, sigma0 * (1 - self.alpha * steps / (self.end - self.start + 1))
 
 
+def _inside(entries: list[tuple]) -> bool:
+    """The lean per-step check on the CPU: every layer's weight object unchanged and its raw parameter
+    at or above its projection floor and strictly inside its cached width interval."""
+    for p, lo, hi, floor, producer, weight in entries:
+        v = p.item()
+        if producer.weight is not weight or v < floor or not lo < v < hi:
+            return False
+    return True
+
+
 class AdaptiveWidthCallback:
     """Trainer callback of the adaptive-width method.
 
@@ -118,6 +128,7 @@ class AdaptiveWidthCallback:
         self._pending: tuple[torch.Tensor, Any] | None = None  # (pinned host targets, CUDA event)
         self._threshold_key: tuple | None = None
         self._sites_cache: tuple[nn.Module, list[AdaptiveSite]] | None = None
+        self._fast: tuple[nn.Module, list[tuple]] | None = None  # see _surely_unchanged
         self._thresholds: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
         if anneal is not None:
             self._set_epoch(0)
@@ -140,7 +151,7 @@ class AdaptiveWidthCallback:
             The resize events (empty when nothing changed).
         """
         sites = collect_sites(model)
-        self._sites_cache = None
+        self._sites_cache = self._fast = None
         if targets is None:
             targets = self._targets(sites).tolist()  # the one host read of this step
         events = []
@@ -168,6 +179,9 @@ class AdaptiveWidthCallback:
         if self.steps % self.check_every:
             return None
         model = trainer.model
+        fast = self._fast
+        if fast is not None and fast[0] is model and _inside(fast[1]):
+            return None  # the common step: nothing moved across a threshold (see _surely_unchanged)
         sites = self._step_sites(model)
         if not sites or not any(s.scale.adapt for s in sites):
             return None
@@ -228,10 +242,19 @@ class AdaptiveWidthCallback:
         params, lo, hi = self._thresholds
         if all(p.device.type == "cpu" for p in params):
             values = [p.item() for p in params]
+            # CPU: later steps take the lean path of on_step_end (_inside) until a value leaves its
+            # interval or falls below its projection floor, a weight is replaced (a resize), or a
+            # restore; the work per step is then a few attribute reads and comparisons.
+            self._fast = (self._sites_cache[0], [
+                (p, a, b, s.scale.dist.raw_floor(), s.site.producer, s.site.producer.weight)
+                for s, p, a, b in zip(sites, params, lo, hi)])
         else:
             with torch.no_grad():
                 values = torch.stack(params).tolist()  # the one host read of a step that changes nothing
-        return all(a < v < b for v, a, b in zip(values, lo, hi))
+        inside = all(a < v < b for v, a, b in zip(values, lo, hi))
+        if not inside:
+            self._fast = None
+        return inside
 
     def _async_update(self, model: nn.Module, targets: torch.Tensor) -> list[ResizeEvent] | None:
         events = None
@@ -297,4 +320,4 @@ class AdaptiveWidthCallback:
         self.prior.active, self.prior.sigma_lambda = bool(state["prior_active"]), state["sigma_lambda"]
         self._pending = None
         self._threshold_key = None
-        self._sites_cache = None
+        self._sites_cache = self._fast = None

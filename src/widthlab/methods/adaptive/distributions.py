@@ -114,6 +114,10 @@ class ImportanceDistribution(nn.Module):
         """
         return None
 
+    def raw_floor(self) -> float:
+        """The value below which ``project_`` changes the parameter of ``stable_interval`` (-inf: never)."""
+        return -math.inf
+
     def _like(self) -> torch.Tensor:
         """A tensor giving the dtype and device of the distribution's parameters or buffers."""
         for t in (*self.parameters(), *self.buffers()):
@@ -226,6 +230,9 @@ class Exponential(ImportanceDistribution):
         if self._r_min is not None and lo < self._r_min:
             lo = -math.inf  # project_ clamps r to >= r_min before every check: lower values never occur
         return (self.r, lo, hi) if lo < hi else None
+
+    def raw_floor(self) -> float:
+        return self._r_min if self._r_min is not None else -math.inf
 
     def project_(self) -> None:
         if self._r_min is not None:  # checked first: runs every step, and without a boundary it is free
