@@ -244,10 +244,14 @@ def _correct_step(score_fn, st: _State, h, temperature, prior_var, generator, le
     log_q_bwd = -((st.theta - prop - hh * drift_p) ** 2).sum(1) / (4 * h)
     log_alpha = (_log_target(s_p, prop, temperature, prior_var) + log_q_bwd
                  - _log_target(st.s, st.theta, temperature, prior_var) - log_q_fwd)
+    return _accept(st, prop, s_p, g_p, log_alpha, h, generator)
+
+
+def _accept(st: _State, prop, s_p, g_p, log_alpha, h, generator) -> tuple[_State, torch.Tensor]:
+    """Accept each candidate's proposal with probability min(1, exp(log_alpha)) (non-finite: reject)."""
     alpha = log_alpha.clamp(max=0).exp()
     alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
-    u = _rand(h, generator)
-    take = u < alpha
+    take = _rand(h, generator) < alpha
     t = take[:, None]
     return _State(torch.where(t, prop, st.theta), torch.where(take, s_p, st.s),
                   torch.where(t, g_p, st.grad_s)), alpha
@@ -276,13 +280,7 @@ def _official_step(score_fn, st: _State, h, temperature, prior_var, generator, l
     actual = reg_loss(st.s, st.theta) - reg_loss(s_p, prop)
     expected = -(mean_g * delta(st.theta, mean_g, xi)).sum(1)
     gap = actual - expected if legacy else (actual - expected) / temperature
-    alpha = gap.clamp(max=0).exp()
-    alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
-    u = _rand(h, generator)
-    take = u < alpha
-    t = take[:, None]
-    return _State(torch.where(t, prop, st.theta), torch.where(take, s_p, st.s),
-                  torch.where(t, g_p, st.grad_s)), alpha
+    return _accept(st, prop, s_p, g_p, gap, h, generator)
 
 
 # ----------------------------------------------------------------------------------- ascent
