@@ -4,14 +4,17 @@ The comparison is the method's own cost, at equal width, loss and optimizer:
 
 * fixed step: a plain MLP (``models.mlp.MLP``, ReLU6) at the adaptive net's width, cross-entropy plus
   the Gaussian weight prior sum theta^2 / (2 sigma_theta^2 N) (``ElboPrior.theta_term``: the loss minus
-  its adaptive-only terms), Adam;
+  its adaptive-only terms), Adam as the trainer builds it (``train.optim.build_optimizer``: torch's
+  fused kernel on the CPU); ``--adam loop`` times both steps with torch's per-tensor CPU loop instead;
 * adaptive step: the same plus everything the method adds: the rescaling by p (forward and backward,
   including dL/dr), r in Adam, and the callback's per-step width check against cached thresholds (one
   read of r, which on the CPU is a plain memory read).
 
-r is nudged by 1e-6 after every adaptive step, alternately up and down, so that p is recomputed every
-step as in training (r moves at every optimizer step) while the width stays where it is (the steady
-state; the cost of a resize is measured separately: the last table). A breakdown table times the
+r is set to r0 +- 1e-6 after every adaptive step, alternately, so that p is recomputed every step as in
+training (Adam moves r at every optimizer step) while the width stays where it is (the steady state; the
+cost of a resize is measured separately: the last table). The reset writes r's memory through a numpy
+view: it stands in for Adam's own move of r and would otherwise add two tensor operations that no
+training step has. A breakdown table times the
 adaptive step with its parts added one at a time, on the smallest network.
 
 Both steps are timed round-robin in one process (bench/_timing.py), so a busy spell on a shared machine
@@ -46,9 +49,19 @@ from widthlab.methods.adaptive.loss import ElboPrior  # noqa: E402
 from widthlab.methods.adaptive.mlp import adaptive_mlp  # noqa: E402
 from widthlab.methods.adaptive.resizing import set_width  # noqa: E402
 from widthlab.models.mlp import MLP, MLPConfig  # noqa: E402
+from widthlab.train.config import OptimConfig  # noqa: E402
+from widthlab.train.optim import build_optimizer  # noqa: E402
 from widthlab.train.optim_surgery import remap_optimizer  # noqa: E402
 
 SIGMA_THETA, N_OBS = 1.0, 1000
+
+
+def make_adam(params, adam: str = "trainer") -> torch.optim.Optimizer:
+    """Adam at lr 1e-3 as the trainer builds it, or (``"loop"``) with torch's per-tensor CPU loop."""
+    params = list(params)
+    if adam == "loop":
+        return torch.optim.Adam(params, lr=1e-3, foreach=False, fused=False)
+    return build_optimizer(params, OptimConfig(name="adam", lr=1e-3))
 
 
 class _Trainer:
@@ -59,7 +72,8 @@ class _Trainer:
 
 
 def adaptive_step(d_in: int, n_out: int, lam0: float, hidden_layers: int, x, y, device: str, *,
-                  new_r: bool = True, grad_r: bool = True, adam_r: bool = True, check: bool = True):
+                  new_r: bool = True, grad_r: bool = True, adam_r: bool = True, check: bool = True,
+                  adam: str = "trainer"):
     """One adaptive training step, with switches that drop the method's parts one by one (breakdown).
 
     Args:
@@ -68,6 +82,7 @@ def adaptive_step(d_in: int, n_out: int, lam0: float, hidden_layers: int, x, y, 
         grad_r: r requires grad (dL/dr through p); False: p is a constant.
         adam_r: r is in Adam (its update; the value is reset by ``new_r`` after the step).
         check: the callback's per-step width check.
+        adam: ``"trainer"`` or ``"loop"`` (``make_adam``).
 
     Returns:
         (step function, adaptive model, its optimizer).
@@ -78,10 +93,12 @@ def adaptive_step(d_in: int, n_out: int, lam0: float, hidden_layers: int, x, y, 
     for d in dists:
         d.r.requires_grad_(grad_r)
     params = [p for n, p in ada.named_parameters() if adam_r or not n.endswith("dist.r")]
-    opt = torch.optim.Adam(params, lr=1e-3)
+    opt = make_adam(params, adam)
     cb = AdaptiveWidthCallback(ElboPrior(sigma_theta=SIGMA_THETA, n_observations=N_OBS), seed=0)
     tr = _Trainer(ada)
-    r0 = [d.r.detach().clone() for d in dists]
+    r0 = [float(d.r.detach()) for d in dists]
+    # Host views of r (CPU) for a reset without tensor operations; on a GPU a copy_ (one small kernel).
+    views = [d.r.detach().numpy() if d.r.device.type == "cpu" else None for d in dists]
     parity = [0]
 
     def step():
@@ -91,9 +108,12 @@ def adaptive_step(d_in: int, n_out: int, lam0: float, hidden_layers: int, x, y, 
         loss.backward()
         opt.step()
         parity[0] ^= new_r
-        with torch.no_grad():  # r inside the same width: the steady state, no resizes
-            for d, r in zip(dists, r0):
-                d.r.copy_(r + 1e-6 * parity[0])
+        for d, v, r in zip(dists, views, r0):  # r inside the same width: the steady state, no resizes
+            if v is not None:
+                v[...] = r + 1e-6 * parity[0]
+            else:
+                with torch.no_grad():
+                    d.r.fill_(r + 1e-6 * parity[0])
         if check:
             assert not cb.on_step_end(tr)
 
@@ -101,17 +121,17 @@ def adaptive_step(d_in: int, n_out: int, lam0: float, hidden_layers: int, x, y, 
 
 
 def steps(d_in: int, n_out: int, lam0: float, batch: int, hidden_layers: int, device: str,
-          breakdown: bool = False):
+          breakdown: bool = False, adam: str = "trainer"):
     """Step functions: fixed with the weight prior, fixed with CE only, adaptive, and with
     ``breakdown`` the adaptive step without some of its parts (``adaptive_step``)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, d_in, generator=g).to(device)
     y = torch.randint(0, n_out, (batch,), generator=g).to(device)
-    step_adaptive, ada, opt_a = adaptive_step(d_in, n_out, lam0, hidden_layers, x, y, device)
+    step_adaptive, ada, opt_a = adaptive_step(d_in, n_out, lam0, hidden_layers, x, y, device, adam=adam)
     widths = tuple(ada.widths().values())
     fixed = MLP(MLPConfig(d_in, n_out, widths=widths, activation="relu6")).to(device)
     fixed_ce = MLP(MLPConfig(d_in, n_out, widths=widths, activation="relu6")).to(device)
-    opt_f, opt_c = (torch.optim.Adam(m.parameters(), lr=1e-3) for m in (fixed, fixed_ce))
+    opt_f, opt_c = (make_adam(m.parameters(), adam) for m in (fixed, fixed_ce))
     weight_prior = ElboPrior(sigma_theta=SIGMA_THETA, n_observations=N_OBS)  # no lam prior: flat
 
     def step_fixed():
@@ -132,7 +152,7 @@ def steps(d_in: int, n_out: int, lam0: float, batch: int, hidden_layers: int, de
     if breakdown:
         args = (d_in, n_out, lam0, hidden_layers, x, y, device)
         for name, kw in BREAKDOWN.items():
-            fns[name] = adaptive_step(*args, **kw)[0]
+            fns[name] = adaptive_step(*args, **kw, adam=adam)[0]
     return widths, fns, (ada, opt_a)
 
 
@@ -216,8 +236,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=31)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "adaptive-cpu.md"))
+    ap.add_argument("--adam", choices=("trainer", "loop"), default="trainer",
+                    help="Adam as the trainer builds it (fused on the CPU) or torch's per-tensor loop")
+    ap.add_argument("--out", default=None,
+                    help="default: bench/results/adaptive-<device>[-loop].md")
     args = ap.parse_args()
+    suffix = "-loop" if args.adam == "loop" else ""
+    args.out = args.out or str(Path(__file__).resolve().parent / "results"
+                               / f"adaptive-{args.device.split(':')[0]}{suffix}.md")
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     configs = [
@@ -230,7 +256,8 @@ def main() -> None:
     cpu_clock = args.device == "cpu" and args.threads == 1
     breakdown_rows: list[list[object]] = []
     for k, (label, d_in, n_out, lam0, batch, layers) in enumerate(configs):
-        widths, fns, (ada, opt) = steps(d_in, n_out, lam0, batch, layers, args.device, breakdown=k == 0)
+        widths, fns, (ada, opt) = steps(d_in, n_out, lam0, batch, layers, args.device, breakdown=k == 0,
+                                        adam=args.adam)
         if k == 0:  # where the cost goes, on the smallest network (all parts timed in one interleaved loop)
             parts = ["fixed", *BREAKDOWN, "adaptive"]
             bd = {n: list(v.samples) for n, v in
@@ -268,7 +295,7 @@ def main() -> None:
                                       "IQR", "increment"], breakdown_rows)
     text = (f"# Adaptive-width MLP step vs fixed MLP step ({args.device})\n\n"
             f"`nice -n 5 .venv/bin/python bench/bench_adaptive.py --device {args.device} --threads "
-            f"{args.threads} --rounds {args.rounds}`; torch {torch.__version__}, "
+            f"{args.threads} --rounds {args.rounds} --adam {args.adam}`; torch {torch.__version__}, "
             f"{platform.processor() or platform.machine()}, {args.threads} thread(s), {args.rounds} "
             f"interleaved rounds.\n\n{table}\n\n"
             "Fixed step: plain MLP at the same width, ReLU6, cross-entropy + the Gaussian weight prior "

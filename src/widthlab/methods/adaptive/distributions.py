@@ -198,15 +198,7 @@ class Exponential(ImportanceDistribution):
         key = (r.item(), D, n, r.dtype)
         cache = self._host_cache
         if cache.get("key") != key:
-            pq = _host_importance(key[0], D, n)
-            if r.dtype in _NUMPY_DTYPES:
-                # Copied into torch-allocated memory: kernels on tensors that wrap numpy memory ran
-                # measurably slower in the step (~3% of a small network's step).
-                buf = torch.empty((2, D), dtype=r.dtype)
-                buf.numpy()[:] = pq
-            else:  # e.g. bfloat16, which numpy lacks
-                buf = torch.from_numpy(pq).to(r.dtype)
-            cache["p"], cache["dp_dr"] = buf.unbind()
+            cache["p"], cache["dp_dr"] = self._host_buffers(key[0], D, n, r.dtype)
             cache["key"] = key
         p, dp_dr = cache["p"], cache["dp_dr"]
         if not (r.requires_grad and torch.is_grad_enabled()):
@@ -215,6 +207,19 @@ class Exponential(ImportanceDistribution):
         # derivative in r is dp/dr; two built-in graph nodes, cheaper on small networks than a Python
         # autograd.Function (exact for first derivatives, which is all training uses).
         return torch.addcmul(p, dp_dr, r - key[0])
+
+    @staticmethod
+    def _host_buffers(r: float, D: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p, dp/dr) at raw value ``r`` (:func:`_host_importance`) as tensors of ``dtype``.
+
+        Fresh torch memory for every value of r, written through its numpy view: a graph built at an
+        earlier r (gradcheck, finite differences) keeps its own values.
+        """
+        if dtype not in _NUMPY_DTYPES:  # e.g. bfloat16, which numpy lacks
+            return torch.from_numpy(_host_importance(r, D, n)).to(dtype).unbind()
+        buf = torch.empty((2, D), dtype=dtype)
+        _host_importance(r, D, n, out=buf.numpy())
+        return buf.unbind()
 
     @torch.no_grad()
     def quantile(self, k: float) -> torch.Tensor:
@@ -248,8 +253,8 @@ def _values_on_host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _host_importance(r: float, D: int, n: int) -> np.ndarray:
-    """(2, D) float64 array: p over the first D of n units and dp/dr, for the exponential at raw value r.
+def _host_importance(r: float, D: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(2, D) array: p over the first D of n units and dp/dr, for the exponential at raw value r.
 
     lam = softplus(r) + 1e-32 with torch's softplus convention (identity, slope 1, above r = 20). With
     rho = e^-lam, c = 1 - rho, u_i = c rho^i + eps, the normaliser and its lam-derivative have closed
@@ -260,7 +265,8 @@ def _host_importance(r: float, D: int, n: int) -> np.ndarray:
         dp_i/dlam = [rho^i (rho - i c) - p_i dS/dlam] / S = rho^i (a - b i) - g,
         a = (rho - c dS/S) / S,  b = c / S,  g = eps dS / S^2.
 
-    A handful of numpy operations on the host, instead of two dozen tensor operations in the graph.
+    Eight numpy operations on the host, instead of two dozen tensor operations in the graph. Computed
+    in float64 and rounded once into ``out`` (any float dtype; a new float64 array when None).
     """
     if r > 20.0:
         lam, dlam_dr = r, 1.0
@@ -271,16 +277,32 @@ def _host_importance(r: float, D: int, n: int) -> np.ndarray:
     rho, c = math.exp(-lam), -math.expm1(-lam)
     S = -math.expm1(-lam * n) + n * EPS
     dS = n * math.exp(-lam * n)
-    i = np.arange(D, dtype=np.float64)
-    e = np.exp(i * -lam)  # rho^i
-    out = np.empty((2, D))
-    np.multiply(e, c / S, out=out[0])
-    out[0] += EPS / S
-    np.multiply(i, -c / S * dlam_dr, out=out[1])
-    out[1] += (rho - c * dS / S) / S * dlam_dr
-    out[1] *= e
-    out[1] -= EPS * dS / S**2 * dlam_dr
+    i, tmp = _host_scratch(D)
+    if out is None:
+        out = np.empty((2, D))
+    e = tmp[0]
+    np.multiply(i, -lam, out=e)
+    np.exp(e, out=e)  # rho^i
+    np.multiply(i, -c / S * dlam_dr, out=tmp[1])
+    tmp[1] += (rho - c * dS / S) / S * dlam_dr
+    tmp[1] *= e
+    np.subtract(tmp[1], EPS * dS / S**2 * dlam_dr, out=out[1])
+    np.multiply(e, c / S, out=e)
+    np.add(e, EPS / S, out=out[0])
     return out
+
+
+_SCRATCH: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _host_scratch(D: int) -> tuple[np.ndarray, np.ndarray]:
+    """(arange(D), (2, D) work array) in float64, kept per D (a handful of widths live at a time)."""
+    got = _SCRATCH.get(D)
+    if got is None:
+        if len(_SCRATCH) > 64:
+            _SCRATCH.clear()
+        got = _SCRATCH[D] = (np.arange(D, dtype=np.float64), np.empty((2, D)))
+    return got
 
 
 class _ExponentialImportance(torch.autograd.Function):
