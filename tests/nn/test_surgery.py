@@ -312,6 +312,23 @@ def test_noop_returns_empty_event_and_changes_nothing():
     assert all(a is b for a, b in zip(before, model.parameters()))
 
 
+def test_range_keep_equals_index_keep():
+    """``keep=range(...)`` (checked without tensor operations) resizes exactly like the same indices."""
+    for keep in (range(8), range(5), range(7, 1, -2)):
+        a, b = MLP(), MLP()
+        b.load_state_dict(a.state_dict())
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        ea = resize(a, "hidden.0", keep=keep, n_new=2, init_in="normal", generator=g1)
+        eb = resize(b, "hidden.0", keep=torch.tensor(list(keep)), n_new=2, init_in="normal", generator=g2)
+        assert [p.name for p in ea.params] == [p.name for p in eb.params]
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb)
+    model = MLP()
+    before = list(model.parameters())
+    assert not resize(model, "hidden.0", keep=range(8))
+    assert all(x is y for x, y in zip(before, model.parameters()))
+
+
 def test_find_site():
     model = MLP()
     assert find_site(model, "hidden.1").producer is model.fcs[1]
@@ -334,6 +351,9 @@ def _params(model):
     ([0.5], 0, "integer"),
     ([[0, 1]], 0, "1-D"),
     (torch.ones(7, dtype=torch.bool), 0, r"mask needs shape \(8,\)"),
+    (range(3, 9), 0, r"\[0, 8\).*\[3, 8\]"),
+    (range(5, -2, -1), 0, r"\[0, 8\).*\[-1, 5\]"),
+    (range(0), 0, "width would be 0"),
 ])
 def test_bad_arguments_name_the_site_and_change_nothing(keep, n_new, match):
     model = MLP()
@@ -378,6 +398,15 @@ def test_tied_parameters_are_refused():
     model = nn.ModuleList([a, b, c])
     with pytest.raises(ValueError, match="shared"):
         resize_site(WidthSite("s", a, b), n_new=1, model=model)
+
+
+def test_a_module_used_in_two_places_is_refused():
+    a, b = nn.Linear(3, 4), nn.Linear(4, 4)
+    inner = nn.Sequential(a, b)
+    model = nn.ModuleDict({"first": inner, "again": inner})  # the same block twice
+    with pytest.raises(ValueError, match="shared"):
+        resize_site(WidthSite("s", a, b), n_new=1, model=model)
+    resize_site(WidthSite("s", a, b), n_new=1, model=nn.Sequential(a, b))  # once: fine
 
 
 def test_resize_needs_width_sites_and_a_known_name():

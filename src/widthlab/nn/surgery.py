@@ -70,8 +70,9 @@ def resize_site(
 
     Args:
         site: the width to resize; its modules are edited in place.
-        keep: int64 indices of the surviving units in their new order, or a bool mask of length
-            ``site.width``; None keeps all units in order.
+        keep: int64 indices of the surviving units in their new order, a ``range`` of them (checked
+            without tensor operations: the adaptive method keeps ``range(D)`` on most steps), or a bool
+            mask of length ``site.width``; None keeps all units in order.
         n_new: number of units appended after the survivors.
         init_in: incoming weights and bias of the new units. ``"kaiming"``: PyTorch's default Linear/Conv
             init for the producer's fan-in, U(+-1/sqrt(fan_in)) for weight and bias; ``"normal"``: N(0, 1)
@@ -96,10 +97,11 @@ def resize_site(
             model is left untouched on error.
     """
     width = _check_site(site, model)
+    identity = n_new == 0 and (keep is None or keep == range(width))
     keep, n_new = _check_keep(site, keep, width, n_new)
     new_width = len(keep) + n_new
     widths = {site.name: new_width}
-    if n_new == 0 and torch.equal(keep, torch.arange(width)):
+    if identity or (n_new == 0 and torch.equal(keep, torch.arange(width))):
         return ResizeEvent(description=f"{site.name}: unchanged ({width})", widths=widths)
 
     # Build every new tensor before touching the model, so a failing init callable changes nothing.
@@ -217,9 +219,16 @@ def _check_plain_param(site: WidthSite, role: str, module: nn.Module, attr: str)
 
 def _check_not_shared(site: WidthSite, model: nn.Module) -> None:
     """Refuse tied parameters: replacing one would silently untie it from its other owners."""
+    # Every (module, attribute) slot holding each parameter, a shared module counted once per place it
+    # appears (as named_parameters(remove_duplicate=False) would, without building the names).
     counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        for p in m._parameters.values():
+            if p is not None:
+                counts[id(p)] = counts.get(id(p), 0) + 1
+        stack.extend(c for c in m._modules.values() if c is not None)
     for module in (site.producer, site.consumer, *site.norms):
         for attr in ("weight", "bias"):
             p = getattr(module, attr, None)
@@ -238,7 +247,14 @@ def _check_keep(site: WidthSite, keep, width: int, n_new) -> tuple[torch.Tensor,
         raise ValueError(f"site {site.name!r}: n_new must be an int >= 0, got {n_new!r}")
     n_new = operator.index(n_new)
     if keep is None:
-        return torch.arange(width), n_new
+        keep = range(width)
+    if isinstance(keep, range):  # unique by construction; its ends bound it
+        lo, hi = (min(keep[0], keep[-1]), max(keep[0], keep[-1])) if len(keep) else (0, -1)
+        if lo < 0 or hi >= width:
+            raise ValueError(f"site {site.name!r}: keep indices must lie in [0, {width}), got [{lo}, {hi}]")
+        if len(keep) + n_new < 1:
+            raise ValueError(f"site {site.name!r}: the new width would be 0; keep or add at least one unit")
+        return torch.arange(keep.start, keep.stop, keep.step), n_new
     keep = torch.as_tensor(keep).detach().cpu()
     if keep.dtype == torch.bool:
         if keep.shape != (width,):
@@ -360,7 +376,7 @@ def _module_names(site: WidthSite, model: nn.Module | None) -> list[str]:
     modules = [site.producer, *site.norms, site.consumer]
     if len(site.norm_names) != len(site.norms):
         given = [site.producer_name, *([""] * len(site.norms)), site.consumer_name]
-    lookup = {id(m): n for n, m in model.named_modules()} if model is not None else {}
+    lookup = {id(m): n for n, m in model.named_modules()} if model is not None and not all(given) else {}
     roles = ["producer", *(f"norms.{i}" for i in range(len(site.norms))), "consumer"]
     names = []
     for name, module, role in zip(given, modules, roles):

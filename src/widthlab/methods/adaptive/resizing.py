@@ -89,10 +89,10 @@ def set_width(asite: AdaptiveSite, D: int, *, model: nn.Module | None = None,
     g = generator if generator is not None else torch.Generator()
     if old < D:
         init_in, init_out = _inits(asite, D, g)
-        event = resize_site(asite.site, keep=torch.arange(old), n_new=D - old, init_in=init_in,
+        event = resize_site(asite.site, keep=range(old), n_new=D - old, init_in=init_in,
                             init_out=init_out, model=model)
     else:
-        event = resize_site(asite.site, keep=torch.arange(D), n_new=0, model=model)
+        event = resize_site(asite.site, keep=range(D), n_new=0, model=model)
     if optimizer_mode == "reset":
         event = event.merge(_rewrap_bias(asite))
     return dataclasses.replace(event, optimizer_mode=optimizer_mode,
