@@ -157,18 +157,23 @@ def steps(d_in: int, n_out: int, lam0: float, batch: int, hidden_layers: int, de
 
 
 REMAINING = """\
-What the adaptive step still adds is per-step work of the method itself, a fixed number of small
-operations per adaptive layer, which on networks this small (a fixed step is ~60 tiny kernel
-dispatches) shows as tens of percent, and on the MNIST-sized net as about a tenth:
-the rescaling (p folded into the next layer's columns, W diag(p): one product forward, two and a
-reduction backward); p and dp/dr recomputed every step, because r moves at every optimizer step
-(closed form in numpy from r's host value, no tensor graph); the gradient to r (two graph nodes
-linearising p around r's value, and the reduction sum_i dL/dp_i dp_i/dr); r as one more tensor in
-torch's per-tensor CPU Adam (about ten dispatches, whatever the tensor's size); and the width check
-(one read of r, compared with cached thresholds on the host). Already removed: about two dozen graph
-operations for p(r) (now host-side, once per value of r), rescaling a batch x D activation (now the
-out x D weight), the device-side threshold comparison and flag read, per-step site collection, the
-theta prior's two extra graph nodes, and a ModuleList slice per forward."""
+What the adaptive step adds is per-step work of the method itself, a fixed number of small operations
+per adaptive layer, which on networks this small (a fixed step is ~60 tiny kernel dispatches, each
+~10 us on a CPU thread) shows as tens of percent, and on the MNIST-sized net as about a tenth:
+the rescaling (p folded into the next layer's columns, W diag(p), or a batch x D product when the next
+layer is larger: one product forward, two and a reduction backward); p and dp/dr recomputed every step,
+because r moves at every optimizer step (closed form in numpy from r's host value, no tensor graph);
+the gradient to r (two graph nodes linearising p around r's value, and the reduction
+sum_i dL/dp_i dp_i/dr); r as one more tensor in Adam (little with the fused kernel the trainer uses on
+the CPU, about ten dispatches with `--adam loop`); and the width check (one read of r, compared with
+cached thresholds on the host). Tried and dropped: a Python autograd.Function for the folded product
+or the whole folded layer (its call overhead ate the saved nodes: ratio 1.22-1.26 vs 1.20-1.21 in the
+same A/B), folding every layer (1.32-1.34 vs 1.26 on the 2-layer net), a reused p buffer (saves one
+allocation but a graph built at an earlier r, as in gradcheck, would see overwritten values).
+Removed earlier: about two dozen graph operations for p(r), rescaling the batch x D activation where
+the weight is smaller, the device-side threshold comparison and flag read, per-step site collection,
+the theta prior's two extra graph nodes. The fixed MLP no longer slices its ModuleList per forward
+(that cost ~70 us and had flattered earlier ratios by ~0.07)."""
 
 RESIZES = """\
 The steady-state steps above change no width. How often a step resizes depends on the run: one unit
