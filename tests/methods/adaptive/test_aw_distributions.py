@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,3 +217,25 @@ def test_host_importance_is_cached_per_value_of_r():
         assert dist.importance(232) is dist.importance(232)  # same r, D: no recomputation
         dist.r.add_(1e-3)  # an optimizer step: new value, new p
         assert not torch.equal(dist.importance(232), p1.detach())
+
+
+def test_host_importance_in_two_threads_matches_one():
+    """The host closed form keeps its work arrays per thread: two threads never mix their values."""
+    import threading
+
+    from widthlab.methods.adaptive.distributions import _host_importance
+
+    values = {r: _host_importance(r, 300, 300).copy() for r in (-4.6, -1.0)}
+    bad = []
+
+    def work(r):
+        for _ in range(300):
+            if not np.array_equal(_host_importance(r, 300, 300), values[r]):
+                bad.append(r)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in values]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad

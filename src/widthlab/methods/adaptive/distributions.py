@@ -42,6 +42,7 @@ width the device flags always agree (tests/methods/adaptive/test_aw_distribution
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -292,16 +293,19 @@ def _host_importance(r: float, D: int, n: int, out: np.ndarray | None = None) ->
     return out
 
 
-_SCRATCH: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_SCRATCH = threading.local()  # per thread: models trained in two threads must not share a work array
 
 
 def _host_scratch(D: int) -> tuple[np.ndarray, np.ndarray]:
     """(arange(D), (2, D) work array) in float64, kept per D (a handful of widths live at a time)."""
-    got = _SCRATCH.get(D)
+    cache = getattr(_SCRATCH, "by_width", None)
+    if cache is None:
+        cache = _SCRATCH.by_width = {}
+    got = cache.get(D)
     if got is None:
-        if len(_SCRATCH) > 64:
-            _SCRATCH.clear()
-        got = _SCRATCH[D] = (np.arange(D, dtype=np.float64), np.empty((2, D)))
+        if len(cache) > 64:
+            cache.clear()
+        got = cache[D] = (np.arange(D, dtype=np.float64), np.empty((2, D)))
     return got
 
 
