@@ -96,7 +96,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], -1)  # (B, *input_shape) -> (B, d)
-        layers = list(self.layers)  # (slicing a ModuleList builds a new module: 20 us a step)
+        layers = list(self.layers)  # slicing a ModuleList builds a new Module (~70 us on the bench net)
         norms = list(self.norms)
         for i, layer in enumerate(layers[:-1]):
             x = self.act(layer(x))  # (B, n_i)
