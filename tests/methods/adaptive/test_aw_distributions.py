@@ -208,6 +208,20 @@ def test_host_importance_matches_device_path(r0, D, support, monkeypatch):
     assert torch.allclose(d32.importance(D, support).detach(), dev32, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_host_importance_rounds_float64_once_into_narrow_outputs(dtype):
+    """A float32/float16 ``out`` holds exactly the float64 values rounded once (the work runs in
+    float64 scratch), and the scratch left behind does not leak into the next float64 call."""
+    from widthlab.methods.adaptive.distributions import _host_importance
+
+    for r, D, n in ((-4.6, 232, 232), (-4.6, 200, 232), (0.4, 6, 6)):
+        ref = _host_importance(r, D, n)
+        out = np.empty((2, D), dtype=dtype)
+        _host_importance(r, D, n, out=out)
+        assert np.array_equal(out, ref.astype(dtype))
+        assert np.array_equal(_host_importance(r, D, n), ref)
+
+
 def test_host_importance_is_cached_per_value_of_r():
     dist = Exponential(0.01)
     p1 = dist.importance(232)
