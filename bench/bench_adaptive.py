@@ -17,6 +17,12 @@ view: it stands in for Adam's own move of r and would otherwise add two tensor o
 training step has. A breakdown table times the
 adaptive step with its parts added one at a time, on the smallest network.
 
+Denormal floats are flushed to zero for the whole bench (``torch.set_flush_denormal``): after ~1,500
+steps of the fixed network on its random labels some of its values underflow into the denormal range,
+where the CPU's arithmetic is slow, and its step became ~25% slower (1.00 -> 1.25 ms in one run, while
+the adaptive step stayed at 1.23 ms): a ratio measured late in the bench then read ~1.03 instead of
+~1.26. Flushed, both steps keep their cost however long they run.
+
 Both steps are timed round-robin in one process (bench/_timing.py), so a busy spell on a shared machine
 hits both alike; per round the ratio adaptive / fixed is taken, and the table gives the median of those
 ratios and their inter-quartile range. On one CPU thread the same is repeated on the thread's CPU clock,
@@ -158,22 +164,27 @@ def steps(d_in: int, n_out: int, lam0: float, batch: int, hidden_layers: int, de
 
 REMAINING = """\
 What the adaptive step adds is per-step work of the method itself, a fixed number of small operations
-per adaptive layer, which on networks this small (a fixed step is ~60 tiny kernel dispatches, each
-~10 us on a CPU thread) shows as tens of percent, and on the MNIST-sized net as about a tenth:
-the rescaling (p folded into the next layer's columns, W diag(p), or a batch x D product when the next
-layer is larger: one product forward, two and a reduction backward); p and dp/dr recomputed every step,
-because r moves at every optimizer step (closed form in numpy from r's host value, no tensor graph);
-the gradient to r (two graph nodes linearising p around r's value, and the reduction
-sum_i dL/dp_i dp_i/dr); r as one more tensor in Adam (little with the fused kernel the trainer uses on
-the CPU, about ten dispatches with `--adam loop`); and the width check (one read of r, compared with
-cached thresholds on the host). Tried and dropped: a Python autograd.Function for the folded product
-or the whole folded layer (its call overhead ate the saved nodes: ratio 1.22-1.26 vs 1.20-1.21 in the
-same A/B), folding every layer (1.32-1.34 vs 1.26 on the 2-layer net), a reused p buffer (saves one
-allocation but a graph built at an earlier r, as in gradcheck, would see overwritten values).
-Removed earlier: about two dozen graph operations for p(r), rescaling the batch x D activation where
-the weight is smaller, the device-side threshold comparison and flag read, per-step site collection,
-the theta prior's two extra graph nodes. The fixed MLP no longer slices its ModuleList per forward
-(that cost ~70 us and had flattered earlier ratios by ~0.07)."""
+per adaptive layer, which on networks this small (a fixed step is ~160 aten operations, ~6 us each on
+a CPU thread; the adaptive step ~200) shows as tens of percent, and on the MNIST-sized net as about a
+tenth: the rescaling (p folded into the next layer's columns, W diag(p), or a batch x D product when
+the next layer is larger: one product forward, two and a reduction backward); p and dp/dr recomputed
+every step, because r moves at every optimizer step (closed form in numpy from r's host value, no
+tensor graph); the gradient to r (two graph nodes linearising p around r's value, and the reduction
+sum_i dL/dp_i dp_i/dr); r as one more tensor in Adam (about five operations per tensor even in the
+fused CPU kernel, about ten with `--adam loop`); and the width check (one read of r, compared with
+cached thresholds on the host).
+Tried and dropped: a Python autograd.Function for the folded product or the whole folded layer (its
+call overhead ate the saved nodes: ratio 1.22-1.26 vs 1.20-1.21 in the same A/B); folding every layer
+(1.32-1.34 vs 1.26 on the 2-layer net); a reused p buffer (a graph built at an earlier r, as in
+gradcheck, would see overwritten values); the linearisation as one node, c0 + dp/dr r instead of
+p + dp/dr (r - r0) (one node less, ~1%, but the training forward's p would differ from p by rounding).
+Removed: numpy's casting ufunc path for float32 (p and dp/dr are now computed in float64 scratch and
+rounded by one copy) and torch.empty + unbind for their buffers (from_numpy of each row), 1.28 -> 1.26
+on the smallest net; before that about two dozen graph operations for p(r), rescaling the batch x D
+activation where the weight is smaller, the device-side threshold comparison and flag read, per-step
+site collection, the theta prior's two extra graph nodes. The fixed MLP no longer slices its
+ModuleList per forward (that cost ~70 us and had flattered earlier ratios by ~0.07). What is left
+would need a compiled kernel (one C++ node for the folded product and dL/dr), not done."""
 
 RESIZES = """\
 The steady-state steps above change no width. How often a step resizes depends on the run: one unit
@@ -250,6 +261,7 @@ def main() -> None:
     args.out = args.out or str(Path(__file__).resolve().parent / "results"
                                / f"adaptive-{args.device.split(':')[0]}{suffix}.md")
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # see the module docstring: no step-count-dependent slowdown
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     configs = [
         # (label, d_in, outputs, lam0, batch, hidden layers)
@@ -309,7 +321,9 @@ def main() -> None:
             "the callback's per-step width check against cached thresholds. Ratios are medians of the "
             "per-round ratios (both steps timed in the same round, bench/_timing.py), with their "
             "inter-quartile range; `ratio vs CE-only fixed` compares with a fixed MLP trained without "
-            "the weight prior. Target: ratio <= 1.2. Thread-CPU columns repeat the interleaved timing "
+            "the weight prior. Target: ratio <= 1.2. Denormals are flushed to zero (the fixed step "
+            "otherwise slows by ~25% after ~1,500 steps; see the bench's docstring). Thread-CPU columns "
+            "repeat the interleaved timing "
             "on time.thread_time (one torch thread), which leaves out time spent descheduled on a "
             "shared, loaded machine.\n\n"
             f"Where the cost goes ({configs[0][0]}; each row adds one part of the method):\n\n"

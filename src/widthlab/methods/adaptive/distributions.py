@@ -54,7 +54,7 @@ EPS = 1e-6  # §2: the official code's log(F(i+1) - F(i) + 1e-6), exponentiated 
 LAM_OFFSET = 1e-32  # §2: lam = softplus(r) + 1e-32 keeps the rate strictly positive in float64
 MARGIN = 2  # §2: D = floor(q) + 2
 THRESHOLD_MARGIN = 1e-5  # relative safety margin of the cached width thresholds (stable_interval)
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)  # dtypes numpy can write into
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
 def softplus_inv(y: float) -> float:
@@ -213,14 +213,15 @@ class Exponential(ImportanceDistribution):
     def _host_buffers(r: float, D: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(p, dp/dr) at raw value ``r`` (:func:`_host_importance`) as tensors of ``dtype``.
 
-        Fresh torch memory for every value of r, written through its numpy view: a graph built at an
-        earlier r (gradcheck, finite differences) keeps its own values.
+        Fresh memory for every value of r, so that a graph built at an earlier r (gradcheck, finite
+        differences) keeps its own values: a numpy array written in place and shared with torch
+        (``from_numpy`` of each row costs less than ``torch.empty`` + ``unbind``).
         """
-        if dtype not in _NUMPY_DTYPES:  # e.g. bfloat16, which numpy lacks
+        np_dtype = _NUMPY_DTYPES.get(dtype)
+        if np_dtype is None:  # e.g. bfloat16, which numpy lacks
             return torch.from_numpy(_host_importance(r, D, n)).to(dtype).unbind()
-        buf = torch.empty((2, D), dtype=dtype)
-        _host_importance(r, D, n, out=buf.numpy())
-        return buf.unbind()
+        out = _host_importance(r, D, n, out=np.empty((2, D), dtype=np_dtype))
+        return torch.from_numpy(out[0]), torch.from_numpy(out[1])
 
     @torch.no_grad()
     def quantile(self, k: float) -> torch.Tensor:
