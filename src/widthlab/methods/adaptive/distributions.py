@@ -268,8 +268,7 @@ def _host_importance(r: float, D: int, n: int, out: np.ndarray | None = None) ->
         a = (rho - c dS/S) / S,  b = c / S,  g = eps dS / S^2.
 
     Eight numpy operations on the host, instead of two dozen tensor operations in the graph. Computed
-    in float64 and rounded once into ``out`` (any float dtype; a new float64 array when None): the
-    same values as float64 ufuncs writing into ``out`` directly, at ~60% of the cost for float32.
+    in float64 and rounded once into ``out`` (any float dtype; a new float64 array when None).
     """
     if r > 20.0:
         lam, dlam_dr = r, 1.0
