@@ -183,3 +183,22 @@ def test_lean_check_steps_aside_for_resizes_and_the_boundary(moons):
     set_width(collect_sites(model)[0], 100, model=model)  # a resize the callback did not make
     events = cb.on_step_end(t)
     assert events and model.widths()["hidden.0"] == 462
+
+
+def test_spiralhard_study_spans_the_papers_depths_and_sums_their_widths(tmp_path):
+    """adaptive-spiralhard's grid holds 1, 2 and 4 adaptive layers (specs/awnn.md §6 table), and a run
+    reports its width as the total over the layers, the paper's Table 1 convention."""
+    from widthlab.studies.executor import run_study
+    from widthlab.studies.load import expand_runs, load_study
+
+    spec = load_study("adaptive-spiralhard")
+    grid = sorted((r.spec.model.depth, r.spec.method.sigma_theta) for r in expand_runs(spec))
+    assert grid == [(1, 1), (1, 100), (2, 1), (2, 100), (4, 1), (4, 100)]
+    assert spec.train.epochs == 10000
+    quick = load_study("adaptive-spiralhard", ["train.epochs=1", "train.checkpoint_every=0",
+                                               "sweep.model.depth=[4]", "sweep.method.sigma_theta=[100]"])
+    (summary,) = run_study(quick, tmp_path, quiet=True).summaries
+    assert summary["status"] == "done", summary["error"]
+    widths = summary["adaptive_widths"]
+    assert list(widths) == [f"hidden.{i}" for i in range(4)]
+    assert summary["total_width"] == sum(widths.values())
