@@ -158,3 +158,15 @@ def test_report_rerenders_from_the_database_alone(tmp_path, capsys):
     assert (out / "report.html").is_file() and (out / "summary.json").is_file()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no results database" in capsys.readouterr().err
+
+
+def test_run_labels_show_the_model_width_only_where_it_shapes_the_network():
+    """The adaptive MLP learns its widths (model.width is not used), so its label leaves the width out."""
+    from widthlab.studies.load import expand_runs
+    from widthlab.studies.runner import run_label
+
+    adaptive = expand_runs(load_study("adaptive-spiralhard", ["sweep.model.depth=[4]",
+                                                              "sweep.method.sigma_theta=[100]"]))[0]
+    assert run_label(adaptive) == "adaptive mlp depth=4 sigma_theta=100"
+    dense = expand_runs(load_study("dense-tabular"))[0]
+    assert f" w={dense.spec.model.width}" in run_label(dense)

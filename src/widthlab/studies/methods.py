@@ -36,6 +36,16 @@ from widthlab.methods.expanding.plan import build as _expanding  # noqa: E402, I
 METHODS.register("expanding")(_expanding)
 
 
+# (method, model) pairs whose ``model.width`` is not used: the adaptive MLP learns its widths from lambda0
+# (methods/adaptive/plan.py), so a run label showing the plain model's width would mislead.
+_WIDTH_NOT_USED = {("adaptive", "mlp")}
+
+
+def model_width_used(method: str, model: str) -> bool:
+    """Whether ``model.width``/``model.widths`` shape the network that method ``method`` trains."""
+    return (method, model) not in _WIDTH_NOT_USED
+
+
 def method_options(name: str) -> dict[str, Any]:
     """Keyword options of method ``name`` (besides ``seed``) with their defaults."""
     sig = inspect.signature(METHODS.get(name))

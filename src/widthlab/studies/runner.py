@@ -18,7 +18,7 @@ from widthlab.data.registry import load_dataset
 from widthlab.models import create_model
 from widthlab.models.counting import count_nonzero_weights, count_parameters, count_weights
 from widthlab.studies.load import RunSpec, dump_yaml
-from widthlab.studies.methods import build_method
+from widthlab.studies.methods import build_method, model_width_used
 from widthlab.studies.store import BufferedRecords, ResultStore
 from widthlab.train import distributed
 from widthlab.train.compute import ComputeMeter
@@ -77,7 +77,7 @@ def _warm_up() -> None:
 def run_label(run: RunSpec) -> str:
     s = run.spec
     width = s.model.width if s.model.width is not None else s.model.widths
-    wtxt = f" w={width}" if width is not None else ""
+    wtxt = f" w={width}" if width is not None and model_width_used(s.method.name, s.model.name) else ""
     extra = "".join(" " + _axis_text(k, v) for k, v in run.axes.items()
                     if k not in ("model.width", "model.widths"))
     if run.tags:  # a comparison run: its task and compared method; a search also its member's width
