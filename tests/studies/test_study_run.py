@@ -14,7 +14,8 @@ from study_files import tiny_study
 
 from widthlab.cli import main
 from widthlab.studies.executor import run_study
-from widthlab.studies.load import StudyError, load_study
+from widthlab.studies.load import StudyError, expand_runs, load_study
+from widthlab.studies.runner import run_label
 from widthlab.studies.store import ResultStore
 
 SUMMARY_KEYS = {"run_id", "study", "method", "model", "dataset", "seed", "status", "error", "width", "widths",
@@ -162,9 +163,6 @@ def test_report_rerenders_from_the_database_alone(tmp_path, capsys):
 
 def test_run_labels_show_the_model_width_only_where_it_shapes_the_network():
     """The adaptive MLP learns its widths (model.width is not used), so its label leaves the width out."""
-    from widthlab.studies.load import expand_runs
-    from widthlab.studies.runner import run_label
-
     adaptive = expand_runs(load_study("adaptive-spiralhard", ["sweep.model.depth=[4]",
                                                               "sweep.method.sigma_theta=[100]"]))[0]
     assert run_label(adaptive) == "adaptive mlp depth=4 sigma_theta=100"
