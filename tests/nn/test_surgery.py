@@ -8,6 +8,7 @@ entry independently of the matrix sizes, which holds for the batch sizes used he
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -310,6 +311,11 @@ def test_noop_returns_empty_event_and_changes_nothing():
     event = resize(model, "hidden.0", keep=torch.arange(8))
     assert not event and event.widths == {"hidden.0": 8}
     assert all(a is b for a, b in zip(before, model.parameters()))
+    # Plain sequences and numpy arrays are indices too (an array's == compares elementwise).
+    for keep in (list(range(8)), np.arange(8)):
+        assert not resize(model, "hidden.0", keep=keep)
+    assert all(a is b for a, b in zip(before, model.parameters()))
+    assert resize(model, "hidden.0", keep=np.arange(4)).widths == {"hidden.0": 4}
 
 
 def test_range_keep_equals_index_keep():

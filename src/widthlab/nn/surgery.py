@@ -97,7 +97,8 @@ def resize_site(
             model is left untouched on error.
     """
     width = _check_site(site, model)
-    identity = n_new == 0 and (keep is None or keep == range(width))
+    # (a range compared by value; an array's == would compare elementwise)
+    identity = n_new == 0 and (keep is None or (isinstance(keep, range) and keep == range(width)))
     keep, n_new = _check_keep(site, keep, width, n_new)
     new_width = len(keep) + n_new
     widths = {site.name: new_width}
