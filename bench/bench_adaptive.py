@@ -8,14 +8,16 @@ The comparison is the method's own cost, at equal width, loss and optimizer:
   fused kernel on the CPU); ``--adam loop`` times both steps with torch's per-tensor CPU loop instead;
 * adaptive step: the same plus everything the method adds: the rescaling by p (forward and backward,
   including dL/dr), r in Adam, and the callback's per-step width check against cached thresholds (one
-  read of r, which on the CPU is a plain memory read).
+  read of r, which on the CPU is a plain memory read). On the CPU the rescaling runs in the compiled
+  kernel (``methods/adaptive/cpu_kernel``, built on first use; the bench fails if it cannot be built),
+  and the same step is also timed on the PyTorch path (kernel switched off) for comparison.
 
 r is set to r0 +- 1e-6 after every adaptive step, alternately, so that p is recomputed every step as in
 training (Adam moves r at every optimizer step) while the width stays where it is (the steady state; the
 cost of a resize is measured separately: the last table). The reset writes r's memory through a numpy
 view: it stands in for Adam's own move of r and would otherwise add two tensor operations that no
 training step has. A breakdown table times the
-adaptive step with its parts added one at a time, on the smallest network.
+adaptive step (kernel path) with its parts added one at a time, on the smallest network.
 
 Denormal floats are flushed to zero for the whole bench (``torch.set_flush_denormal``): after ~1,500
 steps of the fixed network on its random labels some of its values underflow into the denormal range,
@@ -31,12 +33,13 @@ which leaves out the time the process spends descheduled.
     nice -n 5 .venv/bin/python bench/bench_adaptive.py --threads 1 --rounds 41
                                                         # writes bench/results/adaptive-cpu.md
 
-Target (issue 6): ratio <= 1.2.
+Target (issue 6): ratio <= 1.2 (the adaptive step as widthlab runs it: on the CPU, the kernel path).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import markdown_table, time_interleaved  # noqa: E402
+from widthlab.methods.adaptive import cpu_kernel  # noqa: E402
 from widthlab.methods.adaptive.callback import AdaptiveWidthCallback  # noqa: E402
 from widthlab.methods.adaptive.layer import collect_sites  # noqa: E402
 from widthlab.methods.adaptive.loss import ElboPrior  # noqa: E402
@@ -79,7 +83,7 @@ class _Trainer:
 
 def adaptive_step(d_in: int, n_out: int, lam0: float, hidden_layers: int, x, y, device: str, *,
                   new_r: bool = True, grad_r: bool = True, adam_r: bool = True, check: bool = True,
-                  adam: str = "trainer"):
+                  adam: str = "trainer", kernel: bool = True):
     """One adaptive training step, with switches that drop the method's parts one by one (breakdown).
 
     Args:
@@ -89,6 +93,8 @@ def adaptive_step(d_in: int, n_out: int, lam0: float, hidden_layers: int, x, y, 
         adam_r: r is in Adam (its update; the value is reset by ``new_r`` after the step).
         check: the callback's per-step width check.
         adam: ``"trainer"`` or ``"loop"`` (``make_adam``).
+        kernel: False runs the step on the PyTorch path (``cpu_kernel.disabled``) instead of the
+            compiled CPU kernel (no difference on a GPU, where the kernel is never used).
 
     Returns:
         (step function, adaptive model, its optimizer).
@@ -108,10 +114,11 @@ def adaptive_step(d_in: int, n_out: int, lam0: float, hidden_layers: int, x, y, 
     parity = [0]
 
     def step():
-        out = ada(x)
-        loss = F.cross_entropy(out, y) + cb.extra_loss(ada, out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with contextlib.nullcontext() if kernel else cpu_kernel.disabled():
+            out = ada(x)
+            loss = F.cross_entropy(out, y) + cb.extra_loss(ada, out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         parity[0] ^= new_r
         for d, v, r in zip(dists, views, r0):  # r inside the same width: the steady state, no resizes
@@ -128,12 +135,14 @@ def adaptive_step(d_in: int, n_out: int, lam0: float, hidden_layers: int, x, y, 
 
 def steps(d_in: int, n_out: int, lam0: float, batch: int, hidden_layers: int, device: str,
           breakdown: bool = False, adam: str = "trainer"):
-    """Step functions: fixed with the weight prior, fixed with CE only, adaptive, and with
-    ``breakdown`` the adaptive step without some of its parts (``adaptive_step``)."""
+    """Step functions: fixed with the weight prior, fixed with CE only, adaptive (compiled kernel on
+    the CPU), adaptive on the PyTorch path, and with ``breakdown`` the adaptive step without some of
+    its parts (``adaptive_step``)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, d_in, generator=g).to(device)
     y = torch.randint(0, n_out, (batch,), generator=g).to(device)
     step_adaptive, ada, opt_a = adaptive_step(d_in, n_out, lam0, hidden_layers, x, y, device, adam=adam)
+    step_pytorch = adaptive_step(d_in, n_out, lam0, hidden_layers, x, y, device, adam=adam, kernel=False)[0]
     widths = tuple(ada.widths().values())
     fixed = MLP(MLPConfig(d_in, n_out, widths=widths, activation="relu6")).to(device)
     fixed_ce = MLP(MLPConfig(d_in, n_out, widths=widths, activation="relu6")).to(device)
@@ -154,7 +163,8 @@ def steps(d_in: int, n_out: int, lam0: float, batch: int, hidden_layers: int, de
         loss.backward()
         opt_c.step()
 
-    fns = {"fixed": step_fixed, "fixed_ce": step_fixed_ce, "adaptive": step_adaptive}
+    fns = {"fixed": step_fixed, "fixed_ce": step_fixed_ce, "adaptive": step_adaptive,
+           "adaptive_pytorch": step_pytorch}
     if breakdown:
         args = (d_in, n_out, lam0, hidden_layers, x, y, device)
         for name, kw in BREAKDOWN.items():
@@ -163,28 +173,21 @@ def steps(d_in: int, n_out: int, lam0: float, batch: int, hidden_layers: int, de
 
 
 REMAINING = """\
-What the adaptive step adds is per-step work of the method itself, a fixed number of small operations
-per adaptive layer, which on networks this small (a fixed step is ~160 aten operations, ~6 us each on
-a CPU thread; the adaptive step ~200) shows as tens of percent, and on the MNIST-sized net as about a
-tenth: the rescaling (p folded into the next layer's columns, W diag(p), or a batch x D product when
-the next layer is larger: one product forward, two and a reduction backward); p and dp/dr recomputed
-every step, because r moves at every optimizer step (closed form in numpy from r's host value, no
-tensor graph); the gradient to r (two graph nodes linearising p around r's value, and the reduction
-sum_i dL/dp_i dp_i/dr); r as one more tensor in Adam (about five operations per tensor even in the
-fused CPU kernel, about ten with `--adam loop`); and the width check (one read of r, compared with
-cached thresholds on the host).
-Tried and dropped: a Python autograd.Function for the folded product or the whole folded layer (its
-call overhead ate the saved nodes: ratio 1.22-1.26 vs 1.20-1.21 in the same A/B); folding every layer
-(1.32-1.34 vs 1.26 on the 2-layer net); a reused p buffer (a graph built at an earlier r, as in
-gradcheck, would see overwritten values); the linearisation as one node, c0 + dp/dr r instead of
-p + dp/dr (r - r0) (one node less, ~1%, but the training forward's p would differ from p by rounding).
-Removed: numpy's casting ufunc path for float32 (p and dp/dr are now computed in float64 scratch and
-rounded by one copy) and torch.empty + unbind for their buffers (from_numpy of each row), 1.28 -> 1.26
-on the smallest net; before that about two dozen graph operations for p(r), rescaling the batch x D
-activation where the weight is smaller, the device-side threshold comparison and flag read, per-step
-site collection, the theta prior's two extra graph nodes. The fixed MLP no longer slices its
-ModuleList per forward (that cost ~70 us and had flattered earlier ratios by ~0.07). What is left
-would need a compiled kernel (one C++ node for the folded product and dL/dr), not done."""
+What the adaptive step adds is per-step work of the method itself, a fixed amount per adaptive layer,
+which on networks this small (a fixed step is ~160 aten operations of a few microseconds each) shows
+as a tenth to a fifth, and on the MNIST-sized net as a few percent. On the CPU the rescaling is one
+compiled autograd node per layer (methods/adaptive/cpu_kernel.cpp): forward, p and dp/dr from r's
+closed form in C++ and one product (of the next layer's weight by columns, W diag(p), when that is
+smaller than the batch x D activations, else of the activations); backward, g p and
+dL/dr = sum_j dp_j/dr sum_b g t in one pass. Then r as one more tensor in Adam (about five operations
+per tensor even in the fused CPU kernel, about ten with `--adam loop`), and the width check (one read
+of r, compared with cached thresholds on the host).
+The PyTorch path (no compiler, or WIDTHLAB_CPU_KERNEL=off) builds the same function from PyTorch
+operations: p and dp/dr in numpy from r's host value, two graph nodes linearising p around it
+(p + dp/dr (r - r_value)) and the product: five graph nodes and a dozen host operations per layer,
+~1.25-1.35x a fixed step on the 2-D nets. Tried there and dropped: a Python autograd.Function for the
+folded product (its call overhead ate the saved nodes), folding every layer, a reused p buffer (a graph
+built at an earlier r would see overwritten values)."""
 
 RESIZES = """\
 The steady-state steps above change no width. How often a step resizes depends on the run: one unit
@@ -196,8 +199,7 @@ width surgery, nn/surgery.resize_site, and its checks) plus the exact width chec
 # Cumulative parts of the adaptive step (each row adds one part to the row above; the last row adds the
 # width check and is the full adaptive step).
 BREAKDOWN = {
-    "rescaling by a constant p": dict(new_r=False, grad_r=False, adam_r=False, check=False),
-    "+ p recomputed (r moves)": dict(grad_r=False, adam_r=False, check=False),
+    "rescaling by p, recomputed as r moves": dict(grad_r=False, adam_r=False, check=False),
     "+ dL/dr through p": dict(adam_r=False, check=False),
     "+ r in Adam": dict(check=False),
 }
@@ -270,7 +272,10 @@ def main() -> None:
         ("MNIST-sized, 784 -> D -> 10", 784, 10, 0.01, 128, 1),
     ]
     rows, resize_rows = [], []
-    cpu_clock = args.device == "cpu" and args.threads == 1
+    on_cpu = args.device == "cpu"
+    cpu_clock = on_cpu and args.threads == 1
+    if on_cpu:
+        cpu_kernel.load(strict=True)  # the adaptive steps must time the kernel, not silently fall back
     breakdown_rows: list[list[object]] = []
     for k, (label, d_in, n_out, lam0, batch, layers) in enumerate(configs):
         widths, fns, (ada, opt) = steps(d_in, n_out, lam0, batch, layers, args.device, breakdown=k == 0,
@@ -286,13 +291,18 @@ def main() -> None:
                 breakdown_rows.append([n if n != "adaptive" else "+ width check (= adaptive step)", med, iqr,
                                        med - prev])
                 prev = med
-            fns = {n: fns[n] for n in ("fixed", "fixed_ce", "adaptive")}
+            fns = {n: fns[n] for n in ("fixed", "fixed_ce", "adaptive", "adaptive_pytorch")}
+        if not on_cpu:  # the kernel is CPU-only: on a GPU both adaptive steps are the same code
+            del fns["adaptive_pytorch"]
         t = time_interleaved(fns, rounds=args.rounds, sync=sync)
         med, iqr = ratio_stats(t["adaptive"].samples, t["fixed"].samples)
         med_ce, _ = ratio_stats(t["adaptive"].samples, t["fixed_ce"].samples)
         row = [label, "/".join(map(str, widths)), t["fixed"].ms, t["adaptive"].ms, med, iqr, med_ce]
+        if on_cpu:
+            pt_med, pt_iqr = ratio_stats(t["adaptive_pytorch"].samples, t["fixed"].samples)
+            row += [f"{pt_med:.2f} ({pt_iqr})"]
         if cpu_clock:
-            c = time_interleaved_cpu(fns, rounds=args.rounds)
+            c = time_interleaved_cpu({n: fns[n] for n in ("fixed", "adaptive")}, rounds=args.rounds)
             cmed, ciqr = ratio_stats(c["adaptive"], c["fixed"])
             row += [1e3 * statistics.median(c["fixed"]), 1e3 * statistics.median(c["adaptive"]), cmed, ciqr]
         rows.append(row)
@@ -301,6 +311,8 @@ def main() -> None:
         resize_rows.append([label, 1e3 * rc, rc / t["adaptive"].median])
     header = ["config (batch 128)", "width D", "fixed step (ms, wall)", "adaptive step (ms, wall)",
               "ratio (wall, median)", "ratio IQR (wall)", "ratio vs CE-only fixed (wall)"]
+    if on_cpu:
+        header += ["ratio, PyTorch path (wall, median and IQR)"]
     if cpu_clock:
         header += ["fixed (ms, thread CPU)", "adaptive (ms, thread CPU)", "ratio (thread CPU, median)",
                    "ratio IQR (thread CPU)"]
@@ -318,8 +330,10 @@ def main() -> None:
             "Fixed step: plain MLP at the same width, ReLU6, cross-entropy + the Gaussian weight prior "
             f"(sigma_theta = {SIGMA_THETA}, N = {N_OBS}), Adam (the loss minus its adaptive-only terms). "
             "Adaptive step: the same plus the rescaling by p (forward and backward, dL/dr), r in Adam and "
-            "the callback's per-step width check against cached thresholds. Ratios are medians of the "
-            "per-round ratios (both steps timed in the same round, bench/_timing.py), with their "
+            "the callback's per-step width check against cached thresholds; on the CPU the rescaling runs "
+            "in the compiled kernel (methods/adaptive/cpu_kernel.cpp), and the `PyTorch path` column "
+            "times the same step with the kernel switched off (cpu_kernel.disabled). Ratios are medians of "
+            "the per-round ratios (both steps timed in the same round, bench/_timing.py), with their "
             "inter-quartile range; `ratio vs CE-only fixed` compares with a fixed MLP trained without "
             "the weight prior. Target: ratio <= 1.2. Denormals are flushed to zero (the fixed step "
             "otherwise slows by ~25% after ~1,500 steps; see the bench's docstring). Thread-CPU columns "

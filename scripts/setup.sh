@@ -7,3 +7,6 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+# The adaptive-width CPU kernel (about a minute, once): built now rather than inside the first run that
+# needs it. Without a C++ compiler adaptive layers run on PyTorch operations, so a failure is not fatal.
+.venv/bin/widthlab build-cpu-kernel || true

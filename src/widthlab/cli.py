@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--inputs", default=None,
                    help="dataset name (e.g. digits) or .npz/.csv file to draw inputs from (default Gaussian)")
     k.add_argument("--json", action="store_true", help="print all terms and standard errors as JSON")
+
+    b = sub.add_parser("build-cpu-kernel", help="compile the adaptive-width layers' CPU kernel now (else it "
+                       "is built the first time an adaptive model runs on the CPU)")
+    b.add_argument("-v", "--verbose", action="store_true", help="show the compiler's output")
     return p
 
 
@@ -219,8 +223,21 @@ def _kernel_inputs(ref: str, d: int):
     return x
 
 
+def cmd_build_cpu_kernel(args) -> int:
+    from widthlab.methods.adaptive import cpu_kernel
+
+    try:
+        cpu_kernel.load(verbose=args.verbose, strict=True)
+    except RuntimeError as e:
+        print(f"widthlab build-cpu-kernel: {e}; adaptive layers will use PyTorch operations (same "
+              "values, slower on small networks)", file=sys.stderr)
+        return 1
+    print(f"adaptive-width CPU kernel ready in {cpu_kernel.build_dir()}")
+    return 0
+
+
 COMMANDS = {"studies": cmd_studies, "show": cmd_show, "run": cmd_run, "demo": cmd_demo,
-            "report": cmd_report, "kernel": cmd_kernel}
+            "report": cmd_report, "kernel": cmd_kernel, "build-cpu-kernel": cmd_build_cpu_kernel}
 
 
 def main(argv: list[str] | None = None) -> int:

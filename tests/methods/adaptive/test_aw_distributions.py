@@ -48,7 +48,7 @@ def test_width_host_and_device_agree_at_integer_boundaries():
             assert f32.width(0.9) == exponential_width(float(f32.lam.detach()))
 
 
-def test_importance_vector_lambda_001():
+def test_importance_vector_lambda_001(cpu_path):
     p = Exponential(0.01).double().importance(232).detach()
     assert p.shape == (232,)
     assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
@@ -63,13 +63,13 @@ def test_importance_vector_lambda_001():
     assert s2 == pytest.approx(math.tanh(0.005) * 1.1 / 0.9, rel=0.01)
 
 
-def test_importance_vector_lambda_05():
+def test_importance_vector_lambda_05(cpu_path):
     p = Exponential(0.5).double().importance(6).detach()
     want = torch.tensor([.414084, .251155, .152334, .092395, .056041, .033991], dtype=torch.float64)
     assert torch.allclose(p, want, atol=5e-7)
 
 
-def test_importance_follows_the_epsilon_formula():
+def test_importance_follows_the_epsilon_formula(cpu_path):
     dist = Exponential(0.3).double()
     i = torch.arange(9, dtype=torch.float64)
     lam = 0.3
@@ -180,9 +180,10 @@ def test_fused_sum_of_squares():
 
 @pytest.mark.parametrize("r0, D, support", [(-4.6, 232, None), (-4.6, 200, 232), (0.4, 6, None),
                                             (3.0, 2, 5), (25.0, 2, None), (-9.0, 300, None)])
-def test_host_importance_matches_device_path(r0, D, support, monkeypatch):
-    """The CPU path (p and dp/dr from r's value, in numpy) equals the device path (the graph node
-    _ExponentialImportance): values, gradients, and gradcheck through the linearisation."""
+def test_host_importance_matches_device_path(r0, D, support, monkeypatch, cpu_path):
+    """The CPU path (p and dp/dr from r's value, from the compiled kernel or numpy) equals the device
+    path (the graph node _ExponentialImportance): values, gradients, and gradcheck through the
+    linearisation."""
     from widthlab.methods.adaptive import distributions
 
     dist = Exponential(0.3).double()

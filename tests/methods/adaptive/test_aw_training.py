@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from widthlab.data.registry import load_dataset
+from widthlab.methods.adaptive import cpu_kernel, distributions
 from widthlab.methods.adaptive.callback import AdaptiveWidthCallback, LinearAnneal
 from widthlab.methods.adaptive.layer import collect_sites
 from widthlab.methods.adaptive.mlp import AdaptiveMLP
@@ -94,16 +95,19 @@ def test_no_host_read_in_forward_and_one_per_step(moons, monkeypatch):
         loss.backward()
 
     # The device path (any device but the CPU): forward, priors and backward never read a value.
-    from widthlab.methods.adaptive import distributions
-
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, cpu_kernel.disabled():
         m.setattr(distributions, "_values_on_host", lambda t: False)
         forward_backward()
     assert reads == []
     # On the CPU a tensor's value is host memory: p(lam) is computed from lam's raw value, one plain
-    # read per adaptive layer and forward (no device to synchronise with).
-    forward_backward()
+    # read per adaptive layer and forward (no device to synchronise with): .item() on the PyTorch
+    # path, a read inside the compiled kernel otherwise (no Python-level read at all).
+    with cpu_kernel.disabled():
+        forward_backward()
     assert reads == ["item"]
+    reads.clear()
+    forward_backward()
+    assert reads == ([] if cpu_kernel.module() is not None else ["item"])
     reads.clear()
 
     class T:

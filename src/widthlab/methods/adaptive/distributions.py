@@ -11,6 +11,8 @@ interface:
   computed without any host synchronisation ("+2" is the official code's safety margin, §2 "Width");
 * ``width(k)``: the same as a Python int (one host read; construction and tests only);
 * ``importance(D)``: the vector p of §2, ``p_i = (f(i) + eps) / sum_{j<D} (f(j) + eps)``, eps = 1e-6;
+* ``scale(t, dim)``: t ⊙ p along axis ``dim`` of t (the layer rescaling); on the CPU the exponential
+  family does it in one compiled autograd node (``cpu_kernel``), with the same values;
 * ``project_()``: the in-place projection of the learnable parameters onto their feasible set
   (``boundary`` for the exponential, gamma >= 1.3 for the power law), done on the device;
 * ``describe()``: current parameter values as floats for the record (one host read).
@@ -49,6 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from widthlab.methods.adaptive import cpu_kernel
 
 EPS = 1e-6  # §2: the official code's log(F(i+1) - F(i) + 1e-6), exponentiated again
 LAM_OFFSET = 1e-32  # §2: lam = softplus(r) + 1e-32 keeps the rate strictly positive in float64
@@ -145,6 +149,10 @@ class ImportanceDistribution(nn.Module):
         p = f / f.sum()
         return p if n == D else p[:D]
 
+    def scale(self, t: torch.Tensor, dim: int = -1, support: int | None = None) -> torch.Tensor:
+        """t ⊙ p along axis ``dim`` of ``t``, p = ``importance(t.shape[dim], support)`` (§2 "Rescaling")."""
+        return scale_along(t, self.importance(t.shape[dim], support), dim)
+
     def describe(self) -> dict[str, float]:
         """Current parameter values for the record (one host read)."""
         return {}
@@ -209,14 +217,29 @@ class Exponential(ImportanceDistribution):
         # autograd.Function (exact for first derivatives, which is all training uses).
         return torch.addcmul(p, dp_dr, r - key[0])
 
+    def scale(self, t: torch.Tensor, dim: int = -1, support: int | None = None) -> torch.Tensor:
+        # The compiled kernel where it applies (CPU, float32/64; it answers None elsewhere): one graph
+        # node instead of the five of importance() and the product, with the same p (cpu_kernel.py).
+        kernel = cpu_kernel.module()
+        if kernel is not None:
+            out = kernel.exponential_scale(t, self.r, support or 0, dim)
+            if out is not None:
+                return out
+        return scale_along(t, self.importance(t.shape[dim], support), dim)
+
     @staticmethod
     def _host_buffers(r: float, D: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(p, dp/dr) at raw value ``r`` (:func:`_host_importance`) as tensors of ``dtype``.
 
         Fresh memory for every value of r, so that a graph built at an earlier r (gradcheck, finite
-        differences) keeps its own values: a numpy array written in place and shared with torch
-        (``from_numpy`` of each row costs less than ``torch.empty`` + ``unbind``).
+        differences) keeps its own values. With the compiled kernel loaded the table comes from it, so
+        that every CPU path uses one evaluation of p (numpy's exp and the C library's may differ in the
+        last bit); otherwise a numpy array written in place and shared with torch (``from_numpy`` of
+        each row costs less than ``torch.empty`` + ``unbind``).
         """
+        kernel = cpu_kernel.module()
+        if kernel is not None:
+            return kernel.exponential_importance(r, D, n).to(dtype).unbind()
         np_dtype = _NUMPY_DTYPES.get(dtype)
         if np_dtype is None:  # e.g. bfloat16, which numpy lacks
             return torch.from_numpy(_host_importance(r, D, n)).to(dtype).unbind()
@@ -248,6 +271,13 @@ class Exponential(ImportanceDistribution):
 
     def describe(self) -> dict[str, float]:
         return {"lambda": float(self.lam.detach())}
+
+
+def scale_along(t: torch.Tensor, p: torch.Tensor, dim: int) -> torch.Tensor:
+    """t ⊙ p with p (D,) along axis ``dim`` of t (broadcast over the other axes)."""
+    if dim not in (-1, t.dim() - 1):
+        p = p.reshape(p.shape[0], *([1] * (t.dim() - 1 - (dim % t.dim()))))  # (D, 1, 1) for (B, D, H, W)
+    return t * p
 
 
 def _values_on_host(t: torch.Tensor) -> bool:

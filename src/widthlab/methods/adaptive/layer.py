@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from widthlab.methods.adaptive.distributions import ImportanceDistribution
+from widthlab.methods.adaptive.distributions import ImportanceDistribution, scale_along
 from widthlab.nn.resize import WidthSite
 
 # How new units are drawn when a site grows (callback.py): "normal" is the paper's N(0, 1) (§3 "Grow");
@@ -69,13 +69,14 @@ class AdaptiveScale(nn.Module):
         return p
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        if not self.adapt:
-            return a
-        D = a.shape[self.dim]
-        p = self.importance(D)
-        if self.dim not in (-1, a.dim() - 1):
-            p = p.reshape(D, *([1] * (a.dim() - 1 - (self.dim % a.dim()))))  # (D, 1, 1) for (B, D, H, W)
-        return a * p
+        return self.rescale(a, self.dim) if self.adapt else a
+
+    def rescale(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """t ⊙ p along axis ``dim`` of ``t``, whose length is the layer's width: the activations
+        (``dim`` = the unit axis) or the consumer's weight (W_{l+1} diag(p), ``dim`` = -1)."""
+        if self.unit_mask is None:
+            return self.dist.scale(t, dim, self.support)
+        return scale_along(t, self.importance(t.shape[dim]), dim)
 
     def scale_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Forward pre-hook form: scale a consumer layer's input (``consumer.register_forward_pre_hook``).

@@ -123,16 +123,16 @@ class AdaptiveMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.flatten:
             x = x.reshape(x.shape[0], -1)  # (B, *input_shape) -> (B, d)
-        p = None  # importance of the previous layer's units when it is folded into this layer (_folds)
+        fold = None  # the previous layer's scale when it is folded into this layer (_folds)
         layers = list(self.layers)  # (slicing a ModuleList builds a new module: 20 us a step)
         for layer, consumer, scale in zip(layers, layers[1:], self.scales):
-            x = self.act(_linear(layer, x, p))  # (..., D_l)
-            p = scale.importance(x.shape[-1]) if self._folds(scale, consumer, x) else None
-            if p is None:
+            x = self.act(_linear(layer, x, fold))  # (..., D_l)
+            fold = scale if self._folds(scale, consumer, x) else None
+            if fold is None:
                 x = scale(x)
             if self.act_outer is not None:
                 x = self.act_outer(x)
-        return _linear(layers[-1], x, p)  # (..., out_features)
+        return _linear(layers[-1], x, fold)  # (..., out_features)
 
     def _folds(self, scale: AdaptiveScale, consumer: nn.Module, a: torch.Tensor) -> bool:
         """Whether to apply p_l as W_{l+1} diag(p_l) instead of a ⊙ p_l (the same function, §2).
@@ -167,11 +167,11 @@ class AdaptiveMLP(nn.Module):
 _HOMOGENEOUS = (None, "relu", "leaky_relu")  # act_outer with f(c x) = c f(x) for c >= 0
 
 
-def _linear(layer: nn.Module, x: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
-    """``layer(x)``, or ``layer(x ⊙ p)`` computed as ``F.linear(x, W diag(p), b)``."""
-    if p is None:
+def _linear(layer: nn.Module, x: torch.Tensor, fold: AdaptiveScale | None) -> torch.Tensor:
+    """``layer(x)``, or ``layer(x ⊙ p)`` computed as ``F.linear(x, W diag(p), b)`` for fold's p."""
+    if fold is None:
         return layer(x)
-    return F.linear(x, layer.weight * p, layer.bias)  # (out, D) * (D,): column scaling
+    return F.linear(x, fold.rescale(layer.weight, -1), layer.bias)  # (out, D) ⊙ (D,): column scaling
 
 
 def _has_hooks(m: nn.Module) -> bool:

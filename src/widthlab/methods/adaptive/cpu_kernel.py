@@ -1,0 +1,135 @@
+"""The compiled CPU kernel of the adaptive layers (``cpu_kernel.cpp``): t ⊙ p(r) as one autograd node.
+
+On the CPU the rescaling of an adaptive layer with the exponential distribution runs through this
+kernel when it is available, and through PyTorch operations otherwise (GPUs, the other distribution
+families, a truncation mask, no compiler). Both compute the same values (p is evaluated in float64 and
+rounded once; the gradients agree to float rounding); the kernel exists because on the paper's small
+networks the per-node and per-call overhead of the PyTorch path costs ~25% of a training step
+(``bench/bench_adaptive.py`` measures both paths).
+
+The kernel is compiled with ``torch.utils.cpp_extension`` the first time a process needs it (about a
+minute with a C++ compiler, once per machine, torch version and kernel source; ``widthlab
+build-cpu-kernel`` does it ahead, as ``scripts/setup.sh`` does) into ``$WIDTHLAB_KERNEL_DIR``, default
+``~/.cache/widthlab/kernels``. Set ``WIDTHLAB_CPU_KERNEL=off`` to use the PyTorch path only. A failed
+build warns once, says why, and leaves the PyTorch path in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+ENV_SWITCH = "WIDTHLAB_CPU_KERNEL"  # "off" / "0" / "false": never build or use the kernel
+ENV_DIR = "WIDTHLAB_KERNEL_DIR"
+NAME = "widthlab_adaptive_cpu"
+CFLAGS = ["-O3"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"tried": False, "module": None, "error": None}
+
+
+def enabled() -> bool:
+    """Whether the environment allows the kernel (``WIDTHLAB_CPU_KERNEL``, default on)."""
+    return os.environ.get(ENV_SWITCH, "on").strip().lower() not in ("0", "off", "false", "no")
+
+
+def build_dir() -> Path:
+    """Where the kernel is built: one folder per torch version, Python version and kernel source, so
+    that checkouts or environments at other versions sharing the cache never load a stale binary."""
+    root = os.environ.get(ENV_DIR) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "widthlab" / "kernels"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{digest}"
+    return Path(root) / tag.replace("+", "_")
+
+
+def _library(directory: Path) -> Path | None:
+    return next(iter(sorted(directory.glob(f"{NAME}*.so")) + sorted(directory.glob(f"{NAME}*.pyd"))), None)
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def _compile(verbose: bool) -> ModuleType:
+    """Import the built library, or build it. The folder name pins the source, flags and versions, so a
+    library found there is current: importing it directly skips torch's build check (~2 s a process)."""
+    directory = build_dir()
+    found = _library(directory)
+    if found is not None:
+        try:
+            return _import(found)
+        except ImportError:  # e.g. a build that was interrupted: build again below
+            pass
+    from torch.utils.cpp_extension import load  # imports setuptools: ~1 s, so only to build
+
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"widthlab: compiling the adaptive-width CPU kernel into {directory} (once; about a minute; "
+          f"{ENV_SWITCH}=off skips it)", file=sys.stderr, flush=True)
+    return load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
+                verbose=verbose)
+
+
+def load(verbose: bool = False, strict: bool = False) -> ModuleType | None:
+    """The compiled module, building it if needed; None when disabled or when the build failed.
+
+    Args:
+        verbose: show the compiler's output.
+        strict: raise the build error instead of warning and returning None.
+    """
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            if enabled():
+                try:
+                    _state["module"] = _compile(verbose)
+                except Exception as e:  # no compiler, a failed build: the PyTorch path stays in place
+                    _state["error"] = f"{type(e).__name__}: {e}"
+                    if not strict:
+                        warnings.warn(f"widthlab: the adaptive-width CPU kernel is unavailable, so adaptive "
+                                      f"layers use PyTorch operations (same values, slower on small nets): "
+                                      f"{_state['error'][:500]}", RuntimeWarning, stacklevel=2)
+        if strict and _state["module"] is None:
+            raise RuntimeError(f"the adaptive-width CPU kernel is unavailable: "
+                               f"{_state['error'] or f'{ENV_SWITCH} is off'}")
+        return _state["module"]  # type: ignore[return-value]
+
+
+def module() -> ModuleType | None:
+    """The loaded kernel, or None; builds on the first call only (the per-step fast path)."""
+    if _state["tried"]:
+        return _state["module"]  # type: ignore[return-value]
+    return load()
+
+
+def reset() -> None:
+    """Forget the load attempt (tests; after changing ``WIDTHLAB_CPU_KERNEL``)."""
+    with _lock:
+        _state.update(tried=False, module=None, error=None)
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block adaptive layers use the PyTorch path (tests and the bench compare the two)."""
+    with _lock:
+        saved = dict(_state)
+        _state.update(tried=True, module=None)
+    try:
+        yield
+    finally:
+        with _lock:
+            _state.update(saved)
