@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from widthlab.data.base import TaskData
+from widthlab.methods.adaptive import cpu_kernel
 
 
 def make_blobs_task(n: int = 256, d: int = 8, classes: int = 3, seed: int = 0) -> TaskData:
@@ -46,3 +50,32 @@ def one_thread():
 @pytest.fixture
 def blobs() -> TaskData:
     return make_blobs_task()
+
+
+# ----------------------------------------------------------------- the adaptive layers' two CPU paths
+
+
+def require_kernel():
+    """Load the compiled CPU kernel, failing the test if it does not build; skip only where it cannot
+    be built at all (no C++ compiler) or the user switched it off."""
+    if not cpu_kernel.enabled():
+        pytest.skip(f"{cpu_kernel.ENV_SWITCH} is off")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the adaptive-width CPU kernel cannot be built here")
+    return cpu_kernel.load(strict=True)
+
+
+@pytest.fixture
+def kernel():
+    return require_kernel()
+
+
+@pytest.fixture(params=["kernel", "pytorch"])
+def cpu_path(request):
+    """Run a test on both CPU paths: the compiled kernel (cpu_kernel.cpp) and PyTorch operations."""
+    if request.param == "kernel":
+        require_kernel()
+        yield "kernel"
+    else:
+        with cpu_kernel.disabled():
+            yield "pytorch"

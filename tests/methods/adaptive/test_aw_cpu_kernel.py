@@ -157,37 +157,36 @@ def test_adaptive_convolution_channels_use_the_kernel(kernel):
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(monkeypatch):
+@pytest.fixture
+def first_load():
+    """The loader as in a new process (no attempt yet); the session's loaded kernel comes back after."""
+    saved = dict(cpu_kernel._state)
+    cpu_kernel.reset()
+    yield
+    cpu_kernel._state.update(saved)
+
+
+def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(monkeypatch, first_load):
     def broken(verbose):
         raise OSError("c++: command not found")
 
     monkeypatch.setattr(cpu_kernel, "_compile", broken)
-    saved = dict(cpu_kernel._state)
-    cpu_kernel.reset()
-    try:
-        with pytest.warns(RuntimeWarning, match="command not found"):
-            assert cpu_kernel.load() is None
-        assert cpu_kernel.module() is None  # no second attempt, no second warning
-        with pytest.raises(RuntimeError, match="command not found"):
-            cpu_kernel.load(strict=True)
-        dist = Exponential(0.01)
-        t = torch.randn(4, 232)
-        assert torch.allclose(dist.scale(t), t * dist.importance(232))
-    finally:
-        cpu_kernel._state.update(saved)
+    with pytest.warns(RuntimeWarning, match="command not found"):
+        assert cpu_kernel.load() is None
+    assert cpu_kernel.module() is None  # no second attempt, no second warning
+    with pytest.raises(RuntimeError, match="command not found"):
+        cpu_kernel.load(strict=True)
+    dist = Exponential(0.01)
+    t = torch.randn(4, 232)
+    assert torch.allclose(dist.scale(t), t * dist.importance(232))
 
 
-def test_the_switch_turns_the_kernel_off_without_building(monkeypatch):
+def test_the_switch_turns_the_kernel_off_without_building(monkeypatch, first_load):
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "off")
     monkeypatch.setattr(cpu_kernel, "_compile", lambda verbose: pytest.fail("built although switched off"))
-    saved = dict(cpu_kernel._state)
-    cpu_kernel.reset()
-    try:
-        assert cpu_kernel.module() is None
-        with pytest.raises(RuntimeError, match="is off"):
-            cpu_kernel.load(strict=True)
-    finally:
-        cpu_kernel._state.update(saved)
+    assert cpu_kernel.module() is None
+    with pytest.raises(RuntimeError, match="is off"):
+        cpu_kernel.load(strict=True)
 
 
 def test_build_folder_pins_the_source(monkeypatch, tmp_path):
@@ -199,3 +198,15 @@ def test_build_folder_pins_the_source(monkeypatch, tmp_path):
     changed.write_bytes(cpu_kernel.SOURCE.read_bytes() + b"\n// changed\n")
     monkeypatch.setattr(cpu_kernel, "SOURCE", changed)
     assert cpu_kernel.build_dir() != first
+
+
+def test_build_command_reports_where_the_kernel_is_or_why_not(kernel, monkeypatch, capsys, first_load):
+    from widthlab.cli import main
+
+    assert main(["build-cpu-kernel"]) == 0  # loads the built library in this fresh state
+    assert str(cpu_kernel.build_dir()) in capsys.readouterr().out
+    cpu_kernel.reset()
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "off")
+    assert main(["build-cpu-kernel"]) == 1
+    err = capsys.readouterr().err
+    assert "WIDTHLAB_CPU_KERNEL is off" in err and "PyTorch operations" in err

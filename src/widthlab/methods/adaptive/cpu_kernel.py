@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import sys
 import threading
 import warnings
@@ -77,11 +78,20 @@ def _compile(verbose: bool) -> ModuleType:
             pass
     from torch.utils.cpp_extension import load  # imports setuptools: ~1 s, so only to build
 
+    _find_ninja()
     directory.mkdir(parents=True, exist_ok=True)
     print(f"widthlab: compiling the adaptive-width CPU kernel into {directory} (once; about a minute; "
           f"{ENV_SWITCH}=off skips it)", file=sys.stderr, flush=True)
     return load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
                 verbose=verbose)
+
+
+def _find_ninja() -> None:
+    """torch builds with ninja from PATH; the ``ninja`` wheel (a dependency) installs it next to this
+    Python, which is not on PATH when the environment is used without being activated."""
+    here = Path(sys.executable).parent
+    if shutil.which("ninja") is None and shutil.which("ninja", path=str(here)) is not None:
+        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def load(verbose: bool = False, strict: bool = False) -> ModuleType | None:
