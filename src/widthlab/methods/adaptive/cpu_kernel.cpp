@@ -22,6 +22,7 @@ namespace {
 constexpr double kEps = 1e-6;         // distributions.EPS
 constexpr double kLamOffset = 1e-32;  // distributions.LAM_OFFSET
 constexpr int64_t kGrain = 16384;     // elements per thread before at::parallel_for splits the work
+constexpr int64_t kFlushRows = 256;   // rows summed in the layer's dtype before adding in float64
 
 // p_i and dp_i/dr for i < D, normalised over n >= D units, at raw rate r: the closed form of
 // distributions._host_importance, in the same order of operations. With lam = softplus(r) + 1e-32,
@@ -81,20 +82,21 @@ void scale_row(const T* __restrict__ t, const T* __restrict__ p, T* __restrict__
   }
 }
 
-// One row of the backward: grad_t = g p, and acc_j += sum over the row's elements of unit j of g t.
+// One row of the backward: grad_t = g p, and acc_j += sum over the row's elements of unit j of g t
+// (acc in T: the caller flushes it into float64 every kFlushRows rows).
 template <typename T>
 void backward_row(const T* __restrict__ g, const T* __restrict__ t, const T* __restrict__ p,
-                  T* __restrict__ grad_t, double* __restrict__ acc, int64_t D, int64_t inner, bool want_t,
+                  T* __restrict__ grad_t, T* __restrict__ acc, int64_t D, int64_t inner, bool want_t,
                   bool want_p) {
   if (want_t) scale_row(g, p, grad_t, D, inner);
   if (!want_p) return;
   if (inner == 1) {
-    for (int64_t j = 0; j < D; ++j) acc[j] += static_cast<double>(g[j]) * static_cast<double>(t[j]);
+    for (int64_t j = 0; j < D; ++j) acc[j] += g[j] * t[j];
     return;
   }
   for (int64_t j = 0; j < D; ++j) {
-    double s = 0.0;
-    for (int64_t i = j * inner; i < (j + 1) * inner; ++i) s += static_cast<double>(g[i]) * static_cast<double>(t[i]);
+    T s = 0;
+    for (int64_t i = j * inner; i < (j + 1) * inner; ++i) s += g[i] * t[i];
     acc[j] += s;
   }
 }
@@ -107,9 +109,10 @@ void scale_forward(const T* t, const T* p, T* out, const Blocks& b) {
   });
 }
 
-// grad_t = g p (along the unit axis) and acc_j = sum over the other axes of g t, the gradient to p_j,
-// summed in float64. Each thread sums into its own row of acc, so the result does not depend on how
-// the rows of t are scheduled; the rows of acc are added in thread order.
+// grad_t = g p (along the unit axis) and acc_j = sum over the other axes of g t, the gradient to p_j.
+// Sums run in T over at most kFlushRows rows (vectorised, as PyTorch's own reductions) and are then
+// added in float64. Each thread sums into its own row of acc, so the result does not depend on how the
+// rows of t are scheduled; the rows of acc are added in thread order.
 template <typename T>
 std::vector<double> scale_backward(const T* g, const T* t, const T* p, T* grad_t, const Blocks& b,
                                    bool want_t, bool want_p) {
@@ -118,9 +121,16 @@ std::vector<double> scale_backward(const T* g, const T* t, const T* p, T* grad_t
   const int64_t row = b.D * b.inner;
   at::parallel_for(0, b.outer, grain_rows(b), [&](int64_t lo, int64_t hi) {
     double* mine = acc.data() + static_cast<size_t>(at::get_thread_num()) * b.D;
-    for (int64_t o = lo; o < hi; ++o)
-      backward_row(g + o * row, t + o * row, p, want_t ? grad_t + o * row : nullptr, mine, b.D, b.inner,
-                   want_t, want_p);
+    std::vector<T> part(want_p ? b.D : 0, T(0));
+    for (int64_t o = lo; o < hi; ++o) {
+      backward_row(g + o * row, t + o * row, p, want_t ? grad_t + o * row : nullptr, part.data(), b.D,
+                   b.inner, want_t, want_p);
+      if (want_p && ((o - lo + 1) % kFlushRows == 0 || o + 1 == hi))
+        for (int64_t j = 0; j < b.D; ++j) {
+          mine[j] += part[j];
+          part[j] = T(0);
+        }
+    }
   });
   for (int k = 1; k < threads; ++k)
     for (int64_t j = 0; j < b.D; ++j) acc[j] += acc[static_cast<size_t>(k) * b.D + j];
