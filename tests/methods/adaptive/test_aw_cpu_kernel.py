@@ -2,6 +2,8 @@
 the generic autograd path of the importance vector (CDF differences, spec awnn §2), finite differences
 (gradcheck), and the PyTorch path of the same layer; and its loader's fallbacks."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,111 @@ def test_build_command_reports_where_the_kernel_is_or_why_not(kernel, monkeypatc
     assert main(["build-cpu-kernel"]) == 1
     err = capsys.readouterr().err
     assert "WIDTHLAB_CPU_KERNEL is off" in err and "PyTorch operations" in err
+
+
+def test_double_backward_keeps_the_graph_to_t(kernel):
+    """A gradient penalty through the layer: d/dt ||dL/dt||^2 matches the PyTorch path (p is a constant
+    of the second-order graph on both paths, which linearise p around r's value)."""
+    torch.manual_seed(0)
+    dist = Exponential(0.3).double()
+    t0 = torch.randn(5, 9, dtype=torch.float64)
+
+    def penalty_grad():
+        t = t0.clone().requires_grad_(True)
+        loss = (dist.scale(t) ** 2).sum() + (t**3).sum()
+        (gt,) = torch.autograd.grad(loss, t, create_graph=True)
+        return torch.autograd.grad((gt**2).sum(), t)[0]
+
+    got = penalty_grad()
+    with cpu_kernel.disabled():
+        want = penalty_grad()
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_two_threads_agree_with_one_and_with_themselves(kernel):
+    torch.manual_seed(0)
+    dist = Exponential(0.05)
+    t = torch.randn(64, 64, 16, 16, requires_grad=True)
+    g = torch.randn_like(t)
+    threads = torch.get_num_threads()
+
+    def run(n):
+        torch.set_num_threads(n)
+        out = dist.scale(t, 1)
+        return (out, *torch.autograd.grad(out, (t, dist.r), g))
+
+    try:
+        one, two, again = run(1), run(2), run(2)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(two, again))  # deterministic
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert torch.allclose(one[2], two[2], rtol=1e-5)  # dL/dr: partial sums in another grouping
+
+
+def test_layouts_and_dtypes_the_kernel_declines_take_the_pytorch_path(kernel):
+    dist = Exponential(0.3)
+    r = dist.r
+    w = torch.randn(9, 5).t()  # a transposed weight: units along its last axis, not contiguous
+    assert kernel.exponential_scale(w, r, 0, -1) is None
+    assert torch.allclose(dist.scale(w), w * dist.importance(9))
+    a = torch.randn(2, 6, 4, 4).to(memory_format=torch.channels_last)
+    assert kernel.exponential_scale(a, r, 0, 1) is None
+    out = dist.scale(a, 1)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # as t * p keeps it
+    assert kernel.exponential_scale(torch.randn(3, 6, dtype=torch.float64), r, 0, -1) is None  # r float32
+    empty = torch.randn(0, 232, requires_grad=True)
+    out = dist.scale(empty)
+    out.sum().backward()
+    assert out.shape == (0, 232) and empty.grad.shape == (0, 232) and float(dist.r.grad) == 0.0
+
+
+def test_function_transforms_and_forward_mode_take_the_pytorch_path(kernel):
+    """A C++ autograd node supports neither torch.func transforms nor forward-mode AD."""
+    dist = Exponential(0.3)
+    x = torch.randn(4, 3, 7)
+    batched = torch.func.vmap(lambda t: dist.scale(t))(x)
+    assert torch.allclose(batched, torch.stack([dist.scale(t) for t in x]))
+    import torch.autograd.forward_ad as fwAD
+
+    t, v = torch.randn(3, 7), torch.randn(3, 7)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(dist.scale(fwAD.make_dual(t, v))).tangent
+    assert torch.allclose(tangent, v * dist.importance(7).detach())
+
+
+def test_only_a_finished_build_is_imported_and_a_stale_lock_is_cleared(monkeypatch, tmp_path, first_load):
+    """A library without its completion marker (a killed or running linker) is never imported, which
+    could crash the process; the marker is written after a build, and a lock older than any build is
+    removed instead of waited on forever."""
+    import os
+    import time
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv(cpu_kernel.ENV_DIR, str(tmp_path))
+    d = cpu_kernel.build_dir()
+    d.mkdir(parents=True)
+    (d / f"{cpu_kernel.NAME}.so").write_bytes(b"half a library")
+    assert cpu_kernel._finished(d) is None  # no marker
+    (d / "lock").write_text("")
+    old = time.time() - cpu_kernel.STALE_LOCK_SECONDS - 60
+    os.utime(d / "lock", (old, old))
+    built = object()
+
+    def fake_load(name, sources, build_directory, **kwargs):
+        assert not (Path(build_directory) / "lock").exists()  # the stale lock is gone
+        (Path(build_directory) / f"{name}.so").write_bytes(b"a whole library")
+        return built
+
+    monkeypatch.setattr(cpp, "load", fake_load)
+    assert cpu_kernel._compile(verbose=False) is built
+    assert cpu_kernel._finished(d) == d / f"{cpu_kernel.NAME}.so"  # marked complete
+    (d / f"{cpu_kernel.NAME}.so").write_bytes(b"a whole library, changed")
+    assert cpu_kernel._finished(d) is None  # the marker names size and hash
+
+
+def test_a_build_error_keeps_its_end_where_the_compiler_says_what_failed():
+    message = "RuntimeError: Error building extension: " + "c++ -O3 -I/include " * 100 + "c++: not found"
+    short = cpu_kernel._shorten(message)
+    assert short.endswith("c++: not found") and short.startswith("RuntimeError") and len(short) < 1100

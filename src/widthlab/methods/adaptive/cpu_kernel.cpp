@@ -120,7 +120,9 @@ std::vector<double> scale_backward(const T* g, const T* t, const T* p, T* grad_t
   std::vector<double> acc(static_cast<size_t>(threads) * b.D, 0.0);
   const int64_t row = b.D * b.inner;
   at::parallel_for(0, b.outer, grain_rows(b), [&](int64_t lo, int64_t hi) {
-    double* mine = acc.data() + static_cast<size_t>(at::get_thread_num()) * b.D;
+    // (nested in another parallel region the chunk runs inline: clamp the index to our rows)
+    const int id = std::min(std::max(at::get_thread_num(), 0), threads - 1);
+    double* mine = acc.data() + static_cast<size_t>(id) * b.D;
     std::vector<T> part(want_p ? b.D : 0, T(0));
     for (int64_t o = lo; o < hi; ++o) {
       backward_row(g + o * row, t + o * row, p, want_t ? grad_t + o * row : nullptr, part.data(), b.D,
@@ -138,14 +140,35 @@ std::vector<double> scale_backward(const T* g, const T* t, const T* p, T* grad_t
   return acc;
 }
 
+// The backward in ATen operations, for double backward (gradient penalties): grad_t = g p and
+// dL/dr = sum_j dp_j/dr sum g t keep their graphs to g and t. As on the PyTorch path, which linearises p
+// around r's value, p and dp/dr are constants of that graph (no second derivative in r).
+torch::autograd::variable_list differentiable_backward(const torch::Tensor& g, const torch::Tensor& t,
+                                                       const torch::Tensor& p, const torch::Tensor& dp_dr,
+                                                       int64_t dim, bool want_t, bool want_r,
+                                                       const std::vector<int64_t>& r_sizes,
+                                                       const torch::TensorOptions& r_options) {
+  std::vector<int64_t> shape(t.dim() - dim, 1), others;
+  shape[0] = p.size(0);
+  for (int64_t k = 0; k < t.dim(); ++k)
+    if (k != dim) others.push_back(k);
+  torch::Tensor grad_t, grad_r;
+  if (want_t) grad_t = g * p.view(shape);
+  if (want_r) {
+    auto grad_p = others.empty() ? g * t : (g * t).sum(others);
+    grad_r = (grad_p.to(torch::kFloat64) * dp_dr).sum().to(r_options.dtype()).reshape(r_sizes);
+  }
+  return {grad_t, grad_r, torch::Tensor(), torch::Tensor()};
+}
+
 class ExponentialScale : public torch::autograd::Function<ExponentialScale> {
  public:
   // t ⊙ p(r) along axis `dim` (normalised) of t, p normalised over n >= t.size(dim) units (n > D:
   // truncation without renormalisation, §5). Few ATen calls: each costs microseconds, as much as the
   // arithmetic on these small tensors.
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& t_in,
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& t,
                                const torch::Tensor& r, int64_t n, int64_t dim) {
-    const auto t = t_in.contiguous();
+    // t is contiguous: exponential_scale declines other layouts.
     const Blocks b = blocks_of(t, dim);
     auto p = torch::empty({b.D}, t.options());
     auto dp_dr = torch::empty({b.D}, t.options().dtype(torch::kFloat64));
@@ -168,8 +191,13 @@ class ExponentialScale : public torch::autograd::Function<ExponentialScale> {
     auto saved = ctx->get_saved_variables();
     const bool want_t = ctx->needs_input_grad(0), want_r = ctx->needs_input_grad(1);
     const auto &t = saved[0], &p = saved[1], &dp_dr = saved[2];  // t saved contiguous
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    const auto r_options = torch::TensorOptions().dtype(ctx->saved_data["r_dtype"].toScalarType());
+    if (at::GradMode::is_enabled())  // create_graph=True: the gradients must carry their own graph
+      return differentiable_backward(grads[0], t, p, dp_dr, dim, want_t, want_r,
+                                     ctx->saved_data["r_sizes"].toIntVector(), r_options);
     auto g = grads[0].contiguous();
-    const Blocks b = blocks_of(t, ctx->saved_data["dim"].toInt());
+    const Blocks b = blocks_of(t, dim);
     torch::Tensor grad_t = want_t ? torch::empty_like(t) : torch::Tensor();
     std::vector<double> grad_p;
     AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "exponential_scale_backward", [&] {
@@ -181,20 +209,20 @@ class ExponentialScale : public torch::autograd::Function<ExponentialScale> {
       const double* d = dp_dr.data_ptr<double>();
       double s = 0.0;
       for (int64_t j = 0; j < b.D; ++j) s += grad_p[j] * d[j];
-      grad_r = torch::full(ctx->saved_data["r_sizes"].toIntVector(), s,
-                           torch::TensorOptions().dtype(ctx->saved_data["r_dtype"].toScalarType()));
+      grad_r = torch::full(ctx->saved_data["r_sizes"].toIntVector(), s, r_options);
     }
     return {grad_t, grad_r, torch::Tensor(), torch::Tensor()};
   }
 };
 
-// The layer rescaling through the kernel, or None where the kernel does not apply (not on the CPU, a
-// dtype other than float32/float64): the caller then takes the PyTorch path. n <= D means "normalise
-// over the live width".
+// The layer rescaling through the kernel, or None where the kernel does not apply: the caller then
+// takes the PyTorch path. n <= D means "normalise over the live width".
 std::optional<torch::Tensor> exponential_scale(const torch::Tensor& t, const torch::Tensor& r, int64_t n,
                                                int64_t dim) {
-  if (!t.device().is_cpu() || !r.device().is_cpu() ||
-      (t.scalar_type() != torch::kFloat32 && t.scalar_type() != torch::kFloat64))
+  // Declined (the PyTorch path keeps its own conventions there): another device or dtype, a rate of
+  // another dtype (type promotion), a non-contiguous layout (e.g. channels_last, which t * p keeps).
+  if (!t.device().is_cpu() || !r.device().is_cpu() || t.scalar_type() != r.scalar_type() ||
+      (t.scalar_type() != torch::kFloat32 && t.scalar_type() != torch::kFloat64) || !t.is_contiguous())
     return std::nullopt;
   TORCH_CHECK(r.numel() == 1, "exponential_scale: r must hold one value, got ", r.numel());
   const int64_t axis = dim < 0 ? dim + t.dim() : dim;

@@ -19,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,10 +33,12 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-ENV_SWITCH = "WIDTHLAB_CPU_KERNEL"  # "off" / "0" / "false": never build or use the kernel
+ENV_SWITCH = "WIDTHLAB_CPU_KERNEL"  # "off" / "0" / "false" / "no": never build or use the kernel
 ENV_DIR = "WIDTHLAB_KERNEL_DIR"
 NAME = "widthlab_adaptive_cpu"
-CFLAGS = ["-O3"]
+CFLAGS = ("-O3", "-fopenmp")  # OpenMP: at::parallel_for splits large tensors over torch's threads
+LDFLAGS = ("-fopenmp",)
+STALE_LOCK_SECONDS = 900  # a build takes about a minute: a lock this old was left by a killed build
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "module": None, "error": None}
@@ -50,13 +54,31 @@ def build_dir() -> Path:
     that checkouts or environments at other versions sharing the cache never load a stale binary."""
     root = os.environ.get(ENV_DIR) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
         "widthlab" / "kernels"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
-    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{digest}"
-    return Path(root) / tag.replace("+", "_")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((*CFLAGS, *LDFLAGS)).encode()).hexdigest()[:12]
+    tag = (f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-"
+           f"{platform.system()}-{platform.machine()}-{digest}")
+    return Path(root) / tag.replace("+", "_").lower()
 
 
 def _library(directory: Path) -> Path | None:
     return next(iter(sorted(directory.glob(f"{NAME}*.so")) + sorted(directory.glob(f"{NAME}*.pyd"))), None)
+
+
+def _fingerprint(path: Path) -> str:
+    return f"{path.name} {path.stat().st_size} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+
+
+def _finished(directory: Path) -> Path | None:
+    """The library of a build that completed: the marker written after its first successful import
+    names its size and hash, and no build holds the folder's lock. A library without it may be half
+    written (a killed linker, or one still linking): loading such a file can crash the process."""
+    found, marker = _library(directory), directory / "complete"
+    if found is None or not marker.exists() or (directory / "lock").exists():
+        return None
+    try:
+        return found if marker.read_text() == _fingerprint(found) else None
+    except OSError:
+        return None
 
 
 def _import(path: Path) -> ModuleType:
@@ -67,23 +89,30 @@ def _import(path: Path) -> ModuleType:
 
 
 def _compile(verbose: bool) -> ModuleType:
-    """Import the built library, or build it. The folder name pins the source, flags and versions, so a
-    library found there is current: importing it directly skips torch's build check (~2 s a process)."""
+    """Import the finished library, or build it. The folder name pins the source, flags, versions and
+    platform, so a finished library there is current: importing it directly skips torch's build check
+    (~2 s a process)."""
     directory = build_dir()
-    found = _library(directory)
+    found = _finished(directory)
     if found is not None:
-        try:
-            return _import(found)
-        except ImportError:  # e.g. a build that was interrupted: build again below
-            pass
+        return _import(found)
     from torch.utils.cpp_extension import load  # imports setuptools: ~1 s, so only to build
 
     _find_ninja()
     directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "lock"  # torch's build lock, which a killed build leaves behind: torch would wait
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:  # on it forever
+        lock.unlink(missing_ok=True)
     print(f"widthlab: compiling the adaptive-width CPU kernel into {directory} (once; about a minute; "
           f"{ENV_SWITCH}=off skips it)", file=sys.stderr, flush=True)
-    return load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
-                verbose=verbose)
+    module = load(name=NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                  build_directory=str(directory), verbose=verbose)
+    built = _library(directory)
+    if built is not None:  # imported fine: mark it complete (atomically) for the fast path
+        tmp = directory / f"complete.{os.getpid()}"
+        tmp.write_text(_fingerprint(built))
+        os.replace(tmp, directory / "complete")
+    return module
 
 
 def _find_ninja() -> None:
@@ -112,11 +141,19 @@ def load(verbose: bool = False, strict: bool = False) -> ModuleType | None:
                     if not strict:
                         warnings.warn(f"widthlab: the adaptive-width CPU kernel is unavailable, so adaptive "
                                       f"layers use PyTorch operations (same values, slower on small nets): "
-                                      f"{_state['error'][:500]}", RuntimeWarning, stacklevel=2)
+                                      f"{_shorten(_state['error'])}", RuntimeWarning, stacklevel=3)
         if strict and _state["module"] is None:
             raise RuntimeError(f"the adaptive-width CPU kernel is unavailable: "
                                f"{_state['error'] or f'{ENV_SWITCH} is off'}")
         return _state["module"]  # type: ignore[return-value]
+
+
+def _shorten(message: str, head: int = 200, tail: int = 800) -> str:
+    """A build error's first line and its end, where the compiler's own complaint is (the middle is
+    the compile command line)."""
+    if len(message) <= head + tail:
+        return message
+    return f"{message[:head]} [...] {message[-tail:]}"
 
 
 def module() -> ModuleType | None:

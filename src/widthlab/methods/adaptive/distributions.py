@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad as _forward_ad
 
 from widthlab.methods.adaptive import cpu_kernel
 
@@ -221,7 +222,7 @@ class Exponential(ImportanceDistribution):
         # The compiled kernel where it applies (CPU, float32/64; it answers None elsewhere): one graph
         # node instead of the five of importance() and the product, with the same p (cpu_kernel.py).
         kernel = cpu_kernel.module()
-        if kernel is not None:
+        if kernel is not None and not _transforms_active():
             out = kernel.exponential_scale(t, self.r, support or 0, dim)
             if out is not None:
                 return out
@@ -271,6 +272,12 @@ class Exponential(ImportanceDistribution):
 
     def describe(self) -> dict[str, float]:
         return {"lambda": float(self.lam.detach())}
+
+
+def _transforms_active() -> bool:
+    """Whether torch.func transforms (vmap, grad, jacrev) or forward-mode AD are on: a C++ autograd
+    node supports neither, so the rescaling then takes the PyTorch path."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 def scale_along(t: torch.Tensor, p: torch.Tensor, dim: int) -> torch.Tensor:
