@@ -226,7 +226,7 @@ class Exponential(ImportanceDistribution):
             out = kernel.exponential_scale(t, self.r, support or 0, dim)
             if out is not None:
                 return out
-        return scale_along(t, self.importance(t.shape[dim], support), dim)
+        return super().scale(t, dim, support)
 
     @staticmethod
     def _host_buffers(r: float, D: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
