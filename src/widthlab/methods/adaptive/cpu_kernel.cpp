@@ -110,8 +110,9 @@ void scale_forward(const T* t, const T* p, T* out, const Blocks& b) {
 }
 
 // grad_t = g p (along the unit axis) and acc_j = sum over the other axes of g t, the gradient to p_j.
-// Sums run in T over at most kFlushRows rows (vectorised, as PyTorch's own reductions) and are then
-// added in float64. Each thread sums into its own row of acc, so the result does not depend on how the
+// Sums run in T over at most kFlushRows rows (for Linear layers an elementwise update along the units,
+// which the compiler vectorises; the per-unit sums of conv channels stay scalar) and are then added in
+// float64. Each thread sums into its own row of acc, so the result does not depend on how the
 // rows of t are scheduled; the rows of acc are added in thread order.
 template <typename T>
 std::vector<double> scale_backward(const T* g, const T* t, const T* p, T* grad_t, const Blocks& b,
