@@ -50,3 +50,55 @@ def assert_equal_up_to_rounding(actual: torch.Tensor, expected: torch.Tensor, *,
     diff = float((actual.detach() - expected.detach()).abs().max()) if actual.numel() else 0.0
     assert diff <= tol, (f"differ by {diff:.3e}, more than rounding allows: {terms} terms x eps "
                          f"{torch.finfo(expected.dtype).eps:.1e} x magnitude {magnitude:.3e} = {tol:.3e}")
+
+
+def forward_magnitude(model: torch.nn.Module, *inputs: torch.Tensor) -> float:
+    """A `magnitude` for `assert_equal_up_to_rounding` on a model's outputs: the largest sum of
+    absolute products ``(|W| |x| + |b|)`` any Linear/Conv layer forms on these inputs, times the largest
+    gain ``|gamma| / sqrt(var + eps)`` of each BatchNorm (running variance in eval mode, the batch's in
+    training mode), which is how far a per-unit norm can amplify an earlier rounding error.
+
+    Runs one extra forward with hooks; the model's state (BatchNorm running statistics included) is
+    restored afterwards.
+    """
+    import torch.nn.functional as F
+    from torch import nn
+
+    sums: list[float] = []
+    gain = 1.0
+    hooks = []
+
+    def on_linear(mod, args, out):
+        x = args[0].detach().abs()
+        w, b = mod.weight.detach().abs(), None if mod.bias is None else mod.bias.detach().abs()
+        if isinstance(mod, nn.Linear):
+            s = F.linear(x, w, b)
+        else:
+            s = mod._conv_forward(x, w, b)
+        sums.append(float(s.max()))
+
+    def on_norm(mod, args, out):
+        nonlocal gain
+        x = args[0].detach()
+        if mod.training or not mod.track_running_stats:
+            dims = [d for d in range(x.dim()) if d != 1]
+            var = x.var(dims, unbiased=False)
+        else:
+            var = mod.running_var
+        g = mod.weight.detach().abs() if mod.affine else torch.ones_like(var)
+        gain *= max(1.0, float((g / torch.sqrt(var + mod.eps)).max()))
+
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            hooks.append(m.register_forward_hook(on_linear))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            hooks.append(m.register_forward_hook(on_norm))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.load_state_dict(state)
+    return max(sums, default=0.0) * gain

@@ -2,8 +2,12 @@
 
 Function preservation: a new unit j with outgoing weights W_out[:, j] = 0 adds 0 * a_j = 0 to every
 consumer pre-activation, and per-unit norms (BatchNorm, InstanceNorm) treat each unit on its own, so the
-old units and the outputs do not change. On CPU this is bitwise as long as the BLAS computes each output
-entry independently of the matrix sizes, which holds for the batch sizes used here (>= 16).
+old units and the outputs do not change in exact arithmetic. In floating point they agree up to
+rounding, not bitwise: the grown consumer sums one more (zero) term, and BLAS may block a longer inner
+product differently depending on the CPU's instruction set, so these tests assert the rounding-error
+bound of tests/rounding.py (marked `numerics`: the test script reruns them under a second CPU kernel
+selection). Equalities that are bitwise by construction (copied weights, the same shapes on the same
+kernels) stay `torch.equal`.
 """
 
 import math
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rounding import assert_equal_up_to_rounding, forward_magnitude
 from widthlab.nn.resize import WidthSite
 from widthlab.nn.surgery import find_site, resize, resize_site
 
@@ -88,9 +93,18 @@ def randomize_bn(model):
 # --- function preservation ----------------------------------------------------------------------------
 
 
+def summation_terms(model, batch, train):
+    """Summation lengths along the longest chain: every Linear/Conv fan-in (times the kernel area), plus,
+    for BatchNorm in training mode, the batch sums of its mean and variance."""
+    terms = sum(m.weight[0].numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return terms + (2 * batch * n_bn if train else 0)
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("norm,train", [(None, False), ("bn", False), ("bn", True)])
 @pytest.mark.parametrize("init_in", ["kaiming", "normal"])
-def test_grow_with_zero_outgoing_weights_is_bitwise_function_preserving(norm, train, init_in):
+def test_grow_with_zero_outgoing_weights_preserves_the_function_up_to_rounding(norm, train, init_in):
     torch.manual_seed(0)
     model = MLP(norm=norm)
     randomize_bn(model)
@@ -103,10 +117,12 @@ def test_grow_with_zero_outgoing_weights_is_bitwise_function_preserving(norm, tr
         assert event.widths == {name: model.width_sites()[int(name[-1])].width}
     with torch.no_grad():
         after = model(x)
-    assert torch.equal(before, after)
+    assert_equal_up_to_rounding(after, before, terms=summation_terms(model, BATCH, train),
+                                magnitude=forward_magnitude(model, x))
 
 
-def test_grow_conv_bn_site_is_bitwise_function_preserving():
+@pytest.mark.numerics
+def test_grow_conv_bn_site_preserves_the_function_up_to_rounding():
     torch.manual_seed(0)
     model = CNN()
     randomize_bn(model)
@@ -118,12 +134,15 @@ def test_grow_conv_bn_site_is_bitwise_function_preserving():
     resize(model, "c2", n_new=3, init_in="normal")
     with torch.no_grad():
         after = model(x)
-    assert torch.equal(before, after)
+    # + 64: the global average pool sums 8 x 8 positions.
+    assert_equal_up_to_rounding(after, before, terms=summation_terms(model, 16, False) + 64,
+                                magnitude=forward_magnitude(model, x))
     assert model.conv1.out_channels == model.conv2.in_channels == model.bn1.num_features == 10
     assert model.conv2.out_channels == model.fc.in_features == model.bn2.num_features == 8
 
 
-def test_dropping_units_with_zero_outgoing_weights_is_bitwise_function_preserving():
+@pytest.mark.numerics
+def test_dropping_units_with_zero_outgoing_weights_preserves_the_function_up_to_rounding():
     torch.manual_seed(0)
     model = MLP(widths=(10,), norm="bn").eval()
     randomize_bn(model)
@@ -132,11 +151,14 @@ def test_dropping_units_with_zero_outgoing_weights_is_bitwise_function_preservin
     x = torch.randn(BATCH, 5)
     with torch.no_grad():
         before = model(x)
+    magnitude = forward_magnitude(model, x)
     resize(model, "hidden.0", keep=[i for i in range(10) if i not in (2, 7)])
     with torch.no_grad():
-        assert torch.equal(model(x), before)
+        assert_equal_up_to_rounding(model(x), before, terms=summation_terms(model, BATCH, False) + 2,
+                                    magnitude=magnitude)
 
 
+@pytest.mark.numerics
 def test_permutation_preserves_the_function():
     torch.manual_seed(0)
     model = MLP(widths=(12,), norm="bn").eval()
@@ -151,7 +173,8 @@ def test_permutation_preserves_the_function():
         # Producer rows are computed independently, so they are permuted exactly; the consumer sums the
         # units in a new order, so its outputs agree only up to rounding.
         assert torch.equal(model.norms[0](model.fcs[0](x)), hidden[:, perm])
-        torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-6)
+        assert_equal_up_to_rounding(model(x), before, terms=summation_terms(model, BATCH, False),
+                                    magnitude=forward_magnitude(model, x))
 
 
 # --- what is kept, what is new ------------------------------------------------------------------------

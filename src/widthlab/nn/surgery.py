@@ -12,9 +12,10 @@ but modules are edited in place and never replaced: forwards that read ``weight.
 
 Function preservation. With the default ``init_out="zeros"`` the new units feed nothing forward, and
 dropping a unit whose outgoing weights are zero removes nothing, so the network computes the same
-function. On CPU the outputs are then bitwise equal whenever the BLAS computes each output entry
-independently of how many rows/columns the matrices have; that holds for the batch sizes our tests use
-(>= 16) but not for every kernel (e.g. tiny batches, or width 1, take other code paths). Two cases are
+function in exact arithmetic. In floating point the outputs agree up to rounding, not bitwise: a
+consumer that gained a zero column sums K + 1 terms instead of K, and BLAS may block the longer inner
+product differently (which blocking it picks depends on the shapes and on the CPU's instruction set,
+AVX-512 / AVX2 / SSE), so outputs can move by a few ulps of the layer's magnitude. Two cases are
 *not* function preserving by construction:
 
 * LayerNorm / RMSNorm over the unit axis: the statistics are taken over all units, so adding or
