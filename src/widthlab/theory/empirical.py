@@ -54,18 +54,53 @@ def last_layer_kernel(u: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return (hx * hy).sum(-2) / (n * d)
 
 
+def _holds_weight(m: torch.nn.Module) -> bool:
+    """A layer with a 2-D weight in any storage: a dense ``.weight`` or a sparse layer's ``to_dense()``."""
+    if callable(getattr(m, "to_dense", None)) and hasattr(m, "in_features"):
+        return True
+    return isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2
+
+
+def first_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The layer holding u (paper §3: the first layer), found by role, not by class.
+
+    A model that declares width sites (every widthlab model) names it: the producer of its first
+    site, i.e. the layer that reads the input. Otherwise it is the first submodule, in ``modules()``
+    order, that holds a 2-D weight in any storage: a dense or masked Linear, or a CSR layer (whose
+    free weights live in ``values`` and whose dense form is ``to_dense()``).
+
+    Raises:
+        TypeError: no such layer.
+    """
+    sites = getattr(model, "width_sites", None)
+    if callable(sites):
+        found = sites()
+        if found and _holds_weight(found[0].producer):
+            return found[0].producer
+    layer = next((m for m in model.modules() if _holds_weight(m)), None)
+    if layer is None:
+        raise TypeError(f"{type(model).__name__} has no layer with a 2-D weight")
+    return layer
+
+
+def layer_weight(layer: torch.nn.Module) -> Tensor:
+    """The layer's dense (out, in) weight with exact zeros off its mask, whatever its storage: a CSR
+    layer's ``to_dense()``, a masked layer's W * M, or a plain ``.weight``."""
+    if callable(getattr(layer, "to_dense", None)) and hasattr(layer, "in_features"):
+        W, _ = layer.to_dense()
+        return W
+    W = layer.weight
+    mask = getattr(layer, "weight_mask", None)
+    return W if mask is None else W * mask
+
+
 def first_layer_weight(model: Tensor | torch.nn.Module) -> Tensor:
-    """The first-layer weight (n, d) of a model: a tensor itself, ``model.weight``, or the first
-    submodule (in ``modules()`` order) with a 2-D ``.weight`` (an ``nn.Linear``, duck-typed)."""
+    """The first-layer weight (n, d) of a model: a tensor itself, or :func:`layer_weight` of
+    :func:`first_layer` (zeros off the mask)."""
     if isinstance(model, Tensor):
         W = model
     else:
-        W = getattr(model, "weight", None)
-        if not (isinstance(W, Tensor) and W.dim() == 2):
-            W = next((m.weight for m in model.modules()
-                      if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2), None)
-        if W is None:
-            raise TypeError(f"{type(model).__name__} has no submodule with a 2-D .weight")
+        W = layer_weight(model if _holds_weight(model) else first_layer(model))
     if W.dim() != 2:
         raise ValueError(f"first-layer weight must be 2-D (n, d), got shape {tuple(W.shape)}")
     return W
@@ -79,7 +114,7 @@ def theorem_weights(
     """u = (W * mask) / weight_std in float64, the theorem's convention (module docstring).
 
     Args:
-        model: weight tensor (n, d) or a module with a first 2-D ``.weight``.
+        model: weight tensor (n, d), a layer, or a model whose first layer (:func:`first_layer`) is u.
         weight_std: sqrt(E[W_ij^2]) under the layer's init law, or ``"rms"``.
         mask: optional 0/1 mask (n, d), for layers that keep W dense and mask in forward.
 
@@ -149,7 +184,7 @@ def empirical_kernel_distance(
     initialisations (spec §5.5 uses 10) to estimate the Theorem 1 distance of the family.
 
     Args:
-        model: first-layer weight (n, d) or a module whose first 2-D ``.weight`` is it.
+        model: first-layer weight (n, d), a layer, or a model (its :func:`first_layer`).
         inputs: real inputs, shape (N, ...) with N x d entries; None draws Gaussian pairs.
         pairs: number of pairs P, sampled as in :func:`~widthlab.theory.pairs.sample_pairs`.
         seed: seed or generator for the pair sampling.
@@ -175,7 +210,7 @@ def empirical_distance_on_pairs(
     Theorem 1 distance of the same family is evaluated, so that the two are directly comparable.
 
     Args:
-        model: first-layer weight (n, d) or a module whose first 2-D ``.weight`` is it.
+        model: first-layer weight (n, d), a layer, or a model (its :func:`first_layer`).
         x: inputs, shape (P, ...) with d features each.
         y: inputs, same shape as x.
         weight_std, mask: as in :func:`theorem_weights`.

@@ -40,10 +40,10 @@ from torch import nn
 
 from widthlab.data.base import TaskData
 from widthlab.models.mlp import MLP
-from widthlab.nn.masked import MaskedMixin
 from widthlab.nn.ntk import NTKLinear
 from widthlab.theory.distance import theorem1_distance
-from widthlab.theory.empirical import empirical_distance_on_pairs
+from widthlab.theory.empirical import empirical_distance_on_pairs, layer_weight
+from widthlab.theory.empirical import first_layer as _theory_first_layer
 from widthlab.theory.pairs import sample_pairs
 
 SPLITS = ("test", "train", "val")
@@ -100,22 +100,25 @@ def check_kernel_model(model: nn.Module) -> None:
                          "§5.1), e.g. model: {name: mlp, width: 8, parametrization: ntk, bias: false}")
 
 
-def first_layer(model: nn.Module) -> nn.Linear:
-    """The first Linear layer (masked or not) in module order: u of Theorem 1."""
-    layer = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-    if layer is None:
-        raise ValueError(f"{type(model).__name__} has no Linear layer")
-    return layer
+def first_layer(model: nn.Module) -> nn.Module:
+    """u of Theorem 1: the model's first layer by role, whatever its implementation (dense, masked
+    or CSR; :func:`widthlab.theory.empirical.first_layer`)."""
+    try:
+        return _theory_first_layer(model)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
 
 
-def layer_connectivity(layer: nn.Linear) -> float:
-    """p = free weights / dense weights of the layer (1 for an unmasked layer)."""
-    if isinstance(layer, MaskedMixin):
-        return layer.connectivity
+def layer_connectivity(layer: nn.Module) -> float:
+    """p = free weights / dense weights of the layer (1 for a layer without a mask)."""
+    nonzero = getattr(layer, "num_nonzero_weights", None)
+    counted = getattr(layer, "num_counted_weights", None)
+    if callable(nonzero) and callable(counted):
+        return nonzero() / counted()
     return 1.0
 
 
-def init_weight_std(layer: nn.Linear, init: str = "fan_in_corrected") -> float:
+def init_weight_std(layer: nn.Module, init: str = "fan_in_corrected") -> float:
     """sqrt(E[W_ij^2]) over all entries (masked ones included) under the layer's initialisation law,
     which maps W to Theorem 1's u (E[u_ij^2] = 1; ``theory/empirical.py`` derives the cases).
 
@@ -128,7 +131,7 @@ def init_weight_std(layer: nn.Linear, init: str = "fan_in_corrected") -> float:
     if isinstance(layer, NTKLinear):
         var = 1.0 if layer.init == "normal" else 1.0 / 3.0
     else:
-        var = 1.0 / (3.0 * layer.weight.shape[1])
+        var = 1.0 / (3.0 * layer_weight(layer).shape[1])  # fan-in d
     if init == "none":
         var *= layer_connectivity(layer)
     return math.sqrt(var)
@@ -160,17 +163,15 @@ class KernelRecorder:
         self.x, self.y = sample_pairs(options.pairs, inputs=inputs, seed=options.pair_seed)
         self.weight_std: float | None = None
 
-    def _empirical(self, layer: nn.Linear):
-        mask = layer.weight_mask if isinstance(layer, MaskedMixin) else None
-        return empirical_distance_on_pairs(layer.weight, self.x, self.y, weight_std=self.weight_std,
-                                           mask=mask)
+    def _empirical(self, layer: nn.Module):
+        return empirical_distance_on_pairs(layer_weight(layer), self.x, self.y, weight_std=self.weight_std)
 
     def on_fit_start(self, trainer: Any) -> None:
         # Called before a checkpoint is restored, so on resume the model is again at its
         # initialisation (same seed, same masks) and the values are recomputed identically.
         t0 = time.perf_counter()
         layer = first_layer(trainer.model)
-        n, d = layer.weight.shape
+        n, d = layer_weight(layer).shape
         p = layer_connectivity(layer)
         self.weight_std = init_weight_std(layer, self.init)
         exact = theorem1_distance(self.x, self.y, n, p, num_masks=self.options.masks, seed=self.seed)
