@@ -10,6 +10,10 @@ from torch import nn
 from widthlab.models.counting import count_nonzero_weights, count_weights, is_counted_layer
 from widthlab.nn.sparse_linear import CSR_DENSITY_THRESHOLD, CSRLinear, use_sparse_path
 
+# CSR kernels against masked dense GEMMs: one value, two summation orders; rerun under a second CPU
+# kernel selection by scripts/test.sh.
+pytestmark = pytest.mark.numerics
+
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 

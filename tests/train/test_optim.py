@@ -8,6 +8,9 @@ import torch
 from widthlab.train.config import OptimConfig
 from widthlab.train.optim import build_optimizer, cpu_fused
 
+# The fused kernel against the per-tensor loop: rerun under a second CPU kernel selection.
+pytestmark = pytest.mark.numerics
+
 CONFIGS = [OptimConfig(name="adam", lr=1e-2),
            OptimConfig(name="adam", lr=1e-2, weight_decay=0.1, amsgrad=True),
            OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1),
