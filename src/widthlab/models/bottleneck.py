@@ -1,28 +1,37 @@
-"""ResNet-18 with bottlenecks that hold the weight count of a base width (specs/widesparse.md §4).
+"""ResNet-18 with bottlenecks that hold the weight count of a base width (Golubeva et al. 2021, §2.2).
 
 The wide & sparse paper compares its sparse families with two ways of widening at a fixed weight
-count (Fig. 3; no code was released, so the constructions below are our reconstruction, marked [U]
-in the spec):
+count (Fig. 3; no code was released, so the constructions below are our reconstruction):
 
 - **Linear bottleneck**: every block conv, shortcut conv and the classifier W (d_i -> d_o) becomes a
   product W1 W2 through d_b channels: a k x k conv d_i -> d_b then a 1x1 conv d_b -> d_o with no
-  activation between (:class:`FactorizedConv2d`; :class:`FactorizedLinear` for the head). With
-  d_b = min(d_i, d_o) the functions are those of the dense layer; a smaller d_b is a rank constraint.
-  The stem (3 input channels, rank <= 3 already) stays dense.
+  activation between (:class:`FactorizedConv2d`; :class:`FactorizedLinear` for the head). The
+  composite is a k x k conv whose (d_o, k^2 d_i) weight matrix has rank <= d_b, so the dense layer's
+  functions need d_b = min(k^2 d_i, d_o). At d_b = min(d_i, d_o) (the factorised base) this holds for
+  the head, the 1x1 shortcuts and every conv with d_o <= d_i, but not for the 3x3 stage-entry convs
+  d_i -> 2 d_i, which are limited to rank d_i of 2 d_i. A smaller d_b is a further rank constraint.
+  The stem (3 input channels) stays dense.
 - **Non-linear bottleneck**: inside each BasicBlock the residual width w_s grows with w while the
-  mid channels (conv1's outputs) shrink to d_b,s ~ w0_s^2 / w_s, keeping 9 (c_in + c_out) d_b fixed.
+  mid channels (conv1's outputs) shrink to d_b,s ~ w0_s^2 / w_s, which keeps a block's
+  9 (c_in + c_out) d_b at its base value (paper §2.2: the first layer's input and the second's
+  output widen, the shared inner width shrinks).
 
-Matching: each changed layer (or block) gets d_b = floor(N_l(target) / cost per channel), where the
-target is that layer's count in the base network, clamped to [1, min(d_i, d_o)]. The growth of the
-layers that cannot shrink (stem; shortcuts and head for the non-linear variant) is then absorbed by
-taking channels from the layers with the largest cost per channel, stopping at the total nearest the
-target. The residual mismatch (a few hundred weights at most in practice) is reported, not hidden.
-``match="dense"`` (default) targets the dense base N(w0), the count the sparse family keeps;
-``match="factorized"`` targets the factorised base (w0, d_b = min), the spec's "safest" choice.
+Matching (Fig. 3 holds the total weight count). Linear: each factorised layer gets
+d_b = floor(N_l(target) / (k^2 d_i + d_o)), clamped to [1, min(d_i, d_o)], where N_l(target) is that
+layer's count in the base network; the stem's growth is then absorbed by taking channels from the
+layers with the largest cost per channel, stopping at the total nearest the target. ``match``:
+``"factorized"`` (default) targets the factorised base (w0, d_b = min(d_i, d_o)), so the w = w0 member
+is that base itself, with no rank constraint beyond the stage entries'; ``"dense"`` targets the dense
+base N(w0), the count the sparse family keeps, which already rank-constrains the w = w0 member.
+Non-linear: the layers that cannot shrink (stem, shortcuts, head) grow with w, and the block mids
+give back that growth in proportion, stage by stage: d_b,s = alpha w0_s^2 / w_s with one alpha for
+all blocks, rounded down or up so that the total stays at or below N(w0). The residual mismatch is
+reported, not hidden.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -137,7 +146,7 @@ def _fit(targets: list[int], costs: list[int], caps: list[int], fixed: int, tota
     return d, total
 
 
-def linear_bottleneck_ranks(cfg: ResNetConfig, base_width: int, match: Match = "dense"
+def linear_bottleneck_ranks(cfg: ResNetConfig, base_width: int, match: Match = "factorized"
                             ) -> tuple[dict[str, int], int, int]:
     """d_b per factorised layer of the width-``cfg.width`` network, matched to the base at w0.
 
@@ -156,20 +165,52 @@ def linear_bottleneck_ranks(cfg: ResNetConfig, base_width: int, match: Match = "
     return {x.name: r for x, r in zip(layers, d)}, total, base_stem + sum(targets)
 
 
+def _fit_proportional(ideal: list[float], costs: list[int], caps: list[int], fixed: int, target: int
+                      ) -> tuple[list[int], int]:
+    """Integer channels near ``ideal``: each floor(ideal) (at least 1, at most its cap), then raised to
+    ceil(ideal) in order of decreasing fractional part wherever the total stays <= ``target``.
+
+    Returns:
+        (channels, total weights including ``fixed``).
+    """
+    d = [min(cap, max(1, math.floor(x))) for x, cap in zip(ideal, caps)]
+    total = fixed + sum(x * c for x, c in zip(d, costs))
+    order = sorted(range(len(d)), key=lambda i: (math.floor(ideal[i]) - ideal[i], i))
+    for i in order:
+        if d[i] == math.floor(ideal[i]) < ideal[i] and d[i] < caps[i] and total + costs[i] <= target:
+            d[i] += 1
+            total += costs[i]
+    return d, total
+
+
 def nonlinear_bottleneck_mids(cfg: ResNetConfig, base_width: int) -> tuple[dict[str, int], int, int]:
     """Mid channels d_b per BasicBlock of the width-``cfg.width`` network, matched to dense N(w0).
 
+    Block b of stage s gets d_b,s = alpha w0_s^2 / w_s (module docstring), rounded; alpha is the
+    share of the base's block weights left once the stem, shortcuts and head have grown to width w:
+    alpha = (N(w0) - fixed(w)) / sum_b 9 (c_in + c_out) w0_s^2 / w_s, which is 1 at w = w0.
+
     Returns:
         (mid channels by block prefix, the network's counted weights, the target N(w0)).
+
+    Raises:
+        ValueError: the stem, shortcuts and head alone reach N(w0) at this width.
     """
     base_layers, base_blocks, base_stem = _plan_layers(replace(cfg, width=base_width))
     layers, blocks, stem = _plan_layers(cfg)
+    if len(base_blocks) != len(blocks):
+        raise ValueError("base and member must have the same blocks")
     target = base_stem + sum(x.dense for x in base_layers)
     # Shortcuts and head keep their dense size at width w; only the block mids shrink.
     fixed = stem + sum(x.dense for x in layers if not x.name.endswith((".conv1", ".conv2")))
-    targets = [9 * (ci + co) * co for _, ci, co, _ in base_blocks]
     costs = [9 * (ci + co) for _, ci, co, _ in blocks]
-    d, total = _fit(targets, costs, [co for _, _, co, _ in blocks], fixed, target)
+    shape = [co0 * co0 / co for (_, _, co0, _), (_, _, co, _) in zip(base_blocks, blocks)]  # w0_s^2 / w_s
+    alpha = (target - fixed) / sum(c * x for c, x in zip(costs, shape))
+    if alpha <= 0:
+        raise ValueError(f"width {cfg.width}: the stem, shortcuts and head alone hold {fixed:,} weights, "
+                         f"more than the base's {target:,}; no non-linear bottleneck fits")
+    d, total = _fit_proportional([alpha * x for x in shape], costs, [co for _, _, co, _ in blocks],
+                                 fixed, target)
     return {p: m for (p, _, _, _), m in zip(blocks, d)}, total, target
 
 
@@ -200,7 +241,7 @@ class LinearBottleneckResNet(ResNet):
         return {}
 
 
-def linear_bottleneck_resnet(config: ResNetConfig, base_width: int, match: Match = "dense"
+def linear_bottleneck_resnet(config: ResNetConfig, base_width: int, match: Match = "factorized"
                              ) -> LinearBottleneckResNet:
     """The linear-bottleneck member at ``config.width`` of the family based at ``base_width``."""
     ranks, _, _ = linear_bottleneck_ranks(config, base_width, match)
@@ -232,7 +273,7 @@ def _config(input_shape, num_outputs, width, base_width, init) -> ResNetConfig:
 
 @MODELS.register("resnet18_linear_bottleneck")
 def resnet18_linear_bottleneck(input_shape: tuple[int, ...], num_outputs: int, *, width: int = 64,
-                               base_width: int | None = None, match: Match = "dense",
+                               base_width: int | None = None, match: Match = "factorized",
                                init: Init = "default") -> LinearBottleneckResNet:
     """CIFAR ResNet-18 at ``width`` with linear bottlenecks holding the weights of ``base_width``."""
     return linear_bottleneck_resnet(_config(input_shape, num_outputs, width, base_width, init),

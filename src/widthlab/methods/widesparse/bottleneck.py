@@ -1,4 +1,4 @@
-"""The two bottleneck families the paper compares wide & sparse against (specs/widesparse.md §4).
+"""The two bottleneck families the paper compares wide & sparse against (Golubeva et al. 2021, §2.2).
 
 Both widen a ResNet while holding the base's weight count by shrinking inner channel counts instead
 of removing random weights; the networks themselves live in :mod:`widthlab.models.bottleneck`.
@@ -57,7 +57,7 @@ class BottleneckMember:
         return self.mismatch / self.target
 
 
-def bottleneck_sizes(config: ResNetConfig, base_width: int, kind: Kind, match: Match = "dense"
+def bottleneck_sizes(config: ResNetConfig, base_width: int, kind: Kind, match: Match = "factorized"
                      ) -> BottleneckMember:
     """The member at ``config.width`` of a bottleneck family based at ``base_width`` (sizes only)."""
     if kind == "linear_bottleneck":
@@ -70,12 +70,12 @@ def bottleneck_sizes(config: ResNetConfig, base_width: int, kind: Kind, match: M
 
 
 def bottleneck_family(config: ResNetConfig, base_width: int, widths: Sequence[int], kind: Kind,
-                      match: Match = "dense") -> list[BottleneckMember]:
+                      match: Match = "factorized") -> list[BottleneckMember]:
     """Sizes of the members at ``widths`` (each ``config`` with its width replaced)."""
     return [bottleneck_sizes(dataclasses.replace(config, width=w), base_width, kind, match) for w in widths]
 
 
-def bottleneck_member(model: nn.Module, base_width: int, kind: Kind, match: Match = "dense"
+def bottleneck_member(model: nn.Module, base_width: int, kind: Kind, match: Match = "factorized"
                       ) -> tuple[nn.Module, BottleneckMember]:
     """Rebuild a widthlab ResNet (at its width w) as the bottleneck member based at ``base_width``.
 

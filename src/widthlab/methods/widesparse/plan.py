@@ -48,7 +48,7 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
           variant: str = "sparse", fract_cl: float | None = None,
           classifier_connectivity: float | None = None, io_only: bool = False,
           init: str = "fan_in_corrected", sparse_impl: str = "auto", mask_seed: int | None = None,
-          bottleneck_match: str = "dense", lr_preset: str | None = None,
+          bottleneck_match: str = "factorized", lr_preset: str | None = None,
           kernel: dict | bool | None = None) -> MethodPlan:
     """Make the wide & sparse member at the model's width from the family based at ``base_width``.
 
@@ -67,8 +67,11 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
             weights x 1/sqrt(c_l)) or ``"none"``.
         sparse_impl: ``"auto"``, ``"masked"`` or ``"csr"`` (see :func:`.sparsify.sparsify`).
         mask_seed: draw the masks from this seed instead of the run's.
-        bottleneck_match: ``"dense"`` (target N(w0), the sparse family's count) or
-            ``"factorized"`` (the factorised base's count) for the linear bottleneck.
+        bottleneck_match: the linear bottleneck's target count: ``"factorized"`` (default) the
+            factorised base (w0, d_b = min(d_i, d_o)), which has the dense base's functions except that
+            its 3x3 stage-entry convs d_i -> 2 d_i are limited to rank d_i (paper §2.2, Fig. 3a; see
+            :mod:`widthlab.models.bottleneck`); ``"dense"`` the dense base N(w0), the sparse family's
+            count, which rank-constrains even the w = w0 member. ``target_weights`` stays N(w0).
         lr_preset: name of a per-width learning-rate table (e.g. ``"ntk-fig8"``, spec §6.2); its
             rate for (w0, w) replaces ``train.optimizer.lr`` (:mod:`.lr_presets`).
         kernel: record the GP-kernel distances (one-hidden-layer ReLU MLPs): a mapping of
@@ -78,8 +81,9 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
     Returns:
         the plan; its summary holds ``base_width``, ``family``, ``connectivity`` (N(w0)/N(w) for a
         sparse member), ``sparse_impl``, ``target_weights`` N(w0), ``removed_weights`` T,
-        ``layers_sparsified``, ``cap``, ``classifier_connectivity`` and ``weight_mismatch``; with
-        ``lr_preset`` also ``lr_preset`` and ``lr``; with ``kernel`` the ``kernel_*`` keys.
+        ``layers_sparsified``, ``cap``, ``classifier_connectivity`` and ``weight_mismatch`` (for a
+        bottleneck member: counted weights minus ``bottleneck_target``, the count it is matched to);
+        with ``lr_preset`` also ``lr_preset`` and ``lr``; with ``kernel`` the ``kernel_*`` keys.
 
     Raises:
         ValueError: a missing or bad option, w < w0, or a budget that cannot be allocated.
@@ -112,7 +116,8 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
     if variant != "sparse":
         new, sizes = bottleneck_member(model, w0, variant, bottleneck_match)
         summary.update(connectivity=sizes.counted / N, sparse_impl="dense", removed_weights=N - sizes.counted,
-                       weight_mismatch=sizes.mismatch, bottleneck_dims=sizes.dims)
+                       weight_mismatch=sizes.mismatch, bottleneck_target=sizes.target,
+                       bottleneck_dims=sizes.dims)
         return MethodPlan(new, [], summary)
     alloc = allocate(model, N0, fract_cl=None if fract_cl is None else float(fract_cl),
                      classifier_connectivity=None if classifier_connectivity is None
