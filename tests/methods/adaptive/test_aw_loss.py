@@ -79,3 +79,37 @@ def test_priors_can_be_switched_off():
     assert only_lam.item() == pytest.approx(-0.00373147, abs=1e-8)
     with pytest.raises(ValueError):
         ElboPrior(sigma_theta=0.0)
+
+
+# The width prior on the other learnable families: each family's own parameter is the latent lam_l of
+# the paper's prior p(lam_l) = N(mu, sigma^2) (closed forms below, written out by hand).
+
+
+def test_width_prior_acts_on_the_power_law_exponent():
+    torch.manual_seed(0)
+    m = adaptive_mlp(2, 2, hidden_layers=2, distribution="power_law",
+                     distribution_options={"gamma0": 3.0}).double()
+    prior = ElboPrior(sigma_theta=None, mu_lambda=2.5, sigma_lambda=0.5, n_observations=10)
+    # Two layers, gamma = 3 each: 2 (ln 0.5 + 0.5^2 / (2 0.25)) = 2 (-0.693147 + 0.5).
+    assert prior.lambda_term(m).item() == pytest.approx(2 * (-0.6931471806 + 0.5), abs=1e-9)
+    prior(m).backward()
+    for scale in m.scales:  # d/dgamma = (gamma - mu) / sigma^2 / N = 0.5 / 0.25 / 10, relu' = 1
+        assert scale.dist.g.grad.item() == pytest.approx(0.2, abs=1e-12)
+
+
+def test_width_prior_acts_on_the_sigmoid_location():
+    m = adaptive_mlp(2, 2, distribution="sigmoid", distribution_options={"b0": 128.0, "slope": 1.0})
+    m = m.double()
+    prior = ElboPrior(sigma_theta=None, mu_lambda=100.0, sigma_lambda=10.0, n_observations=1)
+    # ln 10 + (128 - 100)^2 / (2 10^2) = 2.302585 + 3.92.
+    assert prior.lambda_term(m).item() == pytest.approx(2.302585093 + 3.92, abs=1e-6)
+    prior(m).backward()
+    # d/dr_b = (b - mu) / sigma^2 * sigmoid(r_b), r_b = softplus^-1(128) ~ 128: sigmoid = 1 to 1e-55.
+    assert m.scales[0].dist.r_b.grad.item() == pytest.approx(0.28, abs=1e-9)
+
+
+def test_width_prior_refuses_a_family_without_parameter():
+    m = adaptive_mlp(2, 2, distribution="uniform", distribution_options={"b": 8})
+    with pytest.raises(ValueError, match="uniform distribution learns no"):
+        ElboPrior(sigma_theta=None, mu_lambda=0.01, sigma_lambda=0.01)(m)
+    assert ElboPrior(sigma_theta=None, sigma_lambda=None)(m) is None  # a flat prior is fine

@@ -118,3 +118,14 @@ def test_kaiming_plus_initialisation_scale():
     std = m.layers[1].weight.std().item()
     assert std == pytest.approx((2 / (p**2).sum().item()) ** 0.5, rel=0.02)  # ≈ 18.1
     assert m.layers[0].weight.std().item() == pytest.approx((2 / 20) ** 0.5, rel=0.05)
+
+
+def test_removable_fraction_is_the_contiguous_prefix_of_the_curve():
+    """Removing 20 % keeps accuracy, 40 % loses it, 60 % happens to recover: only 20 % is removable
+    (a point past the first failure does not count), whatever order the curve is given in."""
+    curve = [{"kept_fraction": f, "metric": a} for f, a in
+             [(0.4, 0.95), (1.0, 0.95), (0.6, 0.60), (0.8, 0.95), (0.2, 0.5)]]
+    assert removable_fraction(curve) == pytest.approx(0.2)
+    assert removable_fraction(curve, tolerance=0.4) == pytest.approx(0.6)  # 0.60 >= 0.95 - 0.4; 0.5 not
+    assert removable_fraction([{"kept_fraction": 1.0, "metric": 0.9},
+                               {"kept_fraction": 0.9, "metric": 0.8}]) == 0.0

@@ -205,3 +205,84 @@ def test_spiralhard_study_spans_the_papers_depths_and_sums_their_widths(tmp_path
     widths = summary["adaptive_widths"]
     assert list(widths) == [f"hidden.{i}" for i in range(4)]
     assert summary["total_width"] == sum(widths.values())
+
+
+def test_width_prior_options_act_or_are_refused(moons):
+    """prior_lambda and anneal act on every learnable family's own parameter, and are refused where
+    they could not act (the uniform family learns nothing) or where mu lies outside the domain."""
+    uniform = {"distribution": "uniform", "distribution_options": {"b": 16}}
+    with pytest.raises(ValueError, match="prior_lambda: distribution uniform learns no width parameter"):
+        plan(moons, prior_lambda=[0.01, 0.01], **uniform)
+    with pytest.raises(ValueError, match="anneal .* uniform learns no width parameter"):
+        plan(moons, prior_lambda=[0.01, 0.01], anneal={"start": 1, "end": 2}, **uniform)
+    with pytest.raises(ValueError, match="acts on gamma"):
+        plan(moons, distribution="power_law", prior_lambda=[0.01, 0.01])
+    with pytest.raises(ValueError, match="mu must be > 0"):
+        plan(moons, distribution="sigmoid", prior_lambda=[-1.0, 1.0])
+    # gamma0 = 3, mu = 5, sigma = 1: the prior pulls gamma up (a narrower layer) with gradient
+    # -(5 - 3) / 1^2 / N on g (sigma_theta off, so that the prior's gradient is the lam term's only).
+    p = plan(moons, distribution="power_law", distribution_options={"gamma0": 3.0}, prior_lambda=[5.0, 1.0],
+             sigma_theta=None, n_observations=100)
+    (cb,) = p.callbacks
+    cb.extra_loss(p.model, None, None).backward()
+    assert p.model.scales[0].dist.g.grad.item() == pytest.approx(-2.0 / 100, abs=1e-7)
+
+
+def test_shared_width_distribution_is_one_lambda_for_all_layers():
+    """share_width_distribution: one lam (one parameter) for every layer; it receives the sum of the
+    gradients the layers send their own lam's (checked against an unshared copy with equal values), and
+    the lam prior counts it once."""
+    import copy
+
+    from widthlab.methods.adaptive import adaptive_mlp, share_width_distribution
+    from widthlab.methods.adaptive.loss import ElboPrior
+
+    torch.manual_seed(0)
+    own = adaptive_mlp(3, 2, hidden_layers=3, lam0=0.1).double()
+    shared = copy.deepcopy(own)
+    dist = share_width_distribution(shared)
+    assert all(s.scale.dist is dist for s in collect_sites(shared))
+    assert [n for n, _ in shared.named_parameters() if ".dist." in n] == ["scales.0.dist.r"]
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.tensor([0, 1] * 8)
+    for m in (own, shared):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    total = sum(s.dist.r.grad for s in own.scales)
+    assert dist.r.grad.item() == pytest.approx(total.item(), rel=1e-12, abs=1e-15)
+    prior = ElboPrior(sigma_theta=None, mu_lambda=0.2, sigma_lambda=0.5)
+    # ln 0.5 + (0.1 - 0.2)^2 / (2 0.25), once (three times for the unshared model).
+    assert prior.lambda_term(shared).item() == pytest.approx(-0.6931471806 + 0.02, abs=1e-7)
+    assert prior.lambda_term(own).item() == pytest.approx(3 * (-0.6931471806 + 0.02), abs=1e-7)
+    with pytest.raises(ValueError, match="one family, k and width"):
+        mixed = adaptive_mlp(3, 2, hidden_layers=2, lam0=0.1)
+        mixed.scales[1].dist = distributions.PowerLaw(2.0)
+        share_width_distribution(mixed)
+
+
+def test_shared_width_distribution_from_a_study_trains_and_resumes(tmp_path, moons):
+    quick = load_study("adaptive-spiralhard", ["train.epochs=1", "train.checkpoint_every=0",
+                                               "sweep.model.depth=[4]", "sweep.method.sigma_theta=[100]",
+                                               "method.share_width_distribution=true"])
+    (summary,) = run_study(quick, tmp_path / "study", quiet=True).summaries
+    assert summary["status"] == "done", summary["error"]
+    widths = list(summary["adaptive_widths"].values())
+    assert len(widths) == 4 and len(set(widths)) == 1 and widths[0] != 232  # moved, and together
+    assert summary["share_width_distribution"] is True
+    # Resume of a shared model (one parameter under four names in the state dict) is exact.
+    plain = create_model("mlp", input_shape=moons.input_shape, num_outputs=2, width=8, depth=2)
+
+    def shared_plan():
+        return build(plain, moons, seed=0, sigma_theta=10.0, n_observations=2000,
+                     share_width_distribution=True)
+
+    ref = shared_plan()
+    Trainer(ref.model, moons, cfg(4), ref.callbacks).fit()
+    a = shared_plan()
+    Trainer(a.model, moons, cfg(2, checkpoint_every=1), a.callbacks, run_dir=tmp_path / "ck").fit()
+    b = shared_plan()
+    Trainer(b.model, moons, cfg(4, checkpoint_every=1), b.callbacks, run_dir=tmp_path / "ck").fit(resume=True)
+    assert b.model.scales[0].dist is b.model.scales[1].dist
+    sa, sb = ref.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match="share_width_distribution: not with adaptive_channels"):
+        build(plain, moons, seed=0, share_width_distribution=True, adaptive_channels=True)

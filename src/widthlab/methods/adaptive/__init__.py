@@ -17,7 +17,12 @@ from widthlab.methods.adaptive.distributions import (
     make_distribution,
     softplus_inv,
 )
-from widthlab.methods.adaptive.layer import AdaptiveScale, AdaptiveSite, collect_sites
+from widthlab.methods.adaptive.layer import (
+    AdaptiveScale,
+    AdaptiveSite,
+    collect_sites,
+    share_width_distribution,
+)
 from widthlab.methods.adaptive.loss import ElboPrior
 from widthlab.methods.adaptive.mlp import AdaptiveMLP, AdaptiveMLPConfig, adaptive_mlp
 
@@ -37,5 +42,6 @@ __all__ = [
     "collect_sites",
     "exponential_width",
     "make_distribution",
+    "share_width_distribution",
     "softplus_inv",
 ]

@@ -15,6 +15,8 @@ interface:
   family does it in one compiled autograd node (``cpu_kernel``), with the same values;
 * ``project_()``: the in-place projection of the learnable parameters onto their feasible set
   (``boundary`` for the exponential, gamma >= 1.3 for the power law), done on the device;
+* ``latent``: the family's learnable width parameter, on which the Gaussian width prior acts (lam,
+  gamma, b; None for the uniform control, which learns nothing);
 * ``describe()``: current parameter values as floats for the record (one host read).
 
 Families:
@@ -87,6 +89,16 @@ class ImportanceDistribution(nn.Module):
     """Base of the families: subclasses define ``cdf`` and ``quantile``; the rest is shared."""
 
     family = "base"
+    #: Name of the learnable scalar that the Gaussian width prior N(mu, sigma^2) acts on (the latent
+    #: lam_l of the paper's variational model; for other families their own width parameter), or None
+    #: for a family that learns nothing.
+    latent_name: str | None = None
+
+    @property
+    def latent(self) -> torch.Tensor | None:
+        """The family's learnable width parameter in its natural units (post-projection), differentiable;
+        None when the family has none (see :attr:`latent_name`)."""
+        return None
 
     def cdf(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -172,6 +184,7 @@ class Exponential(ImportanceDistribution):
     """
 
     family = "exponential"
+    latent_name = "lambda"
 
     def __init__(self, lam0: float = 0.01, boundary: float | None = None):
         super().__init__()
@@ -188,6 +201,10 @@ class Exponential(ImportanceDistribution):
     @property
     def lam(self) -> torch.Tensor:
         return F.softplus(self.r) + LAM_OFFSET
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.lam  # the prior acts on the post-softplus rate, as the official code applies it
 
     def cdf(self, x: torch.Tensor) -> torch.Tensor:
         return -torch.expm1(-self.lam * x)
@@ -399,6 +416,7 @@ class PowerLaw(ImportanceDistribution):
     """
 
     family = "power_law"
+    latent_name = "gamma"  # a larger gamma concentrates the mass: a narrower layer
 
     def __init__(self, gamma0: float = 2.0, shift: float = 0.0, x_min: float = 1.0, gamma_min: float = 1.3):
         super().__init__()
@@ -410,6 +428,10 @@ class PowerLaw(ImportanceDistribution):
     @property
     def gamma(self) -> torch.Tensor:
         return F.relu(self.g)
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.gamma
 
     def cdf(self, x: torch.Tensor) -> torch.Tensor:
         a = self.x_min + self.shift
@@ -464,6 +486,7 @@ class Sigmoid(ImportanceDistribution):
     """
 
     family = "sigmoid"
+    latent_name = "b"  # a smaller location b: a narrower layer
 
     def __init__(self, b0: float = 128.0, slope: float = 1.0):
         super().__init__()
@@ -475,6 +498,10 @@ class Sigmoid(ImportanceDistribution):
     @property
     def b(self) -> torch.Tensor:
         return F.softplus(self.r_b)
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.b
 
     def cdf(self, x: torch.Tensor) -> torch.Tensor:
         s, b = self.slope, self.b

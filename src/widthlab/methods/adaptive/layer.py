@@ -146,6 +146,38 @@ def collect_sites(model: nn.Module) -> list[AdaptiveSite]:
     return list(fn())
 
 
+def share_width_distribution(model: nn.Module) -> ImportanceDistribution:
+    """Make every adaptive site of ``model`` use one importance distribution: one lam for all layers.
+
+    The paper's variational model gives each adaptive layer its own latent lam_l; its official code
+    offers a switch (``share_width_distribution``, off in every published configuration) under which
+    all layers share one. The first site's distribution becomes every site's, so all widths follow the
+    same D(lam), lam receives the sum of the gradients each layer sends it, and the lam prior counts it
+    once. Done in place, before training (an optimizer built earlier would keep the dropped parameters).
+
+    Returns:
+        The shared distribution.
+
+    Raises:
+        ValueError: no adaptive site, or sites of different families, quantiles or current widths
+            (e.g. adaptive convolution channels started at the trunk's widths).
+    """
+    sites = collect_sites(model)
+    if not sites:
+        raise ValueError("share_width_distribution: the model has no adaptive site")
+    shared = sites[0].scale.dist
+    for s in sites[1:]:
+        other = s.scale
+        if (other.dist.family, other.k, s.width) != (shared.family, sites[0].scale.k, sites[0].width):
+            raise ValueError(
+                f"share_width_distribution: site {s.name!r} ({other.dist.family}, k={other.k}, width "
+                f"{s.width}) differs from {sites[0].name!r} ({shared.family}, k={sites[0].scale.k}, "
+                f"width {sites[0].width}); one distribution needs sites of one family, k and width")
+    for s in sites[1:]:
+        s.scale.dist = shared
+    return shared
+
+
 def distribution_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The learnable parameters of all importance distributions (lam's r, ...) of ``model``."""
     seen, out = set(), []

@@ -13,7 +13,9 @@ priors; per batch of size M out of N observations the official code minimises::
   attention) except the distributions' own parameters (lam's r): §9 test 3 sums 13.15 without r. It
   is the one prior a fixed network can share (a Gaussian weight prior, i.e. L2);
 * the lam prior acts on the post-softplus rate, drops the constant 1/2 ln 2 pi, and is off when
-  sigma_lam is None (a flat prior; most of the paper's configs);
+  sigma_lam is None (a flat prior; most of the paper's configs). For the other learnable families it
+  acts on their own width parameter (power law: gamma; sigmoid: the location b), in its units; the
+  uniform control learns nothing and refuses it;
 * N (``n_observations``) scales the priors against the per-example data term.
 
 :class:`ElboPrior` returns the bracket divided by N, which the trainer adds to its data loss through the
@@ -115,10 +117,29 @@ class ElboPrior:
         return theta_sq_sum(theta_parameters(model), scale / (2 * self.sigma_theta**2))
 
     def lambda_term(self, model: nn.Module) -> torch.Tensor | None:
-        """sum_l ln sigma_lam + (lam_l - mu_lam)^2 / (2 sigma_lam^2) over layers with a rate."""
+        """sum_l ln sigma_lam + (lam_l - mu_lam)^2 / (2 sigma_lam^2) over the model's distributions.
+
+        lam_l is each distribution's own width parameter (``ImportanceDistribution.latent``: the rate of
+        the exponential, gamma of the power law, the location b of the sigmoid), so ``mu_lambda`` is in
+        that parameter's units. A distribution shared by several layers (one lam for all of them) is one
+        latent and counts once.
+
+        Raises:
+            ValueError: the prior is on and some layer's family has no learnable parameter (uniform).
+        """
         if not self.lambda_prior_on:
             return None
-        lams = [s.scale.dist.lam for s in collect_sites(model) if hasattr(s.scale.dist, "lam")]
+        lams, seen = [], set()
+        for s in collect_sites(model):
+            dist = s.scale.dist
+            if id(dist) in seen:
+                continue
+            seen.add(id(dist))
+            latent = dist.latent
+            if latent is None:
+                raise ValueError(f"adaptive site {s.name!r}: the {dist.family} distribution learns no "
+                                 "parameter, so the lambda prior (prior_lambda) cannot act on it")
+            lams.append(latent)
         if not lams:
             return None
         return neg_log_prior_lambda(torch.stack(lams), self.mu_lambda, self.sigma_lambda).sum()

@@ -36,6 +36,7 @@ from torch import nn
 from widthlab.data.base import TaskData
 from widthlab.methods.adaptive.callback import AdaptiveWidthCallback, LinearAnneal
 from widthlab.methods.adaptive.layer import collect_sites
+from widthlab.methods.adaptive.layer import share_width_distribution as _share
 from widthlab.methods.adaptive.loss import ElboPrior
 from widthlab.methods.base import MethodPlan
 
@@ -64,6 +65,29 @@ def _prior_lambda(prior_lambda: Any) -> tuple[float, float | None]:
     raise ValueError(f"method option prior_lambda must be [mu, sigma] or null, got {prior_lambda!r}")
 
 
+def _check_width_prior(distribution: str, options: dict[str, Any], mu: float, sigma: float | None,
+                       anneal: LinearAnneal | None) -> None:
+    """Refuse a width prior that could not act: the uniform family learns nothing, and the other
+    families' prior mean is in their own parameter's units and must lie in its domain."""
+    if sigma is None and anneal is None:
+        return
+    if distribution == "uniform":
+        what = "anneal (online compression)" if anneal is not None else "prior_lambda"
+        raise ValueError(f"method option {what}: distribution uniform learns no width parameter, so the "
+                         "lambda prior would do nothing; use exponential, power_law or sigmoid, or drop it")
+    if sigma is None:
+        return  # anneal without a prior: refused by the callback
+    if distribution == "power_law":
+        floor = float(options.get("gamma_min", 1.3))
+        if not mu >= floor:
+            raise ValueError(f"method option prior_lambda: with distribution power_law the prior acts on "
+                             f"gamma, which is kept >= {floor}; its mean mu must be >= {floor}, got {mu}")
+    elif not mu > 0:
+        param = "the rate lambda" if distribution == "exponential" else "the location b"
+        raise ValueError(f"method option prior_lambda: with distribution {distribution} the prior acts on "
+                         f"{param}, which is positive; its mean mu must be > 0, got {mu}")
+
+
 def build(
     model: nn.Module,
     data: TaskData,
@@ -88,6 +112,7 @@ def build(
     channels_lambda0: float | None = None,
     truncation_fractions: list[float] | None = None,
     disable_adaptation: bool = False,
+    share_width_distribution: bool = False,
 ) -> MethodPlan:
     """Build the adaptive counterpart of ``model`` and the callback that trains its widths.
 
@@ -105,7 +130,9 @@ def build(
             elsewhere (as the official configs).
         init: ``gaussian`` (Kaiming+), ``uniform`` or ``kaiming``.
         sigma_theta: std of the Gaussian prior on every network parameter; null: no theta prior.
-        prior_lambda: ``[mu, sigma]`` of the Gaussian prior on each lam, or null (flat prior).
+        prior_lambda: ``[mu, sigma]`` of the Gaussian prior on each lam, or null (flat prior). For
+            ``power_law`` it acts on gamma and for ``sigmoid`` on the location b (mu in their units: a
+            larger gamma, a smaller b narrow the layer); ``uniform`` learns nothing and refuses it.
         n_observations: N of the loss; null: the training-set size.
         optimizer_mode: ``reset`` (faithful: state of resized tensors restarts) or ``keep``.
         anneal: ``{start, end, alpha}``: linear annealing of the lam prior (online compression).
@@ -118,23 +145,33 @@ def build(
             removal on the test split, summary key ``truncation``); null: none.
         disable_adaptation: freeze every lam and drop the rescaling: a plain network at the widths
             D(lam0) trained with the same loss (the official ``disable_adaptation``, a control).
+        share_width_distribution: one distribution (one lam) for every adaptive layer of the model, so
+            all widths move together and the lam prior counts it once (``layer.share_width_distribution``;
+            not with ``adaptive_channels``).
     """
     from widthlab.methods.adaptive import architectures
 
     mu, sigma_lam = _prior_lambda(prior_lambda)
     anneal_cfg = _anneal(anneal)
+    _check_width_prior(distribution, dict(distribution_options or {}), mu, sigma_lam, anneal_cfg)
+    if share_width_distribution and adaptive_channels:
+        raise ValueError("method option share_width_distribution: not with adaptive_channels (the "
+                         "convolution channels start at the trunk's widths, the head at D(lambda0))")
     n_obs = int(n_observations) if n_observations is not None else len(data.train)
     cell = dict(lam0=float(lambda0), k=float(k), distribution=distribution,
                 distribution_options=dict(distribution_options or {}), boundary=boundary,
                 activation=activation, act_outer=act_outer, init=init)
     adaptive = architectures.from_plain(model, data, cell, seed=seed, adaptive_channels=adaptive_channels,
                                         channels_lam0=channels_lambda0)
+    if share_width_distribution:
+        _share(adaptive)
     if disable_adaptation:
         for s in collect_sites(adaptive):
             s.scale.adapt = False
             s.scale.dist.requires_grad_(False)
     summary: dict[str, Any] = {
         "distribution": distribution, "lambda0": lambda0, "k": k, "optimizer_mode": optimizer_mode,
+        "share_width_distribution": bool(share_width_distribution),
         "initial_widths": {s.name: s.width for s in collect_sites(adaptive)},
     }
     prior = ElboPrior(sigma_theta=sigma_theta, mu_lambda=mu, sigma_lambda=sigma_lam, n_observations=n_obs)

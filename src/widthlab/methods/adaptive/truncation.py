@@ -160,11 +160,18 @@ def truncation_curve(model: nn.Module, x, y: torch.Tensor, fractions: Sequence[f
 
 
 def removable_fraction(curve: list[dict], tolerance: float = 0.0) -> float:
-    """The largest removed fraction (1 - kept) whose metric stays within ``tolerance`` of the full model's
-    (the curve must contain kept fraction 1)."""
+    """The largest removed fraction r (1 - kept) such that *every* point of the curve that removes at
+    most r keeps its metric within ``tolerance`` of the full model's: the removable prefix of the curve,
+    walked from the full model towards smaller kept fractions and stopped at the first point that falls
+    short (a point further on that recovers does not count). The curve must contain kept fraction 1.
+    """
     full = next(r["metric"] for r in curve if math.isclose(r["kept_fraction"], 1.0))
-    ok = [1 - r["kept_fraction"] for r in curve if r["metric"] >= full - tolerance]
-    return max(ok) if ok else 0.0
+    removable = 0.0
+    for r in sorted(curve, key=lambda r: -r["kept_fraction"]):
+        if r["metric"] < full - tolerance:
+            break
+        removable = 1 - r["kept_fraction"]
+    return removable
 
 
 # --------------------------------------------------------------------------------------------- export
