@@ -175,11 +175,23 @@ class ResNet(nn.Module):
             self.fc = nn.Linear(c_in, config.num_classes)
         self._init_weights()
 
+    def init_law(self, module: nn.Module) -> str:
+        """The law this network draws a layer's weight from: ``"kaiming_normal_fan_out"``
+        (N(0, 2 / (k^2 C_out)), convs under ``kaiming_fan_out``), ``"kaiming_normal_fan_in"``
+        (N(0, 2 / fan_in), convs and Linears under ``kaiming_fan_in``) or ``"default"`` (PyTorch's
+        U(+-1/sqrt(fan_in))). Sparse members re-draw from the same law, fan-in corrected."""
+        if isinstance(module, nn.Conv2d) and self.config.init == "kaiming_fan_out":
+            return "kaiming_normal_fan_out"
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and self.config.init == "kaiming_fan_in":
+            return "kaiming_normal_fan_in"
+        return "default"
+
     def _init_weights(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) and self.config.init == "kaiming_fan_out":
+            law = self.init_law(m)
+            if law == "kaiming_normal_fan_out":
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.Conv2d, nn.Linear)) and self.config.init == "kaiming_fan_in":
+            elif law == "kaiming_normal_fan_in":
                 nn.init.kaiming_normal_(m.weight)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)

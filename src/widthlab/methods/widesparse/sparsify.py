@@ -31,6 +31,7 @@ from widthlab.nn.ntk import NTKLinear
 Init = Literal["fan_in_corrected", "rescale", "none"]
 SparseImpl = Literal["auto", "masked", "csr"]
 INITS = ("fan_in_corrected", "rescale", "none")
+INIT_LAWS = ("default", "kaiming_normal_fan_out", "kaiming_normal_fan_in")
 SPARSE_IMPLS = ("auto", "masked", "csr")
 _CSR_MODULE = "widthlab.nn.sparse_linear"
 # "auto" also needs the layer to be this large: below it the sparse kernels' per-call overhead loses
@@ -97,8 +98,10 @@ def sparsify(model: nn.Module, removals: Mapping[str, int], *, seed: int, io_onl
         seed: mask and init seed; each layer draws from its own generator seeded by (seed, name),
             so the same seed gives the same masks and weights.
         io_only: remove whole kernels, drawing over (out, in) channel pairs (spec §3.3 variant).
-        init: ``"fan_in_corrected"`` re-draws each sparsified layer's weight and bias from
-            U(+-1/sqrt(fan_in c_l)) (spec §3.4; NTK layers: N(0, 1/c_l) or U(+-1/sqrt(c_l)) by their
+        init: ``"fan_in_corrected"`` re-draws each sparsified layer's weight from the law the model
+            draws it from (:func:`init_law`), with the dense variance divided by c_l: PyTorch's
+            default gives U(+-1/sqrt(fan_in c_l)) for weight and bias (paper App. A), a Kaiming-normal
+            model N(0, 2 / (fan c_l)) (NTK layers: N(0, 1/c_l) or U(+-1/sqrt(c_l)) by their
             ``init``); ``"rescale"`` multiplies the existing weight by 1/sqrt(c_l), keeping the model's
             own init family (e.g. Kaiming) with the same variance correction; ``"none"`` only masks.
         sparse_impl: ``"masked"``; ``"csr"`` stores plain sparsified Linears as CSR (error without
@@ -141,7 +144,8 @@ def sparsify(model: nn.Module, removals: Mapping[str, int], *, seed: int, io_onl
         mask = random_mask(shape, k, generator=layer_generator(seed, name, MASK_STREAM), io_only=io_only)
         k_actual = N - int(mask.sum())
         c = 1.0 - k_actual / N
-        reinit_(layer, c, mode=init, generator=layer_generator(seed, name, INIT_STREAM))
+        reinit_(layer, c, mode=init, generator=layer_generator(seed, name, INIT_STREAM),
+                law=init_law(model, layer))
         new = to_masked(layer, mask)
         impl = "masked"
         if csr is not None and type(new) is MaskedLinear and \
@@ -165,16 +169,31 @@ def _load_csr(sparse_impl: str):
     return importlib.import_module(_CSR_MODULE)
 
 
+def init_law(model: nn.Module, layer: nn.Module) -> str:
+    """The law ``model`` initialises ``layer``'s weight with, one of :data:`INIT_LAWS`: the model's
+    own ``init_law(layer)`` where it declares one (widthlab ResNets), else ``"default"``."""
+    declared = getattr(model, "init_law", None)
+    law = declared(layer) if callable(declared) else "default"
+    if law not in INIT_LAWS:
+        raise ValueError(f"{type(model).__name__}.init_law gave {law!r}; known: {', '.join(INIT_LAWS)}")
+    return law
+
+
 @torch.no_grad()
 def reinit_(layer: nn.Module, c: float, *, mode: Init = "fan_in_corrected",
-            generator: torch.Generator | None = None) -> None:
-    """Re-initialise a layer about to keep a fraction ``c`` of its weights (spec §3.4).
+            generator: torch.Generator | None = None, law: str = "default") -> None:
+    """Re-initialise a layer about to keep a fraction ``c`` of its weights (paper App. A).
 
-    ``fan_in_corrected``: PyTorch's default bound 1/sqrt(fan_in) with the effective fan-in
-    fan_in c_l in its place, for the whole weight and the bias; the masked entries are zeroed later,
-    so the free weights have std 1/sqrt(3 fan_in c_l) and pre-activations keep the dense variance.
-    NTK layers (spec §6.2) carry the 1/sqrt(fan_in) in their forward; their O(1) weights get variance
-    1/c_l instead (N(0, 1/c_l), or U(+-1/sqrt(c_l)) as the official code draws), bias untouched.
+    ``fan_in_corrected``: the dense layer's law with the effective fan-in fan_in c_l in place of
+    fan_in, i.e. its variance divided by c_l, so that pre-activations keep the dense variance once
+    the masked entries are zeroed. For ``law="default"`` (PyTorch's U(+-1/sqrt(fan_in))) the bound
+    becomes 1/sqrt(fan_in c_l), for the whole weight and the bias (the official code's rule): free
+    weights have std 1/sqrt(3 fan_in c_l). For ``"kaiming_normal_fan_out"`` / ``"kaiming_normal_fan_in"``
+    the weight is drawn from N(0, 2 / (fan c_l)) with fan = k^2 C_out or fan_in; the bias (if any) keeps
+    its dense draw, as the Kaiming-initialised dense model keeps it.
+    NTK layers (paper App. A, the Fig. 8 MLP) carry the 1/sqrt(fan_in) in their forward; their O(1)
+    weights get variance 1/c_l instead (N(0, 1/c_l), or U(+-1/sqrt(c_l)) as the official code draws),
+    bias untouched.
 
     Args:
         layer: a Linear/Conv2d/NTKLinear (or masked) layer.
@@ -200,6 +219,12 @@ def reinit_(layer: nn.Module, c: float, *, mode: Init = "fan_in_corrected",
             W.copy_(torch.empty(W.shape).uniform_(-b, b, generator=generator))
         return
     fan_in = W[0].numel()  # in_features, or (in_channels / groups) * kh * kw
+    if law not in INIT_LAWS:
+        raise ValueError(f"law must be one of {', '.join(INIT_LAWS)}; got {law!r}")
+    if law != "default":
+        fan = W.shape[0] * W[0, 0].numel() if law == "kaiming_normal_fan_out" else fan_in  # k^2 C_out
+        W.copy_(torch.randn(W.shape, generator=generator) * math.sqrt(2.0 / (fan * c)))
+        return
     b = 1.0 / math.sqrt(fan_in * c)
     W.copy_(torch.empty(W.shape).uniform_(-b, b, generator=generator))
     if getattr(layer, "bias", None) is not None:
