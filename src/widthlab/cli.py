@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="(re)write DIR/report.html and DIR/report.md from DIR/results.sqlite")
     rep.add_argument("dir", type=Path)
+    rep.add_argument("--rebuild", action="store_true",
+                     help="rebuild a damaged DIR/results.sqlite from the run folders (runs/*/config.yaml, "
+                     "metrics.jsonl, result.json) first; the damaged file is kept as results.sqlite.damaged")
 
     k = sub.add_parser("kernel", help="distance of a sparse 1-hidden-layer ReLU net's GP kernel to the "
                        "infinite-width kernel (Theorem 1 of Golubeva et al. 2021)")
@@ -138,17 +141,20 @@ def cmd_run(args) -> int:
 
     from widthlab.studies.executor import run_study
     from widthlab.studies.load import load_study, study_device
+    from widthlab.studies.outdir import job_lock
     from widthlab.train.distributed import init_from_env
 
     spec = load_study(args.study, args.overrides)
     # Under torchrun (WORLD_SIZE > 1) every rank joins the process group and trains data-parallel.
     ctx = init_from_env(torch.device(study_device(spec)))
     t0 = time.perf_counter()
-    outcome = run_study(spec, args.out, workers=args.workers, resume=args.resume, quiet=args.quiet,
-                        executor=args.executor, address=args.address, runs_root=args.checkpoint_dir)
-    if not ctx.is_main:
-        return 0
-    _finish_study(args.out, not args.no_report, args.quiet)
+    # One driver per output folder, for the driver's whole life (rank 0 of a torchrun job holds it).
+    with job_lock(args.out, ctx):
+        outcome = run_study(spec, args.out, workers=args.workers, resume=args.resume, quiet=args.quiet,
+                            executor=args.executor, address=args.address, runs_root=args.checkpoint_dir)
+        if not ctx.is_main:
+            return 0
+        _finish_study(args.out, not args.no_report, args.quiet)
     if not args.quiet:
         print(f"{len(outcome.summaries)} run(s) in {time.perf_counter() - t0:.1f}s "
               f"({len(outcome.failed)} failed, {outcome.skipped} kept from before)")
@@ -158,26 +164,46 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from widthlab.studies.executor import run_study
     from widthlab.studies.load import load_study
+    from widthlab.studies.outdir import driver_lock
 
     spec = load_study(DEMO_STUDY)
     print(f"widthlab demo: {spec.description.strip().splitlines()[0]}")
     print(f"output: {args.out}")
     t0 = time.perf_counter()
-    outcome = run_study(spec, args.out, workers=args.workers, resume=True)
-    _finish_study(args.out, True, False)
+    with driver_lock(args.out):
+        outcome = run_study(spec, args.out, workers=args.workers, resume=True)
+        _finish_study(args.out, True, False)
     print(f"demo finished in {time.perf_counter() - t0:.1f}s")
     return 1 if outcome.failed else 0
 
 
 def cmd_report(args) -> int:
     from widthlab.report import write_report
+    from widthlab.studies.runner import final_model_problem
     from widthlab.studies.store import ResultStore
 
+    if not args.dir.is_dir():
+        raise UsageError(f"{args.dir}: no such folder")
+    if args.rebuild:
+        from widthlab.studies.rebuild import rebuild_store
+
+        count, moved = rebuild_store(args.dir)
+        kept = f"; the damaged database is kept as {moved}" if moved else ""
+        print(f"rebuilt {args.dir / 'results.sqlite'} from {count} run folder(s){kept}", file=sys.stderr)
     with ResultStore(args.dir, create=False) as store:
+        store.check_integrity()
         store.write_summary()
+        runs = store.runs()
+    damaged = 0
+    for r in runs:
+        problem = final_model_problem(args.dir / "runs" / r["run_id"]) if r["status"] == "done" else None
+        if problem:
+            damaged += 1
+            print(f"widthlab report: warning: run {r['run_id']}: {problem}; `widthlab run ... --out "
+                  f"{args.dir} --resume` writes it again", file=sys.stderr)
     html, md = write_report(args.dir)
     print(f"{html}\n{md}")
-    return 0
+    return 1 if damaged else 0
 
 
 def cmd_kernel(args) -> int:
@@ -251,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    import sqlite3
+
     from widthlab.studies.load import StudyError
     from widthlab.train.checkpoint import CheckpointError
 
@@ -258,11 +286,36 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (UsageError, StudyError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"widthlab {args.command}: error: {msg}", file=sys.stderr)
+        print(f"widthlab {args.command}: error: {cap_message(msg)}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.Error) as e:  # a path that is not a folder, a read-only disk, ...
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"widthlab {args.command}: error: {cap_message(where + text)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"widthlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("WIDTHLAB_TRACEBACK"):
+            raise
+        print(f"widthlab {args.command}: internal error: {type(e).__name__}: {cap_message(str(e))} (set "
+              "WIDTHLAB_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        return 1
+
+
+MAX_LINE = 500
+MAX_LINES = 40
+
+
+def cap_message(msg: str) -> str:
+    """An error message as printed: each line at most MAX_LINE characters, at most MAX_LINES lines."""
+    lines = str(msg).splitlines() or [""]
+    out = [ln if len(ln) <= MAX_LINE else ln[:MAX_LINE] + f"... ({len(ln) - MAX_LINE} more characters)"
+           for ln in lines[:MAX_LINES]]
+    if len(lines) > MAX_LINES:
+        out.append(f"... ({len(lines) - MAX_LINES} more lines)")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -115,22 +115,36 @@ def _check_own(name: str, p: inspect.Parameter, value: object) -> None:
         raise ValueError(f"dataset {name!r}: option {p.name}={value!r} is invalid; expected {want}")
 
 
+def check_dataset_options(name: str, options: dict) -> None:
+    """Raise ValueError (naming the option) for an option of dataset ``name`` that loading would refuse,
+    without reading any file: what a study checks when it is loaded."""
+    DATASETS.get(name)
+    loader, _ = _LOADERS[name]
+    params = inspect.signature(loader).parameters
+    _check_options(name, params, [p for p in params if p != "seed"],
+                   {k: v for k, v in options.items() if v is not None})
+
+
+def _check_options(name: str, params, own: list[str], options: dict) -> None:
+    unknown = sorted(set(options) - set(COMMON_OPTIONS) - set(own))
+    if unknown:
+        raise ValueError(f"dataset {name!r} has no option {unknown[0]!r}; its options are: "
+                         f"{', '.join(sorted([*COMMON_OPTIONS, *own]))}")
+    for p in own:
+        if p in options:
+            _check_own(name, params[p], options[p])
+        elif params[p].default is inspect.Parameter.empty:
+            raise ValueError(f"dataset {name!r} needs option {p!r}")
+    _check_common(name, options)
+
+
 def _factory(name: str, loader: Callable[..., Source], defaults: dict) -> Callable[..., TaskData]:
     params = inspect.signature(loader).parameters
     own = [p for p in params if p != "seed"]
 
     def factory(**options) -> TaskData:
         options = {k: v for k, v in options.items() if v is not None}
-        unknown = sorted(set(options) - set(COMMON_OPTIONS) - set(own))
-        if unknown:
-            raise ValueError(f"dataset {name!r} has no option {unknown[0]!r}; its options are: "
-                             f"{', '.join(sorted([*COMMON_OPTIONS, *own]))}")
-        for p in own:
-            if p in options:
-                _check_own(name, params[p], options[p])
-            elif params[p].default is inspect.Parameter.empty:
-                raise ValueError(f"dataset {name!r} needs option {p!r}")
-        _check_common(name, options)
+        _check_options(name, params, own, options)
         common = {k: options.pop(k) for k in COMMON_OPTIONS if k in options}
         seed = int(common.pop("seed", defaults["seed"]))
         if "seed" in params:

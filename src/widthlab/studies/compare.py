@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from widthlab.studies.schema import StudySpec, distinct_seeds
+from widthlab.studies.schema import Seed, StudySpec, distinct_seeds
 
 # The roles of compare runs, recorded in each run's config and summary.
 SEARCH, SINGLE = "search", "single"
@@ -70,7 +70,7 @@ class CompareSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     kind: Literal["compare"] = "compare"
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     train: dict[str, Any] = {}
     tasks: dict[str, TaskEntry] = Field(min_length=1)
     methods: dict[str, MethodEntry] = Field(min_length=1)

@@ -1,26 +1,30 @@
 """Run a study's runs: in this process (1 worker) or in N spawned worker processes.
 
 Each worker process runs one run at a time with ``cores // workers`` torch threads, so that two
-workers on two cores do not oversubscribe. Workers write their own rows to the WAL-mode database and
-send progress messages to the driver through a queue; the driver prints them and notices a worker
-that died without recording its run (it marks that run failed). A failing run never stops the study.
+workers on two cores do not oversubscribe. The driver holds the output folder's lock for its whole
+life and hands runs out from one queue; workers write their own rows to the WAL-mode database and send
+progress messages back through their pipes. A worker that dies takes only its run in flight with it
+(marked failed); the runs it never started go to the surviving workers. A failing run never stops the
+study.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from widthlab.studies.load import RunSpec, StudyError, expand_runs
-from widthlab.studies.runner import execute_run
+from widthlab.studies.outdir import job_lock
+from widthlab.studies.runner import execute_run, final_model_problem
 from widthlab.studies.schema import StudySpec
-from widthlab.studies.store import ResultStore
+from widthlab.studies.store import ResultStore, StoreError
 from widthlab.train import distributed
 
 
@@ -74,6 +78,9 @@ class ProgressPrinter:
                 label = self.running.get(msg["run_id"], msg["run_id"])
                 self._print(f"{self._counts()} {label}: epoch {msg['epoch']}/{msg['epochs']} {metric}",
                             live=True)
+        elif kind == "note":
+            label = self.running.get(msg["run_id"], msg["run_id"])
+            self._print(f"{label}: {msg['text']}")
         elif kind == "end":
             label = self.running.pop(msg["run_id"], msg["run_id"])
             s = msg.get("summary") or {}
@@ -89,42 +96,61 @@ class ProgressPrinter:
                 self._print(f"{self._counts()} FAILED {label} ({msg['run_id']}): {msg.get('error')}")
 
 
-def _worker_main(runs: list[RunSpec], out_dir: str, resume: bool, threads: int, q, driver: int) -> None:
-    """Entry of a spawned worker: run each assigned run, reporting through ``q``.
+def _worker_main(conn, out_dir: str, resume: bool, threads: int, driver: int) -> None:
+    """Entry of a spawned worker: ask the driver for a run, execute it, report through ``conn``; repeat.
 
-    A worker whose driver died (killed with SIGKILL, say: daemonic children are only reaped on a clean
-    exit) stops at its next progress message, at most an epoch later, instead of training on unseen;
-    its run stays ``running`` in the database and ``--resume`` restarts it from its checkpoint.
+    Runs come one at a time from the driver's single queue, so a run no worker has started yet goes to
+    whichever worker is free, and a dead worker takes only its run in flight with it. A worker whose
+    driver died (SIGKILL: daemonic children are only reaped on a clean exit) stops at its next message,
+    at most an epoch later; its run stays ``running`` and ``--resume`` restarts it from its checkpoint.
     """
     def report(msg: dict[str, Any]) -> None:
         if os.getppid() != driver:
             os._exit(3)
-        q.put(msg)
+        conn.send(msg)
 
-    for run in runs:
-        if os.getppid() != driver:
-            os._exit(3)
+    while True:
+        report({"kind": "ready"})
+        run = conn.recv()
+        if run is None:
+            return
         execute_run(run, Path(out_dir), resume=resume, progress=report, num_threads=threads)
 
 
 def plan_runs(spec: StudySpec, out_dir: Path, resume: bool) -> tuple[list[RunSpec], int]:
-    """Which runs to execute; refuses to mix a new study into an output directory that holds results."""
+    """Which runs to execute; refuses to mix a new study into an output directory that holds results.
+
+    Runs of the folder that never finished (pending, running, failed) and that the study no longer has
+    (a corrected option value changes the run ids) are dropped, so fixing a bad value and running again
+    on the same ``--out`` works; finished runs the study no longer has are refused.
+    """
     runs = expand_runs(spec)
     db = out_dir / "results.sqlite"
     if not db.exists():
         return runs, 0
     with ResultStore(out_dir) as store:
+        store.check_integrity()
         known = {r["run_id"]: r["status"] for r in store.runs()}
-    if known and not resume:
-        raise StudyError(f"{out_dir} already holds results of {len(known)} run(s); use --resume to continue "
-                         f"that study or choose another --out (nothing was changed)")
-    # Resuming may add runs (a longer sweep) but not leave old ones behind: the report would mix them
-    # in (a comparison would even charge a search for them).
-    stale = set(known) - {r.run_id for r in runs}
-    if stale:
-        raise StudyError(f"{out_dir} holds {len(stale)} run(s) that this study no longer has (its settings "
-                         f"changed); choose another --out (nothing was changed)")
-    todo = [r for r in runs if known.get(r.run_id) != "done"]
+        wanted = {r.run_id for r in runs}
+        done = {k for k, v in known.items() if v == "done"}
+        if done and not resume:
+            raise StudyError(f"{out_dir} already holds results of {len(known)} run(s); use --resume to "
+                             f"continue that study or choose another --out (nothing was changed)")
+        # Resuming may add runs (a longer sweep) but not leave finished ones behind: the report would mix
+        # them in (a comparison would even charge a search for them).
+        stale = done - wanted
+        if stale:
+            raise StudyError(f"{out_dir} holds {len(stale)} finished run(s) that this study no longer has "
+                             f"(its settings changed); choose another --out (nothing was changed)")
+        unfinished = set(known) - wanted
+        if unfinished:
+            store.delete_runs(sorted(unfinished))
+        damaged = [r.run_id for r in runs if known.get(r.run_id) == "done"
+                   and final_model_problem(out_dir / "runs" / r.run_id) is not None]
+    for run_id in damaged:
+        problem = final_model_problem(out_dir / "runs" / run_id)
+        sys.stderr.write(f"resume: run {run_id}: {problem}; running it again\n")
+    todo = [r for r in runs if known.get(r.run_id) != "done" or r.run_id in damaged]
     return todo, len(runs) - len(todo)
 
 
@@ -148,16 +174,26 @@ def run_study(spec: StudySpec, out_dir: str | Path, *, workers: int = 1, resume:
     ctx = distributed.current()
     if ctx.active and (workers != 1 or executor != "local"):
         raise StudyError("under torchrun every rank trains the same run: use --workers 1 --executor local")
+    if executor == "local" and runs_root is not None:
+        raise StudyError("--checkpoint-dir is for --executor ray; local runs keep checkpoints in DIR/runs")
+    with job_lock(out_dir, ctx):
+        return _run_study_locked(spec, out_dir, ctx, workers=workers, resume=resume, stream=stream,
+                                 quiet=quiet, executor=executor, address=address, runs_root=runs_root,
+                                 ray_init=ray_init)
+
+
+def _run_study_locked(spec: StudySpec, out_dir: Path, ctx, *, workers: int, resume: bool,
+                      stream: TextIO | None, quiet: bool, executor: str, address: str | None,
+                      runs_root: str | Path | None, ray_init: dict | None) -> StudyOutcome:
     plan: tuple | None = None
     if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         try:
             plan = plan_runs(spec, out_dir, resume)
             with ResultStore(out_dir) as store:
                 for r in expand_runs(spec):
                     store.register(r.run_id, r.study, r.position, r.config())
                 store.write_summary()
-        except StudyError as e:
+        except (StudyError, StoreError) as e:
             plan = ("error", str(e))
     # Rank 0 decides which runs to execute (it alone reads and writes the database).
     plan = ctx.broadcast_object(plan)
@@ -176,8 +212,6 @@ def run_study(spec: StudySpec, out_dir: str | Path, *, workers: int = 1, resume:
                                             runs_root=Path(runs_root) if runs_root else None,
                                             init_kwargs=ray_init))
         return outcome
-    if runs_root is not None:
-        raise StudyError("--checkpoint-dir is for --executor ray; local runs keep checkpoints in DIR/runs")
     cores = os.cpu_count() or 1
     threads = max(1, cores // min(workers, max(len(todo), 1)))
     if workers == 1 or len(todo) <= 1:
@@ -189,36 +223,64 @@ def run_study(spec: StudySpec, out_dir: str | Path, *, workers: int = 1, resume:
     return outcome
 
 
+def unstarted(q: deque) -> set[str]:
+    return {r.run_id for r in q}
+
+
 def _run_parallel(todo: list[RunSpec], out_dir: Path, workers: int, resume: bool, threads: int,
                   printer: ProgressPrinter) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
-    q = ctx.Queue()
-    shards = [todo[i::workers] for i in range(workers)]
-    procs = [ctx.Process(target=_worker_main, args=(shard, str(out_dir), resume, threads, q, os.getpid()),
-                         daemon=True) for shard in shards if shard]
-    for p in procs:
+    """Hand the runs out one at a time from one queue to ``workers`` spawned processes.
+
+    Each worker has its own pipe (no lock shared between processes, so a worker killed mid-message
+    cannot block the others); the driver waits on every pipe and every process at once.
+    """
+    mpctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
+    queue_ = deque(todo)
+    workers_: dict[Any, dict[str, Any]] = {}
+    for _ in range(min(workers, len(todo))):
+        parent, child = mpctx.Pipe()
+        p = mpctx.Process(target=_worker_main, args=(child, str(out_dir), resume, threads, os.getpid()),
+                          daemon=True)
         p.start()
+        child.close()
+        workers_[parent] = {"proc": p, "run": None}
     summaries: dict[str, dict[str, Any]] = {}
-    pending = {r.run_id for r in todo}
-    while pending:
-        try:
-            msg = q.get(timeout=0.5)
-        except queue.Empty:
-            if all(not p.is_alive() for p in procs):
-                break
-            continue
-        printer(msg)
-        if msg["kind"] == "end":
-            pending.discard(msg["run_id"])
-            summaries[msg["run_id"]] = msg["summary"]
-    for p in procs:
-        p.join()
-    if pending:  # a worker died (killed, out of memory) without recording these runs
-        codes = ", ".join(str(p.exitcode) for p in procs if p.exitcode)
+    lost: dict[str, int | None] = {}  # run id -> exit code of the worker that died running it
+    while workers_:
+        mp_connection.wait([*workers_, *(w["proc"].sentinel for w in workers_.values())],
+                           timeout=0.5)
+        for conn in list(workers_):
+            w = workers_[conn]
+            alive = w["proc"].is_alive()  # before draining: a dead worker's last messages are all there
+            try:
+                while conn.poll():
+                    msg = conn.recv()
+                    if msg["kind"] == "ready":
+                        w["run"] = queue_.popleft() if queue_ else None
+                        conn.send(w["run"])
+                        continue
+                    printer(msg)
+                    if msg["kind"] == "end":
+                        summaries[msg["run_id"]] = msg["summary"]
+                        w["run"] = None
+            except (EOFError, OSError):
+                alive = False
+            if not alive:
+                w["proc"].join(timeout=5)
+                if w["run"] is not None and w["run"].run_id not in summaries:
+                    lost[w["run"].run_id] = w["proc"].exitcode
+                conn.close()
+                del workers_[conn]
+    # Runs a dead worker had in flight, and (if every worker died) runs nobody started.
+    for run in queue_:
+        lost.setdefault(run.run_id, None)
+    if lost:
         with ResultStore(out_dir) as store:
-            for run_id in pending:
+            for run_id, code in lost.items():
                 if store.status(run_id) in ("running", "pending"):
-                    err = f"worker process died (exit code {codes or '?'}) before the run finished"
+                    err = (f"worker process died (exit code {code if code is not None else '?'}) before the "
+                           "run finished" if run_id not in unstarted(queue_)
+                           else "not run: every worker process died before it started")
                     store.finish(run_id, "failed", {"run_id": run_id, "status": "failed", "error": err},
                                  error=err)
                     printer({"kind": "end", "run_id": run_id, "status": "failed", "error": err})

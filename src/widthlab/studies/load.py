@@ -29,6 +29,72 @@ class StudyError(ValueError):
 
 
 BUILTIN_PACKAGE = "widthlab.studies.builtin"
+QUOTE_LIMIT = 200  # characters of an offending value an error message quotes
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters (an alias bomb's value would be megabytes)."""
+    text = _bounded_repr(value, limit + 1)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _bounded_repr(value: Any, budget: int) -> str:
+    """repr that stops once ``budget`` characters are produced (never expands a huge nested value)."""
+    if isinstance(value, (list, tuple, dict)):
+        items = value.items() if isinstance(value, dict) else value
+        open_, close = ("{", "}") if isinstance(value, dict) else ("[", "]") if isinstance(value, list) \
+            else ("(", ")")
+        parts, used = [], 1
+        for item in items:
+            text = (f"{_bounded_repr(item[0], budget)}: {_bounded_repr(item[1], budget)}"
+                    if isinstance(value, dict) else _bounded_repr(item, budget))
+            parts.append(text)
+            used += len(text) + 2
+            if used > budget:
+                break
+        return open_ + ", ".join(parts) + close
+    text = repr(value)
+    return text[:budget]
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a repeated key (naming its line) instead of
+    silently keeping the last value."""
+
+
+def _construct_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: let PyYAML report it
+            continue
+        line = key_node.start_mark.line + 1
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {quote(key, 60)} (first on line {first})",
+                key_node.start_mark)
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load``, refusing duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line, without the quoted source snippet PyYAML appends."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem:
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{problem}{where}"
+    return " ".join(str(e).split())[:QUOTE_LIMIT]
 
 
 def builtin_studies() -> dict[str, Path]:
@@ -40,8 +106,8 @@ def builtin_studies() -> dict[str, Path]:
 def study_headline(path: Path) -> str:
     """The study's one-line description (its ``description``'s first line)."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+        raw = yaml_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
         return "(unreadable YAML)"
     return str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
 
@@ -55,7 +121,8 @@ def _format_validation(source: str, err: ValidationError) -> str:
             msg = "unknown key"
         got = e.get("input")
         hide = e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
-        shown = "" if hide else f" (got {got!r})"
+        shown = "" if hide else f" (got {quote(got)})"
+        msg = msg if len(msg) <= 2 * QUOTE_LIMIT else msg[:2 * QUOTE_LIMIT] + "..."
         lines.append(f"{source}: {loc or '<top>'}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -69,9 +136,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise StudyError(f"override {text!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise StudyError(f"override {text!r}: value is not valid YAML ({e})") from None
+        raise StudyError(f"override {quote(text)}: value is not valid YAML ({_yaml_problem(e)})") from None
     return key, value
 
 
@@ -112,9 +179,16 @@ def read_study_file(ref: str) -> tuple[dict, str]:
     if not path.is_file():
         raise StudyError(f"{path}: study file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StudyError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         "save the study file as UTF-8") from None
+    except OSError as e:
+        raise StudyError(f"{path}: cannot read the study file ({e.strerror or e})") from None
+    try:
+        raw = yaml_load(text)
     except yaml.YAMLError as e:
-        raise StudyError(f"{path}: invalid YAML: {e}") from None
+        raise StudyError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: a study file must be a YAML mapping, got {type(raw).__name__}")
     return raw, str(path)
@@ -239,7 +313,8 @@ def _check_options(source: str, section: str, kind: str, name: str, given: list[
 
 
 def check_components(spec: StudySpec, source: str) -> None:
-    """Names and option keys of data, model and method exist (values are checked when built)."""
+    """Names and option keys of data, model and method exist, and their values pass the checks that
+    building them would make (:mod:`widthlab.studies.validate`)."""
     from widthlab.data.registry import DATASETS, dataset_options
     from widthlab.models import list_models, model_options
     from widthlab.studies.methods import METHODS, method_options
@@ -260,6 +335,9 @@ def check_components(spec: StudySpec, source: str) -> None:
                          f"known: {', '.join(METHODS.names())}")
     _check_options(source, "method", "method", spec.method.name, list(spec.method.options()),
                    method_options(spec.method.name))
+    from widthlab.studies.validate import check_values
+
+    check_values(spec, source)
 
 
 def dump_yaml(obj: Any) -> str:

@@ -6,6 +6,8 @@ objects (``TaskData``, modules, ``TrainConfig``).
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -19,10 +21,11 @@ from widthlab.models import create_model
 from widthlab.models.counting import count_nonzero_weights, count_parameters, count_weights
 from widthlab.studies.load import RunSpec, dump_yaml
 from widthlab.studies.methods import build_method, model_width_used
-from widthlab.studies.store import BufferedRecords, ResultStore
+from widthlab.studies.store import BufferedRecords, ResultStore, dumps
+from widthlab.train import checkpoint as ckpt
 from widthlab.train import distributed
 from widthlab.train.compute import ComputeMeter
-from widthlab.train.trainer import Trainer, seed_everything
+from widthlab.train.trainer import CHECKPOINT, FINAL, Trainer, seed_everything
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -119,6 +122,8 @@ def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: 
     store = records if records is not None else ResultStore(out_dir)
     store.register(run.run_id, run.study, run.position, run.config())
     store.mark_running(run.run_id)
+    if main:
+        write_run_record(run_dir, run, {"status": "running", "error": None})
     if progress:
         progress({"kind": "start", "run_id": run.run_id, "label": run_label(run), "seed": run.seed})
     _warm_up()
@@ -144,27 +149,70 @@ def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: 
             train_cfg = type(train_cfg)(**{**train_cfg.__dict__, "num_threads": num_threads})
         recorder = EpochRecorder(store, run.run_id, progress, train_cfg.epochs)
         meter = ComputeMeter()
-        trainer = Trainer(model, data, train_cfg, [*plan.callbacks, meter, recorder], run_dir=run_dir)
+        trainer = Trainer(model, data, train_cfg, [*plan.callbacks, meter, recorder], run_dir=run_dir,
+                          identity={"run_id": run.run_id})
+        if resume and main:  # say what happens to a damaged checkpoint before training starts
+            expect = {**trainer.identity, "epochs": train_cfg.epochs}
+            notes = ckpt.prepare_resume(run_dir / CHECKPOINT, expect)
+            for note in notes:
+                if progress:
+                    progress({"kind": "note", "run_id": run.run_id, "text": note})
+            if notes:
+                summary["resume_note"] = "; ".join(notes)
         result = trainer.fit(resume=resume)
         summary.update(fit_summary(result, model, data.task))
         summary.update(meter.metrics(trainer))
         summary.update(plan.summary)
-        summary["wall_seconds"] = time.perf_counter() - t0
+        summary["wall_seconds"] = time.perf_counter() - t0 + trainer.wall_before
+        if main and (run_dir / FINAL).is_file():
+            summary["final_sha256"] = ckpt.file_sha256(run_dir / FINAL)
         store.finish(run.run_id, result.status, summary, error=result.error,
                      wall_seconds=summary["wall_seconds"])
         summary["status"], summary["error"] = result.status, result.error
     except Exception as e:  # any failure is recorded and the sweep goes on
         (run_dir / "error.log").write_text(traceback.format_exc())
-        msg = f"{type(e).__name__}: {e}"
+        msg = str(e) if isinstance(e, ckpt.CheckpointError) else f"{type(e).__name__}: {e}"
+        msg = msg if len(msg) <= 2000 else msg[:2000] + "..."
         summary.update(status="failed", error=msg, wall_seconds=time.perf_counter() - t0)
         store.finish(run.run_id, "failed", summary, error=msg, wall_seconds=summary["wall_seconds"])
     finally:
+        if main:
+            write_run_record(run_dir, run, summary)
         store.write_summary()
         store.close()
     if progress:
         progress({"kind": "end", "run_id": run.run_id, "status": summary["status"], "error": summary["error"],
                   "summary": summary})
     return summary
+
+
+RUN_RECORD = "result.json"
+
+
+def write_run_record(run_dir: Path, run: RunSpec, summary: dict[str, Any]) -> None:
+    """``runs/<id>/result.json``: the run's study, position, status and summary, so that the run folders
+    alone can rebuild a damaged ``results.sqlite`` (``widthlab report DIR --rebuild``)."""
+    record = {"run_id": run.run_id, "study": run.study, "position": run.position,
+              "status": summary.get("status", "running"), "error": summary.get("error"),
+              "wall_seconds": summary.get("wall_seconds"), "summary": summary}
+    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_RECORD}.", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(dumps(record))
+        os.replace(tmp, run_dir / RUN_RECORD)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def final_model_problem(run_dir: Path) -> str | None:
+    """Why a finished run's final model ``runs/<id>/final.pt`` is not the file that was written (None if
+    it is, or if no checksum was recorded for it)."""
+    problem = ckpt.checksum_problem(run_dir / FINAL)
+    if problem is None:
+        return None
+    what = "missing" if "missing" in problem else "damaged (its checksum differs from the recorded one)"
+    return f"final model {run_dir / FINAL} is {what}"
 
 
 def base_summary(run: RunSpec) -> dict[str, Any]:

@@ -18,15 +18,38 @@ checked against the component's own signature when the study is resolved (see ``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from widthlab.train.config import OptimConfig, ScheduleConfig, TrainConfig
 
 
+def _no_bool(kind: str):
+    def check(v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"expected {kind}, got a boolean")
+        return v
+    return BeforeValidator(check)
+
+
+def _whole(v: Any) -> Any:
+    """YAML ``5.0`` may stand for 5; ``5.5`` may not be truncated to 5."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+# Numbers of a study file: a boolean is not a number (``epochs: true`` is refused, not read as 1), and
+# floats must be finite (``lr: .inf`` is refused like ``.nan``).
+Int = Annotated[int, Field(strict=True), BeforeValidator(_whole), _no_bool("an integer")]
+Float = Annotated[float, Field(allow_inf_nan=False), _no_bool("a number")]
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch's generators take any of these
+Seed = Annotated[int, Field(strict=True, ge=0, le=SEED_MAX), BeforeValidator(_whole), _no_bool("an integer")]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class _Component(BaseModel):
@@ -44,8 +67,8 @@ class DataSpec(_Component):
 
 
 class ModelSpec(_Component):
-    width: int | None = Field(default=None, ge=1)
-    widths: list[int] | None = None
+    width: Int | None = Field(default=None, ge=1)
+    widths: list[Int] | None = None
 
     @field_validator("widths")
     @classmethod
@@ -67,12 +90,12 @@ class MethodSpec(_Component):
 
 class OptimSpec(_Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(default=0.1, gt=0)
-    momentum: float = Field(default=0.0, ge=0, lt=1)
+    lr: Float = Field(default=0.1, gt=0)
+    momentum: Float = Field(default=0.0, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: Float = Field(default=0.0, ge=0)
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    eps: Float = Field(default=1e-8, gt=0)
     amsgrad: bool = False
 
     @model_validator(mode="after")
@@ -84,33 +107,33 @@ class OptimSpec(_Strict):
 
 class ScheduleSpec(_Strict):
     name: Literal["constant", "multistep", "cosine", "onecycle", "plateau"] = "constant"
-    milestones: list[int] = []
-    gamma: float = Field(default=0.1, gt=0)
-    min_lr: float = Field(default=0.0, ge=0)
-    pct_start: float = Field(default=0.3, gt=0, lt=1)
-    factor: float = Field(default=0.1, gt=0, lt=1)
-    patience: int = Field(default=10, ge=0)
+    milestones: list[Int] = []
+    gamma: Float = Field(default=0.1, gt=0)
+    min_lr: Float = Field(default=0.0, ge=0)
+    pct_start: Float = Field(default=0.3, gt=0, lt=1)
+    factor: Float = Field(default=0.1, gt=0, lt=1)
+    patience: Int = Field(default=10, ge=0)
 
 
 class TrainSpec(_Strict):
-    epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=128, ge=1)
-    eval_batch_size: int = Field(default=1024, ge=1)
+    epochs: Int = Field(default=10, ge=1)
+    batch_size: Int = Field(default=128, ge=1)
+    eval_batch_size: Int = Field(default=1024, ge=1)
     optimizer: OptimSpec = OptimSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     loss: Literal["auto", "cross_entropy", "mse", "half_sse"] = "auto"
-    grad_clip: float | None = Field(default=None, gt=0)
-    early_stopping: int | None = Field(default=None, ge=1)
+    grad_clip: Float | None = Field(default=None, gt=0)
+    early_stopping: Int | None = Field(default=None, ge=1)
     monitor: str = "auto"
     select_best: bool = True
     eval_test_every_epoch: bool = True
     device: str = "cpu"
     amp: Literal["none", "fp16", "bf16"] = "none"
     deterministic: bool = False
-    num_threads: int | None = Field(default=None, ge=1)
-    checkpoint_every: int = Field(default=1, ge=0)
+    num_threads: Int | None = Field(default=None, ge=1)
+    checkpoint_every: Int = Field(default=1, ge=0)
     tensorboard: bool | None = None
-    max_steps: int | None = Field(default=None, ge=1)
+    max_steps: Int | None = Field(default=None, ge=1)
 
     @field_validator("device")
     @classmethod
@@ -141,7 +164,7 @@ class StudySpec(_Strict):
     model: ModelSpec
     method: MethodSpec = MethodSpec()
     train: TrainSpec = TrainSpec()
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     sweep: dict[str, list[Any]] = {}
 
     @field_validator("sweep")

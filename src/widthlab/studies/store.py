@@ -18,6 +18,7 @@ Schema (the report reads only this):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -61,6 +62,27 @@ def dumps(obj: Any) -> str:
     return json.dumps(_clean(obj), sort_keys=True)
 
 
+class StoreError(ValueError):
+    """``results.sqlite`` cannot be used (damaged, not a database, unwritable); says what to do."""
+
+
+def _damaged(path: Path, detail: str) -> StoreError:
+    return StoreError(f"{path}: the results database is damaged ({detail}); rebuild it from the run "
+                      f"folders with `widthlab report {path.parent} --rebuild` (the damaged file is kept "
+                      "next to it)")
+
+
+def _guarded(fn):
+    """Turn a SQLite error inside a store method into one :class:`StoreError` line naming the file."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kw):
+        try:
+            return fn(self, *args, **kw)
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
+    return wrapper
+
+
 class ResultStore:
     """Read/write access to ``DIR/results.sqlite``; open one per process."""
 
@@ -69,14 +91,42 @@ class ResultStore:
         self.path = self.out_dir / DB_NAME
         if not create and not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no results database here (run a study with --out first)")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        self.conn.execute("PRAGMA busy_timeout = 60000")
+        if self.path.exists() and not self.path.is_file():
+            raise StoreError(f"{self.path}: is a folder, not a results database; move it away")
         try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.out_dir}: cannot create the folder ({e.strerror or e})") from None
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: cannot open the results database ({e})") from None
+        try:
+            self.conn.execute("PRAGMA busy_timeout = 60000")
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"{self.path}: not a readable widthlab results database ({e})") from None
+            self.conn.close()
+            if "malformed" in str(e) or "corrupt" in str(e):
+                raise _damaged(self.path, str(e)) from None
+            if "readonly" in str(e) or "read-only" in str(e) or "unable to open" in str(e):
+                raise StoreError(f"{self.path}: cannot write the results database ({e})") from None
+            raise StoreError(f"{self.path}: not a readable widthlab results database ({e}); move it away, "
+                             f"or rebuild it from the run folders with `widthlab report {self.out_dir} "
+                             "--rebuild`") from None
+
+    def _error(self, e: sqlite3.DatabaseError) -> StoreError:
+        text = str(e)
+        if "malformed" in text or "corrupt" in text or not isinstance(e, sqlite3.OperationalError):
+            return _damaged(self.path, text)
+        return StoreError(f"{self.path}: {text}")
+
+    @_guarded
+    def check_integrity(self) -> None:
+        """Raise :class:`StoreError` unless SQLite's integrity check passes (every page is read)."""
+        rows = [r[0] for r in self.conn.execute("PRAGMA integrity_check").fetchall()]
+        if rows != ["ok"]:
+            raise _damaged(self.path, "; ".join(map(str, rows[:3])) + (" ..." if len(rows) > 3 else ""))
 
     def close(self) -> None:
         self.conn.close()
@@ -87,6 +137,7 @@ class ResultStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @_guarded
     def _write(self, sql: str, args: Iterable[Any] = ()) -> None:
         # BEGIN IMMEDIATE takes the write lock up front, so concurrent writers queue on busy_timeout
         # instead of failing half-way through a transaction.
@@ -127,8 +178,15 @@ class ResultStore:
         self._write("UPDATE runs SET status=?, error=?, summary=?, finished_at=?, wall_seconds=? "
                     "WHERE run_id=?", (status, error, dumps(summary), time.time(), wall_seconds, run_id))
 
+    def delete_runs(self, run_ids: list[str]) -> None:
+        """Forget runs (a study corrected after they failed no longer has them)."""
+        for run_id in run_ids:
+            for table in ("epochs", "events", "runs"):
+                self._write(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+
     # ------------------------------------------------------------------ reads
 
+    @_guarded
     def runs(self, study: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT run_id, study, position, status, error, config, summary, wall_seconds FROM runs"
         args: tuple = ()
@@ -143,14 +201,17 @@ class ResultStore:
                         "wall_seconds": wall})
         return out
 
+    @_guarded
     def status(self, run_id: str) -> str | None:
         row = self.conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return row[0] if row else None
 
+    @_guarded
     def epochs(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT metrics FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,))
         return [json.loads(m) for (m,) in rows.fetchall()]
 
+    @_guarded
     def events(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT epoch, step, kind, detail FROM events WHERE run_id=? ORDER BY rowid",
                                  (run_id,)).fetchall()

@@ -92,11 +92,13 @@ class Trainer:
         run_dir: where ``checkpoint.pt``, ``final.pt``, ``metrics.jsonl`` and TensorBoard logs go
             (None: nothing is written).
         label: prefix for progress lines (e.g. the run id).
+        identity: what a checkpoint of this fit belongs to (e.g. ``{"run_id": ...}``); recorded in every
+            checkpoint with the model's architecture, and a resume refuses a checkpoint of another one.
     """
 
     def __init__(self, model: nn.Module, data: TaskData, config: TrainConfig,
                  callbacks: Sequence[Any] = (), run_dir: str | Path | None = None, label: str = "",
-                 stream=None):
+                 stream=None, identity: dict[str, Any] | None = None):
         self.cfg = config
         self.data = data
         self.callbacks = list(callbacks)
@@ -109,6 +111,10 @@ class Trainer:
             raise ValueError(f"train.amp={config.amp!r} needs a CUDA device "
                              f"(train.device is {config.device!r})")
         self.model = model.to(self.device)
+        self.identity = {**(identity or {}), "architecture": ckpt.architecture(self.model)}
+        self.resume_notes: list[str] = []
+        self.wall_before = 0.0  # seconds spent in earlier sessions of a resumed fit
+        self._t0 = time.perf_counter()
         self.classification = data.task == "classification"
         self.loss_kind = config.loss if config.loss != "auto" else (
             "cross_entropy" if self.classification else "mse")
@@ -179,7 +185,8 @@ class Trainer:
         changed = False
         for ev in events:
             if ev and self.optimizer is not None:
-                remap_optimizer(self.optimizer, ev, mode=ev.optimizer_mode or "keep")
+                remap_optimizer(self.optimizer, ev, mode=ev.optimizer_mode or "keep",
+                                fill=getattr(ev, "optimizer_fill", None))
             changed = changed or bool(ev)
         if changed:
             self._rewrap()
@@ -317,14 +324,27 @@ class Trainer:
             "history": self.history,
             "best": self._best,
             "bad_epochs": self._bad_epochs,
+            "identity": self.identity,
+            "wall_seconds": self.wall_before + time.perf_counter() - self._t0,
         }
 
     def save_checkpoint(self) -> None:
         if self.run_dir is not None and self.dist.is_main:
-            ckpt.atomic_save(self._checkpoint_payload(), self.run_dir / CHECKPOINT)
+            ckpt.atomic_save(self._checkpoint_payload(), self.run_dir / CHECKPOINT, keep_previous=True)
 
     def _resume(self, path: Path) -> None:
-        state = ckpt.load_file(path)
+        state = ckpt.load_file(path, expect={**self.identity, "epochs": self.cfg.epochs})
+        ckpt.check_payload(state, path)
+        try:
+            self._restore_checkpoint(state)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"checkpoint {path}: {e}") if str(path) not in str(e) else e from None
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            what = f"missing entry {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise ckpt.CheckpointError(f"checkpoint {path}: does not fit this run ({ckpt._short(what)})"
+                                       ) from None
+
+    def _restore_checkpoint(self, state: dict[str, Any]) -> None:
         self._load_callback_states(state["callbacks"])
         ckpt.load_model_state(self.model, state["model"])
         self.model.to(self.device)
@@ -342,13 +362,15 @@ class Trainer:
         self.history = list(state["history"])
         self._best = state["best"]
         self._bad_epochs = int(state["bad_epochs"])
+        wall = state.get("wall_seconds")
+        self.wall_before = float(wall) if isinstance(wall, (int, float)) and wall >= 0 else 0.0
         self.resumed = True
         self.metrics_log.rewrite(self.history)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self, resume: bool = False) -> FitResult:
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         if self.cfg.amp == "fp16":
@@ -358,6 +380,10 @@ class Trainer:
         tb = TensorBoard(self.run_dir / "tensorboard" if self.run_dir else None, self.cfg.tensorboard)
         self.dispatch("on_fit_start")
         ck = self.run_dir / CHECKPOINT if self.run_dir else None
+        if resume and ck is not None:
+            self.resume_notes += ckpt.prepare_resume(ck, {**self.identity, "epochs": self.cfg.epochs})
+            for note in self.resume_notes:
+                self.progress.message(note)
         if resume and ck is not None and ck.is_file():
             self._resume(ck)
             self.progress.message(f"resumed from {ck} at epoch {self.epoch}")
@@ -376,7 +402,7 @@ class Trainer:
             status, error, stop_reason = "failed", str(e), "non-finite loss"
         finally:
             tb.close()
-        return self._finish(status, error, stop_reason, time.perf_counter() - t0)
+        return self._finish(status, error, stop_reason, self.wall_before + time.perf_counter() - t0)
 
     def _run_epoch(self, tb: TensorBoard) -> str | None:
         """Train one epoch and do the epoch-end bookkeeping; returns a stop reason or None."""
@@ -470,7 +496,8 @@ class Trainer:
             if self.run_dir is not None and self.dist.is_main:
                 ckpt.atomic_save({"format": 1, "model": {k: v.detach().cpu() for k, v in
                                                          self.model.state_dict().items()},
-                                  "callbacks": self._callback_states(), "epoch": self.epoch},
+                                  "callbacks": self._callback_states(), "epoch": self.epoch,
+                                  "identity": self.identity},
                                  self.run_dir / FINAL)
         return FitResult(status=status, error=error, epochs=self.epoch, best_epoch=best_epoch, final=final,
                          history=self.history, wall_seconds=wall, steps=self.step, stop_reason=stop_reason)

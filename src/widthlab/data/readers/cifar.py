@@ -27,7 +27,17 @@ except ImportError:  # numpy < 2
 # The only globals a CIFAR batch references: numpy's array reconstructor (module renamed in numpy 2),
 # the ndarray type and dtype. Everything else -- os.system, builtins.eval, ... -- is refused.
 _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"), ("numpy", "dtype")}
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+_LATIN1 = ("latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1")
+
+
+def _latin1_encode(text: object, encoding: object = "utf-8", errors: object = "strict") -> bytes:
+    """What ``_codecs.encode`` does in a protocol-2 pickle written by Python 3: a bytes object stored as
+    ``encode(str, 'latin1')``. Only that: a str and the latin-1 codec (no other codec runs)."""
+    if not isinstance(text, str) or not isinstance(encoding, str) or encoding.lower() not in _LATIN1 \
+            or errors != "strict":
+        raise RefusedGlobal(f"refused _codecs.encode with codec {encoding!r} (only latin-1 text is allowed)")
+    return text.encode("latin-1")
 
 LAYOUTS = {
     "cifar10": {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
@@ -47,6 +57,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED:
             raise RefusedGlobal(f"refused global {module}.{name}")
         # Both module spellings map to the current home, avoiding the deprecated numpy.core alias.
+        if module == "_codecs":
+            return _latin1_encode
         return _reconstruct if name == "_reconstruct" else getattr(np, name)
 
 

@@ -9,6 +9,7 @@ labels 0x00000801 (uint8, N).
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def parse_idx(raw: bytes, where: str | Path) -> np.ndarray:
         raise ValueError(f"{where}: truncated header: {ndim} dimensions need {header} header bytes, "
                          f"file has {len(raw)}")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: huge dimensions cannot wrap around
     got = len(raw) - header
     if got != expected:
         problem = "truncated" if got < expected else "trailing bytes"

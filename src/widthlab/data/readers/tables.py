@@ -9,6 +9,7 @@ sorted order (numerically when every label is a number) and the original labels 
 from __future__ import annotations
 
 import csv
+import math
 import zipfile
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def read_npz(path: Path, x_key: str = "x", y_key: str = "y") -> tuple[np.ndarray
         raise ValueError(f"{path}: inputs {x_key!r} must be numeric, got dtype {x.dtype}")
     if x.ndim == 1:
         x = x[:, None]
+    check_finite(x, path, f"array {x_key!r}")
+    if y.dtype.kind in "f":
+        check_finite(y, path, f"array {y_key!r}")
     if len(x) != len(y):
         raise ValueError(f"{path}: {len(x)} inputs in {x_key!r} but {len(y)} targets in {y_key!r}")
     return x, y
@@ -67,13 +71,34 @@ def read_csv(path: Path, target: str = "target", delimiter: str = ",") -> tuple[
         y.append(row[t].strip())
         for j, (i, cell) in enumerate((i, c) for i, c in enumerate(row) if i != t):
             try:
-                x[line - 2, j] = float(cell)
+                value = float(cell)
             except ValueError:
-                raise ValueError(f"{path}: line {line}, column {header[i]!r}: cannot parse {cell!r} "
+                raise ValueError(f"{path}: line {line}, column {header[i]!r}: cannot parse {cell[:40]!r} "
                                  f"as a number") from None
+            if not math.isfinite(value) or abs(value) > _F32_MAX:
+                raise ValueError(f"{path}: line {line}, column {header[i]!r}: non-finite value "
+                                 f"{cell.strip()[:40]!r} (NaN, infinity and numbers beyond float32 are "
+                                 "not allowed)")
+            x[line - 2, j] = value
     if len(y) == 0:
         raise ValueError(f"{path}: header only, no data rows")
     return x, np.array(y), features
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_finite(a: np.ndarray, path: Path, what: str) -> None:
+    """Refuse NaN/inf in a numeric array, naming the file, the row (0-based) and the column."""
+    if a.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(a)
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        row = int(where[0])
+        col = f", column {','.join(str(int(i)) for i in where[1:])}" if len(where) > 1 else ""
+        raise ValueError(f"{path}: {what}: non-finite value {a[tuple(where)]!r} at row {row}{col} "
+                         f"({int(bad.sum())} non-finite value(s); NaN and infinity are not allowed)")
 
 
 def _numeric(y: np.ndarray) -> np.ndarray | None:
@@ -156,4 +181,5 @@ def _regression(y: np.ndarray, where) -> np.ndarray:
     num = _numeric(y)
     if num is None:
         raise ValueError(f"{where}: regression targets must be numbers")
+    check_finite(num.reshape(len(num), -1), Path(where), "targets")
     return num.astype(np.float32).reshape(len(num), -1)
