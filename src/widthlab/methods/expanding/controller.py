@@ -38,7 +38,21 @@ from widthlab.methods.expanding.insertion import full_rank, insert_layer, insert
 from widthlab.methods.expanding.natural_gradient import GaussNewtonOperator, conjugate_gradient
 from widthlab.nn.resize import ResizeEvent
 
-__all__ = ["Candidate", "ExpansionConfig", "ExpansionController"]
+__all__ = ["Candidate", "ExpansionConfig", "ExpansionController", "ExpansionEvent"]
+
+
+# Adam's second moment of new units starts at 1, as the official self-expanding (CNN) code does: with
+# v = 0 the first update of a unit with a small gradient g is lr·(1−β1)g/√((1−β2)g²) ≈ 3.2·lr, a jump no
+# old weight makes; with v = 1 it is about lr·(1−β1)|g| and grows as v adapts.
+NEW_UNIT_FILL = {"exp_avg_sq": 1.0, "max_exp_avg_sq": 1.0}
+
+
+@dataclass(frozen=True)
+class ExpansionEvent(ResizeEvent):
+    """A resize event that also says what optimizer state new units start from (``remap_optimizer``'s
+    ``fill``, read by the trainer): first moments 0, second moments 1."""
+
+    optimizer_fill: dict[str, float] = field(default_factory=lambda: dict(NEW_UNIT_FILL))
 
 
 @dataclass
@@ -91,6 +105,7 @@ class ExpansionController:
         self._last: dict[str, float] = {}
         self._epochs_seen = 0  # epochs finished in this fit (tells a resume from a select_best restore)
         self._commits: list[Candidate] = []  # what the last event inserted (broadcast under DDP)
+        self._rooms: dict[tuple[str, str], float] = {}  # absolute-score normaliser per site, per event
 
     # ------------------------------------------------------------------------------- hooks
 
@@ -204,14 +219,13 @@ class ExpansionController:
         was_training = model.training
         model.eval()
         events: list[ResizeEvent] = []
-        added_layer = False
         cache: dict[int, Candidate] = {}  # evaluated width candidates by hidden layer
         record: dict[str, Any] = {"epoch": int(trainer.epoch), "additions": []}
         self._commits = []
+        self._rooms = {}
         while len(events) < self.cfg.max_additions:
             # The CG solve is needed for the depth (and "natural" width) residual; η_global is logged once.
-            natural = (not events or self._depth_allowed(model, added_layer)
-                       or self.cfg.width_residual == "natural")
+            natural = not events or self._depth_allowed(model) or self.cfg.width_residual == "natural"
             ctx = self._observe(model, x, y, natural)
             if not events:
                 record.update(eta_global=ctx.eta_global, loss_sqnorm=float(ctx.obs.loss_sqnorm))
@@ -220,15 +234,16 @@ class ExpansionController:
             # scores are unchanged, so their evaluated candidates are kept (the "natural" residual moves
             # with the natural gradient, so it is always re-scored).
             todo = []
+            stop = self._cap_stop()
             for i in range(model.depth):
-                if model.hidden_widths()[i] >= self._cap(i):
+                if model.hidden_widths()[i] >= self._cap(i) - stop:
                     cache.pop(i, None)
                 elif i not in cache or self.cfg.width_residual == "natural":
                     todo.append(i)
             if todo:
                 cache.update(self._width_candidates(model, ctx, todo))
             cands = list(cache.values())
-            if self._depth_allowed(model, added_layer):
+            if self._depth_allowed(model):
                 cands.append(self._depth_candidate(model, ctx))
             passing = [c for c in cands if c is not None and c.passes]
             self._last = {"eta_global": record["eta_global"], **self._candidate_metrics(ctx, cands)}
@@ -240,16 +255,20 @@ class ExpansionController:
             record["additions"].append({"kind": best.kind, "index": best.index, "delta": best.delta,
                                         "rel": best.rel, "abs": best.abs})
             if best.kind == "depth":
-                added_layer = True
+                self.layer_cd = self.cfg.layer_cooldown  # no further layer in this event unless 0
                 self.layers_added += 1
                 cache.clear()  # layer indices shifted
+                self._rooms = {}  # new sites: their room is measured afresh
             else:
                 self.neurons_added += 1
                 cache.pop(best.index, None)
                 cache.pop(best.index + 1, None)
             if not self.cfg.recursive:
                 break
-        self.layer_cd = self.cfg.layer_cooldown if added_layer else self.layer_cd - 1
+        # The official loop sets the cooldown when it inserts a layer and counts it down at the end of
+        # every event, the inserting one included: L = layer_cooldown blocks the next L - 1 events.
+        if self.layer_cd > 0:
+            self.layer_cd -= 1
         model.train(was_training)
         self.events += 1
         dt = time.perf_counter() - t0
@@ -258,12 +277,16 @@ class ExpansionController:
         self.log.append(record)
         return events
 
-    def _depth_allowed(self, model: nn.Module, added_layer: bool) -> bool:
+    def _depth_allowed(self, model: nn.Module) -> bool:
         """A layer may be added after the cooldown, below the depth cap, if its width k (the output
         layer's fan-in) fits the cap of its position."""
         p = model.depth
-        return (getattr(model, "supports_depth", False) and not added_layer and self.layer_cd <= 0
+        return (getattr(model, "supports_depth", False) and self.layer_cd <= 0
                 and p < len(self.cfg.max_widths) and model.layers[p].in_features <= self._cap(p))
+
+    def _cap_stop(self) -> int:
+        """1 with ``stop_below_cap`` (the official loop proposes width only while content < capacity − 1)."""
+        return 1 if self.cfg.stop_below_cap else 0
 
     def _cap(self, i: int) -> int:
         caps = self.cfg.max_widths
@@ -317,8 +340,9 @@ class ExpansionController:
             r_perp = {k: scores.residual_rows(lay.a_rows, e, A_pinv,
                                               kfac.gradient_from_rows(lay.a_rows, e, obs.n), f.t)
                       for k, e in lay.e_rows.items()}
-            per_layer[name] = {"G_inv": G_inv, "eta": float(scores.layer_eta(gbar, A_pinv, G_inv)),
-                               "r_perp": r_perp}
+            # η_layer inverts G undamped, as the official layer_baseline does; only Δη′ uses the damped G.
+            eta = scores.layer_eta(gbar, A_pinv, scores.psd_pinv(f.G))
+            per_layer[name] = {"G_inv": G_inv, "eta": float(eta), "r_perp": r_perp, "t": f.t}
         return _Context(obs, eta_global, per_layer, bound)
 
     # ------------------------------------------------------------------------------- propose/evaluate
@@ -327,13 +351,29 @@ class ExpansionController:
         info = ctx.per_layer[consumer]
         # A layer with (almost) no gradient left would make s = Δη′/η explode: floor η on the loss scale.
         eta = max(info["eta"], 1e-8 * float(ctx.obs.loss_sqnorm), 1e-30)
-        return unit_score.Site(h.reshape(h.shape[0], -1), info["r_perp"][residual], info["G_inv"], eta)
+        r_perp = info["r_perp"][residual]
+        if (consumer, residual) not in self._rooms:  # measured once per event (see _room)
+            self._rooms[(consumer, residual)] = scores.room(r_perp, info["G_inv"], ctx.obs.n, info["t"])
+        return unit_score.Site(h.reshape(h.shape[0], -1), r_perp, info["G_inv"], eta)
 
-    def _search(self, fn, theta0: torch.Tensor, mask: torch.Tensor | None = None) -> proposals.RefineResult:
+    def _abs_norm(self, ctx: _Context, consumer: str, residual: str) -> float:
+        """Denominator of the absolute score (``ExpansionConfig.abs_normalizer``)."""
+        if self.cfg.abs_normalizer == "room":
+            return float(self._rooms[(consumer, residual)])
+        return ctx.bound
+
+    def _search(self, fn, theta0: torch.Tensor, mask: torch.Tensor | None = None, groups: int = 1
+                ) -> proposals.RefineResult:
         cfg = self.cfg
+        temperature: float | torch.Tensor = cfg.temperature
+        if cfg.refine == "mala":
+            temperature = cfg.mala_temperature
+            if temperature is None:
+                s0 = fn(theta0).detach()
+                temperature = proposals.auto_temperature(s0, groups, cfg.mala_temperature_ratio)
         res = proposals.refine(fn, theta0, cfg.refine, generator=self.generator,
                                mala_variant=cfg.mala_variant, bursts=cfg.mala_bursts, steps=cfg.mala_steps,
-                               step_size=cfg.mala_step_size, temperature=cfg.temperature,
+                               step_size=cfg.mala_step_size, temperature=temperature,
                                ascent_steps=cfg.ascent_steps, ascent_lr=cfg.ascent_lr, mask=mask)
         res.score = torch.where(torch.isfinite(res.score), res.score, torch.zeros_like(res.score))
         return res
@@ -351,15 +391,15 @@ class ExpansionController:
         theta0 = torch.cat([fn.pad_rows(proposals.random_candidates(lay, count, generator=self.generator,
                                                                     dtype=dtype, device=device), i)
                             for i, lay in enumerate(fn.layouts)])
-        res = self._search(fn, theta0, fn.mask(theta0.shape[0]))
+        res = self._search(fn, theta0, fn.mask(theta0.shape[0]), groups=len(places))
         out = []
-        for i, ((index, _, _), site) in enumerate(zip(places, sites)):
+        for i, ((index, consumer, _), site) in enumerate(zip(places, sites)):
             rows = slice(i * count, (i + 1) * count)
-            j = proposals.select(res.score[rows], cfg.selection, cfg.temperature, self.generator)
-            theta = fn.unpad_rows(res.theta[rows][j:j + 1].detach().to(torch.float64), i)[0]
-            exact = unit_score.UnitScore(k, [site], ctx.obs.n, jitter=1e-10)(theta[None])[0]
-            out.append(self._candidate(ctx, kind, index, exact, res.score[rows][j], site.norm, theta,
-                                       fn.layouts[i]))
+            thetas = fn.unpad_rows(res.theta[rows].detach().to(torch.float64), i)
+            exact = unit_score.UnitScore(k, [site], ctx.obs.n, jitter=1e-10)(thetas)
+            exact = torch.where(torch.isfinite(exact), exact, res.score[rows].to(torch.float64))
+            out.append(self._candidate(ctx, kind, index, exact, site.norm, thetas, fn.layouts[i],
+                                       self._abs_norm(ctx, consumer, residual)))
         return out
 
     def _evaluate_channels(self, ctx: _Context, index: int, consumer: str, module: nn.Module, pool: bool,
@@ -381,22 +421,33 @@ class ExpansionController:
         theta0 = proposals.random_candidates(layout, cfg.proposals, generator=self.generator, dtype=dtype,
                                              device=h.device)
         res = self._search(fn, theta0)
-        j = proposals.select(res.score, cfg.selection, cfg.temperature, self.generator)
-        theta = res.theta[j].detach().to(torch.float64)
-        exact = make(torch.float64, 1e-10)(theta[None])[0]
-        return self._candidate(ctx, "width", index, exact, res.score[j], site.norm, theta, layout)
+        thetas = res.theta.detach().to(torch.float64)
+        exact = make(torch.float64, 1e-10)(thetas)
+        exact = torch.where(torch.isfinite(exact), exact, res.score.to(torch.float64))
+        return self._candidate(ctx, "width", index, exact, site.norm, thetas, layout,
+                               self._abs_norm(ctx, consumer, cfg.width_residual))
 
-    def _candidate(self, ctx: _Context, kind: str, index: int, exact: torch.Tensor, searched: torch.Tensor,
-                   eta: float, theta: torch.Tensor, layout: proposals.UnitLayout) -> Candidate:
-        """The thresholds of spec §2.3: Δη′/η_layer > τ and Δη′/E‖∇_yℓ‖² > α (depth: Δη′/layer_cost_mul)."""
+    def _candidate(self, ctx: _Context, kind: str, index: int, score: torch.Tensor, eta: float,
+                   thetas: torch.Tensor, layout: proposals.UnitLayout, abs_norm: float) -> Candidate:
+        """Choose one of the refined proposals and decide on it (Mitchell et al. 2023, §2.3 of our notes).
+
+        ``score`` (P,) holds every proposal's Δη′/η_layer, re-scored in float64. The proposal kept is the
+        best or a softmax(s/T) draw (``selection``); the decision score is, by default
+        (``decision="softmax_mean"``, as the official code does for every selection rule), the
+        softmax(s/T)-weighted mean of all proposals' scores, else (``"chosen"``) the kept one's own.
+        It passes if Δη′/η_layer > τ and Δη′/N > α, N the absolute normaliser (depth: Δη′/layer_cost_mul
+        against τ and α_layer).
+        """
         cfg = self.cfg
-        delta = float(exact) * eta if torch.isfinite(exact) else float(searched) * eta
+        j = proposals.select(score, cfg.selection, cfg.temperature, self.generator)
+        s = proposals.decision_score(score, cfg.temperature) if cfg.decision == "softmax_mean" else score[j]
+        delta = float(s) * eta
         if kind == "depth":
             delta /= cfg.layer_cost_mul
         alpha = cfg.alpha_layer if kind == "depth" else cfg.alpha
         rel = delta / eta
-        ab = delta / max(ctx.bound, 1e-30)
-        return Candidate(kind, index, delta, rel, ab, theta, layout,
+        ab = delta / max(abs_norm, 1e-30)
+        return Candidate(kind, index, delta, rel, ab, thetas[j], layout,
                          passes=bool(rel > cfg.tau and ab > alpha and math.isfinite(delta)))
 
     def _width_candidates(self, model: nn.Module, ctx: _Context, layers: list[int]) -> dict[int, Candidate]:
@@ -461,8 +512,8 @@ class ExpansionController:
             if not change <= self.cfg.check_tol:
                 raise RuntimeError(f"self-expansion: {ev.description} changed the loss by {change:.3g} "
                                    "(relative); insertion should preserve the function")
-        return ResizeEvent(ev.params, ev.added, ev.removed, ev.description, ev.widths,
-                           optimizer_mode=self.cfg.optimizer_mode)
+        return ExpansionEvent(ev.params, ev.added, ev.removed, ev.description, ev.widths,
+                              optimizer_mode=self.cfg.optimizer_mode)
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.cfg)

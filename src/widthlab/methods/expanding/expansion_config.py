@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from widthlab.methods.expanding import kfac, proposals
 
+ABS_NORMALIZERS = ("room", "sqnorm", "metric")
+DECISIONS = ("softmax_mean", "chosen")
+
 
 @dataclass(frozen=True)
 class ExpansionConfig:
@@ -19,7 +22,10 @@ class ExpansionConfig:
         proposals, layer_proposals: candidates drawn per layer and per event for width and for depth.
         refine: ``"mala"``, ``"ascent"`` or ``"none"``; ``mala_variant``: ``"correct"``, ``"official"``,
             ``"official_legacy"``; ``mala_bursts`` × ``mala_steps`` MALA steps from ``mala_step_size``.
-        temperature: T of the MALA target exp(s/T) and of ``selection="sample"``.
+        temperature: T of ``selection="sample"`` and of the softmax-mean decision score (official 1).
+        mala_temperature: T of the MALA target exp(s/T); None (default): ``mala_temperature_ratio`` ×
+            the best starting draw's score at the site (``proposals.auto_temperature``); the official
+            code uses ``temperature`` (give ``mala_temperature: 1.0``).
         selection: ``"argmax"`` or ``"sample"`` (∝ softmax(s/T)).
         output_metric, g_estimator: how G is formed (``kfac.g_cotangents``); ``g_damping`` its relative
             damping in the scores (official 0.1).
@@ -36,11 +42,17 @@ class ExpansionConfig:
         check_tol: largest relative loss change an insertion may cause before it is reported as a bug.
         search_dtype: precision of the proposal search (``"float32"`` or ``"float64"``); decisions always
             re-score the chosen candidate in float64.
-        abs_normalizer: denominator of the absolute score: ``"sqnorm"`` E‖∇_yℓ‖² (spec §2.3, official),
-            the bound of η under the identity metric; or ``"metric"`` E[∇ℓᵀH⁺∇ℓ], the bound of η under
-            ``output_metric`` (the same for ``identity``; for softmax cross-entropy with ``fisher`` it is
-            E[exp(ℓ) − 1] ≥ 2·E‖∇_yℓ‖², dominated by confidently wrong points). With the default fisher
-            metric only ``"metric"`` keeps the absolute score in [0, 1]; the default stays the spec's.
+        abs_normalizer: denominator of the absolute score. ``"room"`` (default): the consuming layer's
+            ρ = (T/N) tr(r_⊥ᵀ r_⊥ G⁻¹) measured before the event (``scores.room``), the largest Δη any
+            number of new units there can reach, so that with argmax selection the additions of one
+            event at one site have absolute scores summing to at most 1 and at most 1/α of them pass,
+            whatever the output metric and G estimator (the paper's rate bound). ``"sqnorm"``:
+            E‖∇_yℓ‖² (official), that bound only for the identity metric and the exact Fisher;
+            ``"metric"``: E[∇ℓᵀH⁺∇ℓ], the bound of the exact η under ``output_metric``.
+        decision: the score compared with τ and α: ``"softmax_mean"`` (default, official) the
+            softmax(s/T)-weighted mean of all proposals' scores; ``"chosen"`` the kept proposal's own.
+        stop_below_cap: stop width growth at max_width − 1 as the official loop does (content <
+            capacity − 1); the default grows up to max_width.
     """
 
     tau: float = 1.0
@@ -58,6 +70,8 @@ class ExpansionConfig:
     mala_steps: int = 10
     mala_step_size: float = 0.3
     temperature: float = 1.0
+    mala_temperature: float | None = None
+    mala_temperature_ratio: float = 0.1
     selection: str = "argmax"
     ascent_steps: int = 300
     ascent_lr: float = 0.03
@@ -78,7 +92,9 @@ class ExpansionConfig:
     optimizer_mode: str = "keep"
     check_tol: float = 1e-3
     search_dtype: str = "float32"
-    abs_normalizer: str = "sqnorm"
+    abs_normalizer: str = "room"
+    decision: str = "softmax_mean"
+    stop_below_cap: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "max_widths", tuple(int(w) for w in self.max_widths))
@@ -93,10 +109,13 @@ class ExpansionConfig:
             (self.cooldown >= 1 and self.layer_cooldown >= 0, "cooldown must be >= 1, layer_cooldown >= 0"),
             (self.proposals >= 1 and self.layer_proposals >= 1, "proposals must be >= 1"),
             (self.layer_cost_mul > 0 and self.temperature > 0, "layer_cost_mul and temperature must be > 0"),
+            ((self.mala_temperature is None or self.mala_temperature > 0) and self.mala_temperature_ratio > 0,
+             "mala_temperature and mala_temperature_ratio must be > 0"),
             (all(w >= 1 for w in self.max_widths), "max_widths must be positive"),
             (self.optimizer_mode in ("keep", "reset"), "optimizer_mode must be 'keep' or 'reset'"),
             (self.search_dtype in ("float32", "float64"), "search_dtype must be 'float32' or 'float64'"),
-            (self.abs_normalizer in ("metric", "sqnorm"), "abs_normalizer must be 'metric' or 'sqnorm'"),
+            (self.abs_normalizer in ABS_NORMALIZERS, f"abs_normalizer must be one of {ABS_NORMALIZERS}"),
+            (self.decision in DECISIONS, f"decision must be one of {DECISIONS}"),
         ]
         for ok, msg in checks:
             if not ok:

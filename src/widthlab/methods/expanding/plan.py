@@ -24,8 +24,10 @@ output metric              ``output_metric: fisher`` (loss GN)         ``identit
 proposal sampler           ``mala_variant: correct`` (MH-adjusted)     ``official`` / ``official_legacy``
 G factor of the scores     ``g_estimator: exact`` (metric square root) ``normalized`` (∇ℓ/‖∇ℓ‖, rank one)
 bias coordinate in A       ``bias_in_factors: true``                   ``false``
-absolute-score normaliser  ``abs_normalizer: sqnorm`` (= official;     same (``metric``: E[∇ℓᵀH⁺∇ℓ], the
-                           not in [0, 1] with the fisher metric)       bound of η under the fisher metric)
+absolute-score normaliser  ``abs_normalizer: room`` (the site's      ``sqnorm`` (E‖∇_yℓ‖²; ``metric``:
+                           largest possible Δη: ≤ 1/α additions)       E[∇ℓᵀH⁺∇ℓ])
+decision score             ``decision: softmax_mean`` (= official)     same (``chosen``: the kept one's)
+width cap                  ``stop_below_cap: false`` (up to the cap)   ``true`` (stops at cap − 1)
 inserted layer             ``layer_init: identity`` (exact)            ``basis`` (B⁺ basis change)
 =========================  ==========================================  ====================================
 
@@ -134,6 +136,8 @@ def build(
     mala_steps: int = 10,
     mala_step_size: float = 0.3,
     temperature: float = 1.0,
+    mala_temperature: float | None = None,
+    mala_temperature_ratio: float = 0.1,
     selection: str = "argmax",
     ascent_steps: int = 300,
     ascent_lr: float = 0.03,
@@ -148,7 +152,9 @@ def build(
     recursive: bool = True,
     max_additions: int = 64,
     eta_maxiter: int = 100,
-    abs_normalizer: str = "sqnorm",
+    abs_normalizer: str = "room",
+    decision: str = "softmax_mean",
+    stop_below_cap: bool = False,
 ) -> MethodPlan:
     """Build the self-expanding method (specs/senn.md §2): expandable MLP, optimizer hook, controller.
 
@@ -201,12 +207,14 @@ def build(
         tau=tau, alpha=alpha, alpha_layer=alpha_layer, cooldown=cooldown, layer_cooldown=layer_cooldown,
         layer_cost_mul=layer_cost_mul, max_widths=tuple(max_widths), proposals=proposals,
         layer_proposals=layer_proposals, refine=refine, mala_variant=mala_variant, mala_bursts=mala_bursts,
-        mala_steps=mala_steps, mala_step_size=mala_step_size, temperature=temperature, selection=selection,
+        mala_steps=mala_steps, mala_step_size=mala_step_size, temperature=temperature,
+        mala_temperature=mala_temperature, mala_temperature_ratio=mala_temperature_ratio, selection=selection,
         ascent_steps=ascent_steps, ascent_lr=ascent_lr, output_metric=output_metric, g_estimator=g_estimator,
         g_damping=g_damping, bias=bias_in_factors, width_residual=width_residual, layer_init=layer_init,
         score_batch=score_batch, expand_at_start=expand_at_start, expand_at_end=expand_at_end,
         recursive=recursive, max_additions=max_additions, eta_maxiter=eta_maxiter,
-        abs_normalizer=abs_normalizer, eta_damping=damping if optimizer == "cg" else 0.1,
+        abs_normalizer=abs_normalizer, decision=decision, stop_below_cap=stop_below_cap,
+        eta_damping=damping if optimizer == "cg" else 0.1,
         optimizer_mode="reset" if optimizer == "kfac" else "keep")
     summary: dict = {"start_widths": widths, "optimizer": optimizer}
     controller = ExpansionController(net, config, loss, seed=seed, summary=summary)

@@ -19,7 +19,11 @@ Refinement (``refine=``):
   sampler, reproduced for comparison. Its drift uses +½∇s where Langevin needs ∇ log π ∝ +∇s, i.e. it
   *descends* the score; it proposes by a midpoint step and accepts with the heuristic probability
   min(1, exp(((ΔU_actual − ΔU_linear))/T)) instead of the Metropolis-Hastings ratio; the prior term is
-  θ²/σ² in U but θ/σ² in the drift (spec §2.3 "Bug"); ``official_legacy`` omits the /T.
+  θ²/σ² in U but θ/σ² in the drift; ``official_legacy`` omits the /T. Its gradient is half of ∂s/∂θ
+  and, because the code divides the correlation C by √η but not the residual it back-propagates, the
+  residual part of ∂s/∂f = (2/N)(r_⊥ − f M)G⁻¹Mᵀ/η is √η times too large; both are reproduced for MLP
+  units (:meth:`~.unit_score.UnitScore.official_value_and_grad`; autograd score functions get the half
+  only).
 * ``"ascent"``: Adam ascent on s(θ) (the spec's suggested replacement), keeping each candidate's best.
 * ``"none"``: the random draws as they are.
 
@@ -158,8 +162,17 @@ def unit_score_fn(features: Callable[[torch.Tensor], torch.Tensor], r_perp: torc
     return score
 
 
-def _value_and_grad(score_fn: ScoreFn, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(score_fn, "value_and_grad"):
+def _value_and_grad(score_fn: ScoreFn, theta: torch.Tensor, official: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """s(θ) and ∂s/∂θ; ``official``: the gradient the official sampler follows instead, see
+    :func:`official_gradient`."""
+    if official and hasattr(score_fn, "official_value_and_grad"):
+        s, g = score_fn.official_value_and_grad(theta.detach())
+        s = s.to(theta.dtype)
+    elif official:
+        s, g = _value_and_grad(score_fn, theta)
+        return s, 0.5 * g
+    elif hasattr(score_fn, "value_and_grad"):
         s, g = score_fn.value_and_grad(theta.detach())
         s = s.to(theta.dtype)
     else:
@@ -186,7 +199,7 @@ class RefineResult:
 
 def mala(score_fn: ScoreFn, theta: torch.Tensor, *, bursts: int = 300, steps: int = 10,
          step_size: float = 0.3,
-         temperature: float = 1.0, prior_var: float = 1.0, variant: str = "correct",
+         temperature: float | torch.Tensor = 1.0, prior_var: float = 1.0, variant: str = "correct",
          generator: torch.Generator | None = None, mask: torch.Tensor | None = None) -> RefineResult:
     """Refine P candidates by MALA (see the module docstring for the variants).
 
@@ -195,7 +208,7 @@ def mala(score_fn: ScoreFn, theta: torch.Tensor, *, bursts: int = 300, steps: in
         theta: (P, D) starting points.
         bursts, steps: ``bursts`` × ``steps`` MALA steps; the step size adapts after each burst.
         step_size: initial h (official 0.3).
-        temperature: T of exp(s/T).
+        temperature: T of exp(s/T): a number, or one per candidate (P,).
         prior_var: σ² of the Gaussian prior on every coordinate.
         variant: ``"correct"``, ``"official"`` or ``"official_legacy"``.
         generator: random source (proposal noise and acceptance).
@@ -206,7 +219,8 @@ def mala(score_fn: ScoreFn, theta: torch.Tensor, *, bursts: int = 300, steps: in
     step = _official_step if variant != "correct" else _correct_step
     h = torch.full((theta.shape[0],), float(step_size), dtype=theta.dtype, device=theta.device)
     noise = None if mask is None else mask.to(theta.dtype)
-    state = _State(theta.detach().clone(), *_value_and_grad(score_fn, theta))
+    state = _State(theta.detach().clone(), *_value_and_grad(score_fn, theta, official=variant != "correct"))
+    temperature = torch.as_tensor(temperature, dtype=theta.dtype, device=theta.device).expand(theta.shape[0])
     total_acc = torch.zeros((), dtype=theta.dtype, device=theta.device)  # no host sync in the loop
     for _ in range(bursts):
         acc = torch.zeros_like(h)
@@ -235,11 +249,12 @@ def _log_target(s, theta, temperature, prior_var):
 def _correct_step(score_fn, st: _State, h, temperature, prior_var, generator, legacy, mask=None):
     """θ' = θ + h∇log π(θ) + √(2h) ξ, accepted with the Metropolis-Hastings ratio."""
     hh = h[:, None]
-    drift = st.grad_s / temperature - st.theta / prior_var
+    tc = temperature[:, None]
+    drift = st.grad_s / tc - st.theta / prior_var
     xi = _randn(st.theta, generator, mask)
     prop = st.theta + hh * drift + (2 * hh).sqrt() * xi
     s_p, g_p = _value_and_grad(score_fn, prop)
-    drift_p = g_p / temperature - prop / prior_var
+    drift_p = g_p / tc - prop / prior_var
     log_q_fwd = -((prop - st.theta - hh * drift) ** 2).sum(1) / (4 * h)
     log_q_bwd = -((st.theta - prop - hh * drift_p) ** 2).sum(1) / (4 * h)
     log_alpha = (_log_target(s_p, prop, temperature, prior_var) + log_q_bwd
@@ -258,14 +273,19 @@ def _accept(st: _State, prop, s_p, g_p, log_alpha, h, generator) -> tuple[_State
 
 
 def _official_step(score_fn, st: _State, h, temperature, prior_var, generator, legacy, mask=None):
-    """The official mala_step, per candidate (spec §2.3): midpoint proposal, sign bug, heuristic accept."""
+    """The official mala_step, per candidate: midpoint proposal, sign bug, heuristic accept.
+
+    ``st.grad_s`` holds the official code's gradient (:func:`_value_and_grad` with ``official``): half
+    of ∂s/∂θ, with the residual part scaled by √η for :class:`~.unit_score.UnitScore`; it enters as
+    the code's "∇U" although U = −s (the sign bug).
+    """
     hh = h[:, None]
 
-    def grad_code(g_s):  # the code's "∇U": +½∇s (should be −∇s/T...)
-        return 0.5 * g_s
+    def grad_code(g_s):
+        return g_s
 
     def delta(theta, g, xi):
-        return -hh * (g / temperature + theta / prior_var) + (2 * hh).sqrt() * xi * prior_var ** 0.5
+        return -hh * (g / temperature[:, None] + theta / prior_var) + (2 * hh).sqrt() * xi * prior_var ** 0.5
 
     def reg_loss(s, theta):  # U = −s + Σθ²/σ²
         return -s + (theta * theta).sum(1) / prior_var
@@ -273,9 +293,9 @@ def _official_step(score_fn, st: _State, h, temperature, prior_var, generator, l
     xi = _randn(st.theta, generator, mask)
     g0 = grad_code(st.grad_s)
     half = st.theta + 0.5 * delta(st.theta, g0, xi)
-    _, g_half = _value_and_grad(score_fn, half)
+    _, g_half = _value_and_grad(score_fn, half, official=True)
     prop = st.theta + delta(half, grad_code(g_half), xi)
-    s_p, g_p = _value_and_grad(score_fn, prop)
+    s_p, g_p = _value_and_grad(score_fn, prop, official=True)
     mean_g = 0.5 * (g0 + grad_code(g_p))
     actual = reg_loss(st.s, st.theta) - reg_loss(s_p, prop)
     expected = -(mean_g * delta(st.theta, mean_g, xi)).sum(1)
@@ -307,7 +327,7 @@ def ascent(score_fn: ScoreFn, theta: torch.Tensor, *, steps: int = 300, lr: floa
 
 def refine(score_fn: ScoreFn, theta: torch.Tensor, method: str, *, generator: torch.Generator | None = None,
            mala_variant: str = "correct", bursts: int = 300, steps: int = 10, step_size: float = 0.3,
-           temperature: float = 1.0, ascent_steps: int = 300, ascent_lr: float = 0.03,
+           temperature: float | torch.Tensor = 1.0, ascent_steps: int = 300, ascent_lr: float = 0.03,
            mask: torch.Tensor | None = None) -> RefineResult:
     """Dispatch to :func:`mala`, :func:`ascent` or nothing (``"none"``)."""
     if method == "mala":
@@ -319,6 +339,29 @@ def refine(score_fn: ScoreFn, theta: torch.Tensor, method: str, *, generator: to
         s, _ = _value_and_grad(score_fn, theta)
         return RefineResult(theta, s)
     raise ValueError(f"refine must be one of {REFINES}, got {method!r}")
+
+
+def auto_temperature(score: torch.Tensor, groups: int, ratio: float = 0.1) -> torch.Tensor:
+    """Per-candidate MALA temperature: ``ratio`` × the best score among the starting draws of its group.
+
+    The scores s = Δη′/η_layer of random units are small and spread over orders of magnitude from one
+    layer and stage to the next; with a fixed T = 1 the target exp(s/T) is nearly flat and MALA samples
+    the N(0, I) prior (moons [4]: mean score 0.07 after 3000 steps at T = 1, against 1.97 at T = 0.03).
+    Scaling T to the best starting draw makes the target favour units scoring within a few tenths of
+    that draw or better, at every scale.
+    """
+    s = torch.where(torch.isfinite(score), score, torch.zeros_like(score)).reshape(groups, -1)
+    t = (s.max(1).values * ratio).clamp_min(torch.finfo(s.dtype).tiny)
+    return t.repeat_interleave(s.shape[1])
+
+
+def decision_score(score: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Σ_i softmax(s/T)_i s_i: the score the official code decides on (for either selection rule).
+
+    Between the mean (T → ∞) and the maximum (T → 0) of the proposals' scores: a single lucky proposal
+    among many poor ones does not carry the decision unless T is small against the spread of s.
+    """
+    return (torch.softmax(score / temperature, 0) * score).sum()
 
 
 def select(score: torch.Tensor, mode: str = "argmax", temperature: float = 1.0,

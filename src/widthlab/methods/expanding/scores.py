@@ -115,6 +115,19 @@ def delta_eta_lb_grad_f(f_rows: torch.Tensor, r_perp: torch.Tensor, G_inv: torch
     return (2.0 / n) * resid @ G_inv @ st.C.T @ P
 
 
+def room(r_perp: torch.Tensor, G_inv: torch.Tensor, n: int, t: int = 1) -> torch.Tensor:
+    """ρ = (T/N) tr(r_⊥ᵀ r_⊥ G⁻¹): the most that new units at this consumer can add to its η.
+
+    With P_f the projection onto the candidates' rows (sample space), C = fᵀr_⊥/N and A_f = fᵀf/(NT) give
+    Δη′ = (T/N) tr(r_⊥ᵀ P_f r_⊥ G⁻¹) ≤ ρ; and units added one after another raise η by exact K-FAC
+    increases Δη_j ≥ Δη′_j (Mitchell et al. 2023, Δη′ ≤ Δη) that together project r_⊥ onto a growing
+    subspace, so Σ_j Δη_j ≤ ρ. Normalised by the ρ measured before an event, the absolute scores of the
+    event's additions at one site therefore sum to at most 1: at most 1/α of them pass α (the paper's
+    bound on the rate of additions, here for the K-FAC statistics actually used, any output metric).
+    """
+    return (r_perp * (r_perp @ G_inv)).sum() * (t / n)
+
+
 def absolute_score(delta: torch.Tensor, loss_sqnorm: torch.Tensor) -> torch.Tensor:
     """Δη′ / E‖∇_y ℓ‖²: compared with α (spec §1, §2.3)."""
     return delta / loss_sqnorm.clamp_min(torch.finfo(loss_sqnorm.dtype).tiny)

@@ -145,8 +145,16 @@ class UnitScore:
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         return self._forward(theta)[0]
 
+    def official_value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """s and the gradient the official sampler follows: half of ∂s/∂θ with the residual term scaled
+        by √η (the code back-propagates A_f⁻¹ c G⁻¹ (r_⊥ − cᵀ A_f⁻¹ f) with c = C/√η)."""
+        s, g = self.value_and_grad(theta, residual_scale=self.norm.sqrt())
+        return s, 0.5 * g
+
     @torch.no_grad()
-    def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_grad(self, theta: torch.Tensor, residual_scale: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """s(θ) and ∂s/∂θ; ``residual_scale`` (per site) multiplies the r_⊥ term of ∂s/∂f."""
         L, k = self.sites, self.k
         P = theta.shape[0] // L
         s, (pre, den, pd, f, M, MG, q, nrm, a, b, e, v, c, l) = self._forward(theta)
@@ -156,6 +164,8 @@ class UnitScore:
         MGs = MG * scale
         MGM = (MGs.view(L * P, k, -1) @ M.transpose(1, 2))  # (L·P, k, k)
         gr = MGs @ self.rT  # (L, P·k, N)
+        if residual_scale is not None:
+            gr = gr * residual_scale.to(gr.dtype).view(L, 1, 1)
         if k == 1:
             gf = gr.addcmul_(MGM.view(L, P, 1), f, value=-1)
         else:
