@@ -1,0 +1,220 @@
+"""Width-site discovery with torch.fx on models that declare no width_sites(): what is found (asserted
+by module name), what is grouped or fixed and why, and that growing a discovered site preserves the
+function up to rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rounding import assert_equal_up_to_rounding, forward_magnitude
+from widthlab.models.mlp import mlp as builtin_mlp
+from widthlab.nn.discovery import DiscoveryError, discover, width_sites
+from widthlab.nn.surgery import resize_site
+
+
+def sequential_mlp():
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 12), nn.BatchNorm1d(12), nn.Tanh(),
+                         nn.Dropout(0.1), nn.Linear(12, 3))
+
+
+class Block(nn.Module):
+    """ResNet BasicBlock: conv-bn-relu-conv-bn, plus an identity or 1x1-conv shortcut."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-18-style: a stem and two stages of two BasicBlocks, global pool, linear classifier."""
+
+    def __init__(self, w=(8, 16), classes=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, w[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        self.layer1 = nn.Sequential(Block(w[0], w[0], 1), Block(w[0], w[0], 1))
+        self.layer2 = nn.Sequential(Block(w[0], w[1], 2), Block(w[1], w[1], 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(w[1], classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class EncoderBlock(nn.Module):
+    """A pre-norm Transformer encoder block between an input projection and a pooled classifier."""
+
+    def __init__(self, d_in=6, d=16, ff=32, heads=2, classes=3):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Dropout(0.0), nn.Linear(ff, d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # (B, T, d_in)
+        x = self.embed(x)
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.ff(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+class TwoTowers(nn.Module):
+    """A user-written forward: two towers summed, a mixer, and a concatenation feeding the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 10), nn.Linear(6, 10)
+        self.mix = nn.Linear(10, 8)
+        self.side = nn.Linear(6, 4)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = F.relu(self.a(x)) * 0.5 + torch.tanh(self.b(x))
+        h = F.silu(self.mix(h))
+        return self.out(torch.cat([h, self.side(x)], dim=1))
+
+
+def _names(sites):
+    return {s.name: (s.consumer_name, s.norm_names) for s in sites}
+
+
+def test_sequential_mlp():
+    found = discover(sequential_mlp(), torch.randn(4, 5))
+    assert _names(found.sites) == {"0": ("2", ()), "2": ("6", ("3",))}
+    assert not found.groups
+    assert [(f.producers, f.reasons) for f in found.fixed] == [(("6",), ("it is an output of the model",))]
+
+
+def test_residual_cnn_sites_groups_and_reasons():
+    found = discover(ResNet(), torch.randn(2, 3, 8, 8))
+    assert _names(found.sites) == {f"layer{s}.{b}.conv1": (f"layer{s}.{b}.conv2", (f"layer{s}.{b}.bn1",))
+                                   for s in (1, 2) for b in (0, 1)}
+    groups = {g.name: g for g in found.groups}
+    assert set(groups) == {"conv1+2", "layer2.0.conv2+2"}
+    stage1, stage2 = groups["conv1+2"], groups["layer2.0.conv2+2"]
+    assert set(stage1.producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}
+    assert set(stage1.consumers) == {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1",
+                                     "layer2.0.shortcut.0"}
+    assert set(stage1.norms) == {"bn1", "layer1.0.bn2", "layer1.1.bn2"}
+    assert set(stage2.producers) == {"layer2.0.conv2", "layer2.0.shortcut.0", "layer2.1.conv2"}
+    assert set(stage2.consumers) == {"layer2.1.conv1", "fc"}
+    assert all("residual addition" in r for g in found.groups for r in g.reasons)
+    with pytest.raises(DiscoveryError, match="tied to.*residual addition"):
+        found.site("layer1.0.conv2")
+
+
+def test_transformer_block_finds_the_feed_forward_width_and_fixes_the_model_width():
+    found = discover(EncoderBlock(), torch.randn(2, 5, 6))
+    assert _names(found.sites) == {"ff.0": ("ff.3", ())}
+    (model_dim,) = [f for f in found.fixed if "embed" in f.producers]
+    assert set(model_dim.producers) == {"embed", "ff.3"}
+    assert any("attn (MultiheadAttention)" in r for r in model_dim.reasons), model_dim.reasons
+    with pytest.raises(DiscoveryError, match="attn"):
+        found.site("embed")
+
+
+def test_custom_forward_groups_summed_towers_and_fixes_a_concatenation():
+    found = discover(TwoTowers(), torch.randn(3, 6))
+    assert _names(found.sites) == {}
+    (towers,) = found.groups
+    assert (towers.name, towers.producers, towers.consumers) == ("a+1", ("a", "b"), ("mix",))
+    fixed = {f.producers: f.reasons for f in found.fixed}
+    assert any("concatenated" in r for r in fixed[("mix",)])
+    assert any("concatenated" in r for r in fixed[("side",)])
+
+
+def test_tied_weights_are_fixed():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.dec.weight = self.enc.weight
+
+        def forward(self, x):
+            return self.out(torch.relu(self.dec(torch.relu(self.enc(x)))))
+
+    found = discover(Tied(), torch.randn(2, 4))
+    assert not found.sites
+    assert any("tied weights" in r for f in found.fixed for r in f.reasons)
+
+
+def test_data_dependent_control_flow_is_one_clear_error_naming_the_module():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.fc(x)
+            return -x
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Gate(), nn.Linear(8, 2))
+    with pytest.raises(DiscoveryError) as err:
+        discover(model, torch.randn(2, 4))
+    msg = str(err.value)
+    assert "2 (Gate)" in msg and "data-dependent control flow" in msg and "\n" not in msg
+    # Treated as opaque, the rest is discovered: the first layer now feeds an unknown module.
+    found = discover(model, torch.randn(2, 4), leaf_modules=[Gate])
+    assert not found.sites and any("Gate" in r for f in found.fixed for r in f.reasons)
+
+
+def test_example_input_that_does_not_fit_is_reported():
+    with pytest.raises(DiscoveryError, match="does not run"):
+        discover(sequential_mlp(), torch.randn(4, 7))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("build,x", [
+    (sequential_mlp, torch.randn(16, 5)),
+    (ResNet, torch.randn(4, 3, 8, 8)),
+    (EncoderBlock, torch.randn(4, 5, 6)),
+], ids=["sequential", "resnet", "transformer"])
+def test_growing_every_discovered_site_preserves_the_function_up_to_rounding(build, x):
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():
+        before = model(x)
+    sites = discover(model, x).sites
+    assert sites
+    for site in sites:
+        resize_site(site, n_new=3, init_in="normal", model=model)
+    with torch.no_grad():
+        after = model(x)
+    terms = sum(m.weight[0].numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    assert_equal_up_to_rounding(after, before, terms=terms + x.shape[1] * 64,
+                                magnitude=forward_magnitude(model, x))
+    grown = discover(model, x)  # the grown model is discovered with the new widths
+    assert {s.name: s.width for s in grown.sites} == {s.name: s.width for s in sites}
+
+
+def test_declared_sites_are_kept_and_names_select():
+    model = builtin_mlp((4,), 3, width=8, depth=2)
+    assert [s.name for s in width_sites(model)] == [s.name for s in model.width_sites()]
+    with pytest.raises(DiscoveryError, match="no width site 'x'"):
+        width_sites(model, names=["x"])
+    seq = sequential_mlp()
+    assert [s.name for s in width_sites(seq, torch.randn(2, 5), names=["2"])] == ["2"]
+    with pytest.raises(DiscoveryError, match="example input"):
+        width_sites(seq)
+    with pytest.raises(DiscoveryError, match="cannot be resized: it is an output"):
+        width_sites(seq, torch.randn(2, 5), names=["6"])
