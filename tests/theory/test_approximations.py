@@ -24,6 +24,15 @@ def test_p_star_fig8_setting():
     assert round(8 / p_star(784, 8)) == 158
 
 
+def test_p_star_is_a_connectivity():
+    """sqrt(N/(4d)) exceeds 1 once N > 4d (d = 10, N = 100: 1.58); a connectivity is at most 1."""
+    assert p_star(10, 100) == 1.0
+    assert p_star(10, 40) == 1.0  # N = 4d: exactly 1
+    got = p_star(784, torch.tensor([8.0, 4 * 784.0, 40_000.0], dtype=torch.float64))
+    assert got[0].item() == pytest.approx(math.sqrt(8 / 3136), rel=1e-15)
+    assert got[1:].tolist() == [1.0, 1.0]
+
+
 def test_eq4_integer_minimiser_is_170():
     assert eq4_integer_minimiser(784, 8) == 170
     n = torch.arange(8, 6273, dtype=torch.float64)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from widthlab.theory import kernel_distance_summary
+from widthlab.theory import format_kernel_summary, kernel_distance_summary
 
 KEYS = {"d", "width", "connectivity", "pairs", "D", "D_se", "bias_sq", "bias_sq_se", "variance_term",
         "variance_term_se", "approx_eq4", "approx_variance_only", "p_star", "seconds"}
@@ -32,6 +32,15 @@ def test_network_check_and_real_inputs():
     assert out["d"] == 64 and out["inputs"] == "given (100 examples)"
     with pytest.raises(ValueError):
         kernel_distance_summary(10, 50, 0.3, inputs=X)
+
+
+def test_printed_text_carries_the_network_check_when_asked():
+    out = kernel_distance_summary(100, 50, 0.2, pairs=5, masks=256, networks=40)
+    text = format_kernel_summary(out)
+    assert text.splitlines()[0].startswith(f"D = {out['D']:.4g} +- ")
+    assert f"network check: D = {out['D_network']:.4g}" in text and "40 sampled networks" in text
+    assert "network check" not in format_kernel_summary(kernel_distance_summary(100, 50, 0.2, pairs=5,
+                                                                                masks=256))
 
 
 def test_deterministic_given_seed():

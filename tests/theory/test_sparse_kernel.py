@@ -71,7 +71,7 @@ def test_diagonal_mean_is_unbiased_and_chunking_is_invisible():
     gen = torch.Generator().manual_seed(6)
     est_a = sparse_kernel(x, x, 0.1, num_masks=6000, seed=gen)
     gen = torch.Generator().manual_seed(6)
-    masks = (torch.rand(6000, 784, generator=gen) < 0.1).to(F64)
+    masks = (torch.rand(6000, 784, generator=gen, dtype=F64) < 0.1).to(F64)
     z = masked_kernel_samples(x, x, masks, 0.1)
     torch.testing.assert_close(est_a.k1, z[:, :3].mean(0), rtol=1e-12, atol=0)
     torch.testing.assert_close(est_a.cov, torch.cov(z.T), rtol=1e-9, atol=1e-9 * z.var(0).max().item())

@@ -35,7 +35,7 @@ from widthlab.theory.empirical import (
     last_layer_kernel,
 )
 from widthlab.theory.pairs import sample_pairs
-from widthlab.theory.report import kernel_distance_summary
+from widthlab.theory.report import format_kernel_summary, kernel_distance_summary
 from widthlab.theory.sparse_kernel import SparseKernelEstimate, sparse_kernel
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "empirical_theta",
     "eq4_distance",
     "eq4_integer_minimiser",
+    "format_kernel_summary",
     "infinite_width_theta",
     "kernel_distance_summary",
     "last_layer_kernel",

@@ -82,16 +82,19 @@ def p_star(d, budget):
     """APPROXIMATION, the paper's optimal connectivity at fixed N = n p: p* = sqrt(N / (4d)).
 
     From minimising (1/4)(p^{-1/2} - 1)^2 + (d/N) p, i.e. eq. (4) at n = N/p, with the factor
-    (1 - 1/pi^2) dropped and sqrt(p) << 1 (spec §5.3). N = 8, d = 784 gives 0.0505.
+    (1 - 1/pi^2) dropped and sqrt(p) << 1 (paper App. F.1). N = 8, d = 784 gives 0.0505. A
+    connectivity is at most 1, so p* is clipped there: sqrt(N/(4d)) >= 1 (N >= 4d, where the
+    sqrt(p) << 1 assumption has failed anyway) gives the dense network, n* = N.
 
     Args:
         d: input dimension.
         budget: N = n p, nonzero first-layer weights per input unit.
 
     Returns:
-        p*, float or tensor. The width is n* = N / p*.
+        p* in (0, 1], float or tensor. The width is n* = N / p*.
     """
-    return (budget / (4.0 * d)) ** 0.5
+    p = (budget / (4.0 * d)) ** 0.5
+    return p.clamp(max=1.0) if isinstance(p, torch.Tensor) else min(1.0, p)
 
 
 def eq4_integer_minimiser(d: int, budget: float, n_max: int | None = None) -> int:

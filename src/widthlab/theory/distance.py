@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from widthlab.theory._random import make_generator
+from widthlab.theory._random import bernoulli_mask, make_generator
 from widthlab.theory.arccos import arccos_kernel, infinite_width_theta
 from widthlab.theory.empirical import last_layer_kernel
 from widthlab.theory.sparse_kernel import DEFAULT_MASKS, check_connectivity, sparse_kernel
@@ -230,15 +230,16 @@ def sample_sparse_weights(
 ) -> Tensor:
     """First-layer weights u of Theorem 1: entries Bernoulli(p) * N(0, 1/p), shape (B, n, d), float64.
 
-    The draws are made in float32 (about 4x faster than float64 normals on CPU) and then cast; the
-    24-bit quantisation of a normal sample is immaterial next to the Monte-Carlo error. All
-    arithmetic on them is float64.
+    The normals are drawn in float32 (about 4x faster than float64 normals on CPU) and then cast; the
+    24-bit quantisation of a normal sample is immaterial next to the Monte-Carlo error. The mask is
+    not: its uniforms are float64 (``_random.bernoulli_mask``), so P(keep) = p also at tiny p. All
+    arithmetic is float64.
     """
     p = check_connectivity(connectivity)
     g = torch.randn(num_networks, width, d, generator=generator).to(torch.float64)
     if p == 1.0:
         return g
-    keep = torch.rand(num_networks, width, d, generator=generator) < p
+    keep = bernoulli_mask((num_networks, width, d), p, generator)  # exact p, also at tiny p
     return g.mul_(keep).mul_(p**-0.5)
 
 

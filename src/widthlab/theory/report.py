@@ -80,3 +80,19 @@ def kernel_distance_summary(
         out.update(D_network=net.D, D_network_se=net.D_se, networks=net.num_networks)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def format_kernel_summary(out: dict) -> str:
+    """The text ``widthlab kernel`` prints for a :func:`kernel_distance_summary` result: D with its
+    terms, the approximations, and the network Monte-Carlo check when it was requested."""
+    lines = [
+        f"D = {out['D']:.4g} +- {out['D_se']:.2g}  (bias^2 {out['bias_sq']:.3g}, variance/n "
+        f"{out['variance_term']:.3g})  d={out['d']} n={out['width']} p={out['connectivity']}",
+        f"approximations: eq. 4 {out['approx_eq4']:.4g}, variance-only {out['approx_variance_only']:.4g}; "
+        f"p* (eq. 4) = {out['p_star']:.4g}",
+    ]
+    if "D_network" in out:
+        z = (out["D_network"] - out["D"]) / max(1e-300, (out["D_se"] ** 2 + out["D_network_se"] ** 2) ** 0.5)
+        lines.append(f"network check: D = {out['D_network']:.4g} +- {out['D_network_se']:.2g} from "
+                     f"{out['networks']} sampled networks ({z:+.1f} standard errors from Theorem 1)")
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from widthlab.theory._random import make_generator
+from widthlab.theory._random import bernoulli_mask, make_generator
 from widthlab.theory.arccos import arccos_kernel_from_gram
 
 # ~0.4% relative standard error on D at d = 784, p = 0.1, 30 pairs, in a fraction of a second.
@@ -139,7 +139,7 @@ def sparse_kernel(
     m2 = torch.zeros(2 * P, 2 * P, dtype=torch.float64)  # running sum of outer products of deviations
     for start in range(0, num_masks, chunk):
         B = min(chunk, num_masks - start)
-        masks = (torch.rand(B, d, generator=gen) < p).to(torch.float64)  # (B, d); float32 draws are faster
+        masks = bernoulli_mask((B, d), p, gen).to(torch.float64)  # (B, d)
         z = masked_kernel_samples(x, y, masks, p)  # (B, 2P)
         mean_b = z.mean(0)
         dev = z - mean_b
