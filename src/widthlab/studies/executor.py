@@ -110,8 +110,11 @@ def _worker_main(conn, out_dir: str, resume: bool, threads: int, driver: int) ->
         conn.send(msg)
 
     while True:
-        report({"kind": "ready"})
-        run = conn.recv()
+        try:
+            report({"kind": "ready"})
+            run = conn.recv()
+        except (EOFError, OSError):  # the driver is gone
+            os._exit(3)
         if run is None:
             return
         execute_run(run, Path(out_dir), resume=resume, progress=report, num_threads=threads)

@@ -97,7 +97,7 @@ def check_finite(a: np.ndarray, path: Path, what: str) -> None:
         where = np.argwhere(bad)[0]
         row = int(where[0])
         col = f", column {','.join(str(int(i)) for i in where[1:])}" if len(where) > 1 else ""
-        raise ValueError(f"{path}: {what}: non-finite value {a[tuple(where)]!r} at row {row}{col} "
+        raise ValueError(f"{path}: {what}: non-finite value {a[tuple(where)].item()!r} at row {row}{col} "
                          f"({int(bad.sum())} non-finite value(s); NaN and infinity are not allowed)")
 
 
