@@ -12,6 +12,7 @@ from torch import nn
 from rounding import assert_equal_up_to_rounding, forward_magnitude
 from widthlab.models.mlp import mlp as builtin_mlp
 from widthlab.nn.discovery import DiscoveryError, discover, width_sites
+from widthlab.nn.group_surgery import resize_group
 from widthlab.nn.surgery import resize_site
 
 
@@ -218,3 +219,53 @@ def test_declared_sites_are_kept_and_names_select():
         width_sites(seq)
     with pytest.raises(DiscoveryError, match="cannot be resized: it is an output"):
         width_sites(seq, torch.randn(2, 5), names=["6"])
+
+
+# --- groups: one width shared by several producers and consumers ------------------------------------
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("build,x", [(ResNet, torch.randn(4, 3, 8, 8)), (TwoTowers, torch.randn(8, 6))],
+                         ids=["resnet-streams", "summed-towers"])
+def test_growing_every_group_preserves_the_function_up_to_rounding(build, x):
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():
+        before = model(x)
+    groups = discover(model, x).groups
+    events = [resize_group(model, g, n_new=5, init_in="normal") for g in groups]
+    with torch.no_grad():
+        after = model(x)
+    terms = sum(m.weight[0].numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    assert_equal_up_to_rounding(after, before, terms=terms + 64, magnitude=forward_magnitude(model, x))
+    regrown = {g.name: g for g in discover(model, x).groups}
+    for g, event in zip(groups, events):
+        (width,) = event.widths.values()
+        for name in (*g.producers, *g.consumers):
+            w = model.get_submodule(name).weight
+            assert w.shape[0 if name in g.producers else 1] == width, name
+        assert regrown[g.name].producers == g.producers
+
+
+def test_group_keep_selects_the_same_units_everywhere():
+    torch.manual_seed(0)
+    model = ResNet()
+    (stage2,) = [g for g in discover(model, torch.randn(2, 3, 8, 8)).groups if "fc" in g.consumers]
+    old = {n: model.get_submodule(n).weight.detach().clone() for n in (*stage2.producers, *stage2.consumers)}
+    old_bn = {n: model.get_submodule(n).running_var.clone() for n in stage2.norms}
+    keep = [5, 0, 9]
+    event = resize_group(model, stage2, keep=keep, n_new=2)
+    for n in stage2.producers:
+        assert torch.equal(model.get_submodule(n).weight[:3], old[n][keep])
+    for n in stage2.consumers:
+        assert torch.equal(model.get_submodule(n).weight[:, :3], old[n][:, keep])
+        assert not model.get_submodule(n).weight[:, 3:].any()
+    for n in stage2.norms:
+        bn = model.get_submodule(n)
+        assert torch.equal(bn.running_var, torch.cat([old_bn[n][keep], torch.ones(2)]))
+        assert bn.num_features == 5
+    assert model.fc.in_features == 5
+    names = {p.name for p in event.params}
+    assert {f"{n}.weight" for n in (*stage2.producers, *stage2.consumers)} <= names
+    with pytest.raises(ValueError, match="keep indices must lie"):
+        resize_group(model, stage2, keep=[7])

@@ -112,33 +112,15 @@ def resize_site(
     w_out = _new_outgoing(site, n_new, new_width, init_out, generator)
 
     names = _module_names(site, model)
-    edits: list[tuple[nn.Module, str, str, int, torch.Tensor | None]] = [
+    edits: list[Edit] = [
         (producer, "weight", names[0], 0, w_in),
         (producer, "bias", names[0], 0, b_in),
     ]
     for norm, name in zip(site.norms, names[1:-1]):
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            t = getattr(norm, attr, None)
-            if t is not None:
-                fill = torch.full((n_new,), _NORM_FILL[attr], dtype=t.dtype, device=t.device)
-                edits.append((norm, attr, name, 0, fill))
+        edits += _norm_edits(norm, name, n_new)
     edits.append((consumer, "weight", names[-1], 1, w_out))
 
-    resized = []
-    for module, attr, prefix, dim, block in edits:
-        old = getattr(module, attr, None)
-        if old is None:
-            continue
-        new = _select_cat(old.detach(), dim, keep, block)
-        if isinstance(old, nn.Parameter):
-            param = nn.Parameter(new, requires_grad=old.requires_grad)
-            if old.grad is not None:
-                # A resize between backward and step must not make the next step skip this tensor.
-                param.grad = _select_cat(old.grad, dim, keep, _zeros_like_block(old.grad, dim, n_new))
-            setattr(module, attr, param)
-            resized.append(ParamResize(_join(prefix, attr), old, param, dim, keep.clone(), n_new))
-        else:
-            setattr(module, attr, new)  # a buffer: the optimizer never sees it
+    resized = _apply_edits(edits, keep, n_new)
     _set_width_attributes(site, new_width)
 
     description = f"{site.name}: {width} -> {new_width} ({len(keep)} kept, {n_new} new)"
@@ -338,6 +320,40 @@ def _check_block(site, what: str, t: torch.Tensor, shape: tuple[int, ...]) -> No
 
 
 # --- editing ------------------------------------------------------------------------------------------
+
+# (module, attribute, module name, resized dim, block of new units or None)
+Edit = tuple[nn.Module, str, str, int, "torch.Tensor | None"]
+
+
+def _norm_edits(norm: nn.Module, name: str, n_new: int) -> list[Edit]:
+    """A per-unit norm's parameters and running statistics, new units filled to act as identities."""
+    edits = []
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(norm, attr, None)
+        if t is not None:
+            edits.append((norm, attr, name, 0, torch.full((n_new,), _NORM_FILL[attr], dtype=t.dtype,
+                                                          device=t.device)))
+    return edits
+
+
+def _apply_edits(edits: list[Edit], keep: torch.Tensor, n_new: int) -> list[ParamResize]:
+    """Replace each tensor by its survivors (``keep`` along the dim) followed by its block of new units."""
+    resized = []
+    for module, attr, prefix, dim, block in edits:
+        old = getattr(module, attr, None)
+        if old is None:
+            continue
+        new = _select_cat(old.detach(), dim, keep, block)
+        if isinstance(old, nn.Parameter):
+            param = nn.Parameter(new, requires_grad=old.requires_grad)
+            if old.grad is not None:
+                # A resize between backward and step must not make the next step skip this tensor.
+                param.grad = _select_cat(old.grad, dim, keep, _zeros_like_block(old.grad, dim, n_new))
+            setattr(module, attr, param)
+            resized.append(ParamResize(_join(prefix, attr), old, param, dim, keep.clone(), n_new))
+        else:
+            setattr(module, attr, new)  # a buffer: the optimizer never sees it
+    return resized
 
 
 def _select_cat(t: torch.Tensor, dim: int, keep: torch.Tensor, block: torch.Tensor | None) -> torch.Tensor:
