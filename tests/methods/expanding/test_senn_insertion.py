@@ -1,10 +1,13 @@
 """Function-preserving insertion (specs/senn.md §2.3; §7 items 5-8).
 
 A new neuron with zero outgoing weights adds nothing to the consumer's pre-activation, so outputs,
-loss and the gradients of every old parameter are unchanged (bit for bit on CPU at batch >= 16, where
-the BLAS computes each entry independently of the matrix sizes); its outgoing weights' gradient is
+loss and the gradients of every old parameter are unchanged up to rounding: the consumer now sums one
+more (exactly zero) term, and BLAS may block the longer inner product differently depending on the CPU's
+instruction set, so these tests assert the rounding-error bound of tests/rounding.py (marked `numerics`)
+rather than bitwise equality; its outgoing weights' gradient is
 E[f eᵀ] = C + A_fa A⁻¹ ḡ, and the consumer's K-FAC η rises by exactly Δη (Schur identity). An inserted
-layer with kernel I, bias 0 and identity rational activation is the identity map, bit for bit.
+layer with kernel I, bias 0 and identity rational activation is the identity map, bit for bit (no
+product changes shape: x·1 + 0 is exact).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rounding import assert_equal_up_to_rounding, forward_magnitude
 from widthlab.methods.expanding import kfac, scores
 from widthlab.methods.expanding.fisher import per_sample_loss
 from widthlab.methods.expanding.insertion import full_rank, insert_layer, insert_units
@@ -43,9 +47,28 @@ def _candidate(d_in, k=1, seed=3, dtype=torch.float64):
             {n: torch.randn(k, generator=g).to(dtype) for n in "vcl"})
 
 
+def _chain_terms(model) -> int:
+    """Summation lengths along the longest chain of a forward and backward pass: each Linear sums
+    fan-in + 1 terms forward and fan-out terms backward."""
+    return sum(2 * lay.in_features + lay.out_features + 2 for lay in model.layers)
+
+
+def _grad_magnitudes(model, x, y) -> dict[str, float]:
+    """Per parameter: max entry of (1/N) Σ_n |∂ℓ_n/∂θ|, the magnitude the batch gradient's sum cancels."""
+    acc: dict[str, torch.Tensor] = {}
+    for xi, yi in zip(x, y):
+        model.zero_grad(set_to_none=True)
+        per_sample_loss("cross_entropy", model(xi[None]), yi[None]).mean().backward()
+        for n, p in model.named_parameters():
+            acc[n] = acc.get(n, 0) + p.grad.abs()
+    model.zero_grad(set_to_none=True)
+    return {n: float(v.max()) / len(x) for n, v in acc.items()}
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("index", [0, 1])
-def test_neuron_insertion_is_bitwise_function_preserving(dtype, index):
+def test_neuron_insertion_preserves_the_function_up_to_rounding(dtype, index):
     model = _mlp(dtype)
     x, y = _batch(dtype)
     out0, loss0, g0 = _grads(model, x, y)
@@ -54,14 +77,18 @@ def test_neuron_insertion_is_bitwise_function_preserving(dtype, index):
     ev = insert_units(model, index, w, b, rat)
     assert model.hidden_widths()[index] == (5, 4)[index] + 2
     out1, loss1, g1 = _grads(model, x, y)
-    assert torch.equal(out0, out1) and torch.equal(loss0, loss1)
+    terms = _chain_terms(model)
+    fwd = forward_magnitude(model, x)
+    assert_equal_up_to_rounding(out1, out0, terms=terms, magnitude=fwd)
+    # the loss: a log-sum-exp of the logits (1-Lipschitz) averaged over N samples
+    assert_equal_up_to_rounding(loss1, loss0, terms=terms + len(x), magnitude=fwd + float(loss0))
+    mags = _grad_magnitudes(model, x, y)
     for name, g in g0.items():
         new = g1[name]
-        if new.shape == old_shapes[name]:
-            assert torch.equal(new, g), name
-        else:  # the resized tensors: the old block's gradient is unchanged
-            sl = tuple(slice(0, s) for s in old_shapes[name])
-            assert torch.equal(new[sl], g), name
+        if new.shape != old_shapes[name]:  # the resized tensors: the old block's gradient is unchanged
+            new = new[tuple(slice(0, s) for s in old_shapes[name])]
+        # backward rounding per sample scales with the forward's (through the softmax, gain <= 1)
+        assert_equal_up_to_rounding(new, g, terms=terms + len(x), magnitude=mags[name] * max(1.0, fwd))
     names = {pr.name for pr in ev.params}
     assert {f"layers.{index}.weight", f"layers.{index}.bias", f"layers.{index + 1}.weight",
             f"acts.{index}.v", f"acts.{index}.c", f"acts.{index}.l"} == names
@@ -102,9 +129,12 @@ def test_new_outgoing_gradient_and_eta_increase_match_the_scores():
     torch.testing.assert_close(eta1 - eta0, d_exact, rtol=1e-7, atol=1e-12)
 
 
-def test_adam_step_of_old_parameters_is_unchanged():
-    """One Adam step after insertion (state transplanted, new units m = v = 0) moves old parameters
-    exactly as a run without the neuron."""
+@pytest.mark.numerics
+def test_adam_step_of_old_parameters_is_unchanged_up_to_rounding():
+    """One Adam step after insertion (state transplanted, new units m = 0) moves old parameters as a
+    run without the neuron, up to rounding: the gradients agree to the bound of the test above, and
+    Adam's update lr·m̂/(√v̂ + ε) moves by at most lr·|δg|·((1−β1) + (1−β2)·|m̂|/√v̂)/(bias terms·√v̂)
+    for a gradient error δg, bounded here by 4·lr·|δg|/√v̂."""
     x, y = _batch(torch.float32)
     ref, grown = _mlp(torch.float32), _mlp(torch.float32)
     opts = [torch.optim.Adam(m.parameters(), lr=0.01) for m in (ref, grown)]
@@ -116,13 +146,23 @@ def test_adam_step_of_old_parameters_is_unchanged():
     ev = insert_units(grown, 0, *_candidate(3, dtype=torch.float32))
     remap_optimizer(opts[1], ev, "keep")
     assert_optimizer_matches(opts[1], grown)
+    terms = _chain_terms(grown) + len(x)
+    mags = _grad_magnitudes(ref, x, y)
+    fwd = forward_magnitude(grown, x)
+    lr, eps32 = 0.01, torch.finfo(torch.float32).eps
+    # √v̂ per entry for the step (v after the step ≥ β2·v before; bias correction of step 3)
+    root_v = {n: (opts[0].state[p]["exp_avg_sq"] * 0.999 / (1 - 0.999 ** 3)).sqrt()
+              for n, p in ref.named_parameters()}
     for m, o in zip((ref, grown), opts):
         o.zero_grad()
         per_sample_loss("cross_entropy", m(x), y).mean().backward()
         o.step()
     for (name, p), q in zip(ref.named_parameters(), grown.parameters()):
         sl = tuple(slice(0, s) for s in p.shape)
-        assert torch.equal(q.detach()[sl], p.detach()), name
+        dg = terms * eps32 * mags[name] * max(1.0, fwd)
+        tol = 4 * lr * dg / (root_v[name] + 1e-8) + eps32 * (p.detach().abs() + 4 * terms * lr)
+        diff = (q.detach()[sl] - p.detach()).abs()
+        assert (diff <= tol).all(), (name, float((diff - tol).max()))
     # the new unit's outgoing weight moved from 0 (it has a gradient), its state started at zero
     assert grown.layers[1].weight[:, -1].abs().sum() > 0
 
@@ -184,9 +224,11 @@ def test_basis_change_insertion_is_exact_to_rounding():
     assert (after - before).abs().max() < 1e-5 * before.abs().max()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("stage", [0, 1])
-def test_cnn_channel_growth_leaves_logits_unchanged(stage):
-    """§7.8 analogue: new channels with zero outgoing weights leave the logits bit-identical."""
+def test_cnn_channel_growth_leaves_logits_unchanged_up_to_rounding(stage):
+    """§7.8 analogue: new channels with zero outgoing weights leave the logits unchanged up to rounding
+    (the consumer convolution sums 9 more zero terms per new channel)."""
     model = ExpandableCNN((3, 8, 8), 5, (4, 6), generator=torch.Generator().manual_seed(0))
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -198,5 +240,7 @@ def test_cnn_channel_growth_leaves_logits_unchanged(stage):
     assert model.hidden_widths()[stage] == (4, 6)[stage] + 3
     with torch.no_grad():
         after = model(x)
-    assert torch.equal(before, after)
+    # conv fan-ins (C_in·9 + 1), the 2×2 pools and the global mean (H·W terms), the head's fan-in + 1
+    terms = sum(c.in_channels * 9 + 1 for c in model.convs) + 8 * 8 + model.head.in_features + 1
+    assert_equal_up_to_rounding(after, before, terms=terms, magnitude=forward_magnitude(model, x))
     assert ev.widths == model.widths()

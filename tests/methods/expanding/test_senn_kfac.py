@@ -23,6 +23,9 @@ from widthlab.methods.expanding.kfac_optimizer import KFACOptimizer
 from widthlab.nn.rational import RationalActivation
 
 DT = torch.float64
+# Every test here compares two computations of one value (K-FAC against the exact Fisher, a closed form
+# against autograd or a block inverse): their summation orders differ.
+pytestmark = pytest.mark.numerics
 
 
 def _gen(seed=0):

@@ -20,6 +20,9 @@ from widthlab.methods.expanding import kfac, scores
 from widthlab.nn.rational import RationalActivation, rational
 
 DT = torch.float64
+# Every test here compares two computations of one value (K-FAC against the exact Fisher, a closed form
+# against autograd or a block inverse): their summation orders differ.
+pytestmark = pytest.mark.numerics
 
 
 def _setup(seed=0, n=30, t=1):
