@@ -74,7 +74,8 @@ def test_cifar_batch_pickled_by_python3_protocol_2_is_read():
 
 
 def test_codecs_encode_is_allowed_only_for_latin1_text():
-    # GLOBAL _codecs.encode, then encode('eJw...', 'base64') -- another codec than a bytes pickle needs.
-    evil = b"\x80\x02c_codecs\nencode\nq\x00X\x04\x00\x00\x00abcdq\x01X\x06\x00\x00\x00base64q\x02\x86q\x03Rq\x04."
+    # GLOBAL _codecs.encode, then encode('abcd', 'base64') -- another codec than a bytes pickle needs.
+    evil = (b"\x80\x02c_codecs\nencode\nq\x00X\x04\x00\x00\x00abcdq\x01"
+            b"X\x06\x00\x00\x00base64q\x02\x86q\x03Rq\x04.")
     with pytest.raises(ValueError, match=r"x\.bin: refused to unpickle"):
         unpickle(evil, "x.bin")

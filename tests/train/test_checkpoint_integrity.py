@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_blobs_task
 from torch import nn
 
+from conftest import make_blobs_task
 from widthlab.train import checkpoint as ckpt
 from widthlab.train.config import OptimConfig, TrainConfig
 from widthlab.train.trainer import Trainer
