@@ -21,7 +21,8 @@ CASES = {
     "resnet20-head": ("digits", {"as_image": True, "subset": 128}, "resnet20", {"width": 4},
                       {"lambda0": 0.1, "activation": "leaky_relu"}, AdaptiveResNet),
     "resnet20-channels": ("digits", {"as_image": True, "subset": 128}, "resnet20", {"width": 4},
-                          {"lambda0": 0.1, "activation": "leaky_relu", "adaptive_channels": True},
+                          {"lambda0": 0.1, "activation": "leaky_relu", "adaptive_channels": True,
+                           "channels_lambda0": 0.1},
                           AdaptiveResNet),
     "rnn": ("digits_seq", {"subset": 256}, "rnn", {"hidden_size": 16, "depth": 1}, {"lambda0": 0.1},
             AdaptiveRNN),
@@ -31,6 +32,16 @@ CASES = {
                     {"d_model": 16, "heads": 2, "layers": 1, "dropout": 0.0},
                     {"lambda0": 0.1, "activation": "relu", "sigma_theta": None}, AdaptiveTransformer),
 }
+
+
+class WidthLog:
+    """Trainer callback (after the adaptive one) recording the live widths after every optimizer step."""
+
+    def __init__(self):
+        self.widths = []
+
+    def on_step_end(self, trainer):
+        self.widths.append(trainer.model.widths())
 
 
 def first_batch(data, n=16):
@@ -50,16 +61,33 @@ def test_architecture_trains_changes_width_and_truncates(case):
     assert isinstance(model, cls)
     start = dict(plan.summary["initial_widths"])
     assert model.widths() == start
-    # Every adaptive MLP starts at D(0.1) = 25; adaptive channels at the trunk's widths 4, 8, 16.
-    assert all(w == 25 if ("mid" not in k) else w == 4 * 2 ** (int(k[5]) - 1) for k, w in start.items())
+    # Every adaptive MLP starts at D(0.1) = 25, and so do the adaptive channels (channels_lambda0 0.1:
+    # at the trunk's widths 4, 8, 16 their rates sit mid-way between thresholds far apart, and the
+    # first few steps may not move some of them).
+    assert all(w == 25 for w in start.values())
+    if opts.get("adaptive_channels"):  # by default the channels start at the trunk's widths 4, 8, 16
+        default = build(plain, data, seed=0, **{k: v for k, v in opts.items() if k != "channels_lambda0"})
+        assert {k: w for k, w in default.summary["initial_widths"].items() if "mid" in k} == \
+            {k: 4 * 2 ** (int(k[5]) - 1) for k in start if "mid" in k}
+    # Every site's rate is used by the forward: each distribution parameter receives a non-zero gradient.
+    x = first_batch(data)
+    model(x).float().square().mean().backward()
+    rates = {n: q for n, q in model.named_parameters() if ".dist." in n}
+    assert len(rates) == len(start)  # one rate per site
+    for n, q in rates.items():
+        assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().item() > 0, n
+    model.zero_grad(set_to_none=True)
     cfg = TrainConfig(epochs=1, batch_size=32, optimizer=OptimConfig(name="adam", lr=0.05),
                       checkpoint_every=0, progress="none", select_best=False, max_steps=6)
-    res = Trainer(model, data, cfg, plan.callbacks).fit()
+    log = WidthLog()
+    res = Trainer(model, data, cfg, [*plan.callbacks, log]).fit()
     assert res.status == "done", res.error
-    assert model.widths() != start and plan.summary["resizes"] > 0
+    # Every site changed width at some step (a site may come back to its start by the end).
+    seen = {k: {start[k], *(w[k] for w in log.widths)} for k in start}
+    assert all(len(v) > 1 for v in seen.values()), {k: sorted(v) for k, v in seen.items()}
+    assert plan.summary["resizes"] >= len(start)
     # Truncate the trained model to half width, then export it: same function, no adaptive parameters.
     model.eval()
-    x = first_batch(data)
     trained = model.widths()
     truncate(model, fraction=0.5, renormalize=False)
     assert model.widths() == {k: max(1, round(w / 2)) for k, w in trained.items()}
