@@ -62,7 +62,8 @@ def test_table_shows_relative_compute_against_the_dense_grid():
     assert table["dense grid"]["FLOPs vs dense grid"] == "1×"
     assert table["adaptive"]["FLOPs vs dense grid"] == f"{2e6 / 7e6:.3g}×"
     assert table["adaptive"]["wall vs dense grid"] == f"{4.5 / 11.0:.3g}×"
-    assert table["adaptive"]["final width"] == "38 ± 3" and table["adaptive"]["failed"] == "1"
+    assert table["adaptive"]["selected width"] == "40 · 36" and table["adaptive"]["failed"] == "1"
+    assert table["dense grid"]["selected width"] == "32 · 16" and table["dense grid"]["median width"] == "16"
     assert table["dense grid"]["runs/seed"] == "3"
 
 
@@ -75,15 +76,18 @@ def test_regression_selects_the_lowest_validation_loss():
     assert "test loss" in header
 
 
-def test_verdict_names_the_best_the_cheapest_and_the_smallest():
-    from widthlab.report.compare import verdict
+def test_verdict_names_the_recommended_method_and_its_relative_cost():
+    from widthlab.report.verdict import verdicts
 
-    line = verdict(compare_results(_rows())["t"])
+    ((v, line),) = verdicts(compare_results(_rows()))
     # adaptive: mean FLOPs 2e6 = 2/7 of the grid's 7e6, mean wall 4.5 s = 4.5/11 of the grid's 11 s;
-    # the dense grid's chosen models have 320 and 160 weights (mean 240) against adaptive's 380.
-    assert line == ("best test accuracy: adaptive (95.00 ± 1.41%); fewest training FLOPs: adaptive "
-                    f"(2e+06, {2 / 7:.3g}× the dense grid); least wall time: adaptive (4.5 s, "
-                    f"{4.5 / 11:.3g}× the dense grid); fewest weights: dense grid (240).")
+    # 95.00 ± 1.41 against the grid's 92.00 ± 1.41: 3 points apart, beyond 2 standard errors of the
+    # difference (2 x sqrt(1.41²/2 + 1.41²/2) = 2.83).
+    assert v.recommended.arm == "adaptive" and not v.ties and [a.arm for a, _ in v.behind] == ["dense"]
+    assert line.startswith("t: use adaptive at width 36 (chosen per seed: 40 · 36); test accuracy "
+                           "95.00 ± 1.41% over 2 seeds (the best mean). Cost: "
+                           f"{2 / 7:.3g}× the dense grid's training FLOPs, {4.5 / 11:.3g}× its wall seconds.")
+    assert "Behind, beyond seed noise: dense grid 92.00 ± 1.41% (-3.00 points)." in line
 
 
 def test_failed_search_members_are_charged_and_flagged():

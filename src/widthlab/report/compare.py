@@ -1,16 +1,22 @@
 """Comparison studies (``kind: compare``): which width, found how, at what cost.
 
-Pure functions over the rows of :meth:`ResultStore.runs`. For each task and compared method and seed:
+Pure functions over the rows of :meth:`ResultStore.runs` (and, where given, each run's per-epoch
+records). For each task and compared method and seed:
 
-* a **search** (a method with a sweep, e.g. the dense width grid or the wide & sparse family) selects
-  its member with the best validation metric (highest validation accuracy; lowest validation loss for
-  regression) and is charged for **all** members: the search is what it costs to find that width;
+* a **search** (a method with a sweep, e.g. the dense width grid or the wide & sparse family, or a
+  search arm such as Optuna's) selects its member with the best validation metric (highest validation
+  accuracy; lowest validation loss for regression) and is charged for **all** members, failed and
+  pruned ones included: the search is what it costs to find that width;
 * a **single** run (adaptive, self-expanding) is its own choice and cost.
 
-The chosen run's test metric, final widths and nonzero weights, and the summed training FLOPs
-(``train_flops``: 3 x forward FLOPs per example x examples, at the widths in use at each step; see
-``train/compute.py``) and wall seconds are then averaged over seeds (mean ± sample std). Compute is
-also shown relative to the dense grid of the same task.
+**Tie rule.** Members whose validation metrics are equal (to :data:`TIE_RTOL`) tie; the cheaper model
+wins: fewer nonzero weights, then fewer training FLOPs, then fewer dense-equivalent FLOPs, then the
+earlier member in the study's order. Every tie is reported.
+
+A member's cost is its training FLOPs (``train_flops``: 3 x forward FLOPs per example x examples, at
+the widths in use at each step; see ``train/compute.py``) plus ``method_flops`` when the run records
+what its method computes besides (natural-gradient solves, expansion scoring), its wall seconds and,
+when recorded, its process CPU seconds (``cpu_seconds``).
 """
 
 from __future__ import annotations
@@ -19,9 +25,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from widthlab.report.tables import METHOD_ORDER, Stat, _fmt, as_float, run_info, stat
+from widthlab.report.settle import WidthPath, width_path
+from widthlab.report.tables import Stat, as_float, run_info, stat
+from widthlab.report.validation import split_size
 
 SEARCH = "search"
+TIE_RTOL = 1e-9
+# Arms that are a hyper-parameter search over the width (Optuna TPE, random search): the reference
+# "search arm" of the verdict, next to the dense grid.
+SEARCH_ARMS = ("search",)
+SEARCH_METHODS = ("search", "optuna")
+# Methods whose FLOPs leave something out unless the run records ``method_flops``.
+UNMETERED = {"expanding": "natural-gradient solves and expansion scoring"}
 
 
 @dataclass
@@ -30,15 +45,28 @@ class Choice:
 
     seed: Any
     run_id: str
-    members: int  # runs of the search for this seed, failed ones included
+    members: int  # runs of the search for this seed, failed and pruned ones included
     test: float | None
-    total_width: float | None
+    total_width: float | None  # of the selected model (the best-validation epoch)
     widths: dict[str, int]
     weights: float | None
     flops: float | None  # finished members' FLOPs (a failed member's were not metered)
     wall: float | None  # all members' wall seconds, failed ones included
     selected_by: str  # "validation", "only run", or "test (no validation metric)"
     failed_members: int = 0
+    pruned_members: int = 0
+    cpu: float | None = None  # all members' process CPU seconds, when every member recorded them
+    width: int | None = None  # nominal width of the chosen member
+    val: float | None = None  # its validation metric
+    runner_up: dict | None = None  # the best other candidate of the seed (searches)
+    ties: list[dict] = field(default_factory=list)  # other candidates with the chosen validation metric
+    best_epoch: int | None = None
+    epochs: int | None = None
+    path: WidthPath = WidthPath(None, False, None, None)
+
+    @property
+    def end_width(self) -> float | None:
+        return self.path.end if self.path.end is not None else self.total_width
 
 
 @dataclass
@@ -53,6 +81,10 @@ class ArmResult:
     choices: list[Choice] = field(default_factory=list)
     failed: int = 0
     members_by_width: dict[float, list[dict]] = field(default_factory=dict)  # search members (plots)
+    members: list[dict] = field(default_factory=list)  # every finished run, all seeds (Pareto view)
+    val_examples: int | None = None  # the task's validation split size
+    val_examples_how: str = ""  # "recorded" or "inferred"
+    unmetered: str = ""  # what this arm's FLOPs leave out, if anything
 
     def stat(self, key: str) -> Stat:
         return stat([getattr(c, key) for c in self.choices])
@@ -66,9 +98,22 @@ class ArmResult:
         """A search with failed members: its FLOPs are a lower bound."""
         return any(c.failed_members for c in self.choices)
 
+    @property
+    def is_search_arm(self) -> bool:
+        return is_search_arm(self)
+
+    @property
+    def name(self) -> str:
+        return _name(self)
+
 
 def is_compare(runs: list[dict]) -> bool:
     return any((r.get("config") or {}).get("arm") for r in runs)
+
+
+def is_search_arm(a: ArmResult) -> bool:
+    """A hyper-parameter search over the width (arm ``search``, or a search method)."""
+    return a.arm in SEARCH_ARMS or a.method in SEARCH_METHODS
 
 
 def _tags(row: dict) -> tuple[str, str, str]:
@@ -76,38 +121,84 @@ def _tags(row: dict) -> tuple[str, str, str]:
     return str(cfg.get("task", "")), str(cfg.get("arm", "")), str(cfg.get("role", "single"))
 
 
-def _choice(members: list[dict], failed: list[dict], metric: str) -> Choice | None:
-    """The member chosen by validation and the summed cost of all members of one seed (None when every
-    member failed)."""
+def _is_pruned(row: dict) -> bool:
+    s = row.get("summary") or {}
+    return row.get("status") == "pruned" or s.get("pruned") is True or s.get("stop_reason") == "pruned"
+
+
+def _sum(values: list[float | None], *, all_needed: bool) -> float | None:
+    have = [v for v in values if v is not None]
+    if not have or (all_needed and len(have) < len(values)):
+        return None
+    return sum(have)
+
+
+def _tied(a: float, b: float) -> bool:
+    return abs(a - b) <= TIE_RTOL * max(1.0, abs(a), abs(b))
+
+
+def _cost_key(m: dict) -> tuple:
+    """Cheaper first: nonzero weights, training FLOPs, dense-equivalent FLOPs, study order."""
+    def val(k):
+        return m[k] if m.get(k) is not None else math.inf
+    return (val("nonzero_weights"), val("flops"), val("train_flops_dense"), m["position"])
+
+
+def _choice(members: list[dict], failed: list[dict], pruned: list[dict], metric: str) -> Choice | None:
+    """The member chosen by validation and the summed cost of all members of one seed (None when no
+    member finished)."""
     if not members:
         return None
     maximise = metric == "test_accuracy"
     val_key = "val_accuracy" if maximise else "val_loss"
     scored = [m for m in members if m[val_key] is not None]
-    if len(members) + len(failed) == 1:
+    ties: list[dict] = []
+    runner_up = None
+    if len(members) + len(failed) + len(pruned) == 1:
         chosen, how = members[0], "only run"
     elif scored:
-        # Ties go to the smaller model (fewer nonzero weights; unknown counts last), then study order.
-        def key(m):
-            v = m[val_key] if maximise else -m[val_key]
-            w = m["nonzero_weights"]
-            return (v, -(w if w is not None else math.inf), -m["position"])
-        chosen, how = max(scored, key=key), "validation"
+        best = (max if maximise else min)(m[val_key] for m in scored)
+        tied = sorted((m for m in scored if _tied(m[val_key], best)), key=_cost_key)
+        chosen, how, ties = tied[0], "validation", tied[1:]
+        rest = [m for m in scored if m is not chosen]
+        if rest:
+            runner_up = min(rest, key=lambda m: ((-m[val_key] if maximise else m[val_key]),
+                                                 *_cost_key(m)))
     else:
         pool = [m for m in members if m[metric] is not None] or members
         chosen = (max if maximise else min)(pool, key=lambda m: m[metric] if m[metric] is not None else 0)
         how = "test (no validation metric)"
-    flops = [m["train_flops"] for m in members]
-    walls = [m["wall_seconds"] for m in members + failed]
-    return Choice(seed=chosen["seed"], run_id=chosen["run_id"], members=len(members) + len(failed),
-                  test=chosen[metric], total_width=chosen["total_width"], widths=chosen["widths"],
+    charged = members + pruned
+    return Choice(seed=chosen["seed"], run_id=chosen["run_id"],
+                  members=len(members) + len(failed) + len(pruned), test=chosen[metric],
+                  total_width=chosen["total_width"], widths=chosen["widths"],
                   weights=chosen["nonzero_weights"],
-                  flops=sum(flops) if all(f is not None for f in flops) else None,
-                  wall=sum(w for w in walls if w is not None) if any(w is not None for w in walls) else None,
-                  selected_by=how, failed_members=len(failed))
+                  flops=_sum([m["flops"] for m in charged], all_needed=True),
+                  wall=_sum([m["wall_seconds"] for m in charged + failed], all_needed=False),
+                  cpu=_sum([m["cpu_seconds"] for m in charged + failed], all_needed=True),
+                  selected_by=how, failed_members=len(failed), pruned_members=len(pruned),
+                  width=chosen["width"], val=chosen[val_key], runner_up=runner_up, ties=ties,
+                  best_epoch=chosen["best_epoch"], epochs=chosen["epochs"])
 
 
-def compare_results(runs: list[dict]) -> dict[str, list[ArmResult]]:
+def _member(row: dict) -> dict:
+    info = run_info(row)
+    s = row.get("summary") or {}
+    train = as_float(s.get("train_flops"))
+    extra = as_float(s.get("method_flops"))
+    info.update(train_flops=train, method_flops=extra,
+                flops=None if train is None else train + (extra or 0.0),
+                train_flops_dense=as_float(s.get("train_flops_dense")),
+                cpu_seconds=as_float(s.get("cpu_seconds")), val_loss=as_float(s.get("val_loss")),
+                widths=s.get("widths") if isinstance(s.get("widths"), dict) else {},
+                best_epoch=int(b) if (b := as_float(s.get("best_epoch"))) is not None else None,
+                epochs=int(e) if (e := as_float(s.get("epochs"))) is not None else None,
+                has_method_flops="method_flops" in s)
+    return info
+
+
+def compare_results(runs: list[dict], epochs: dict[str, list[dict]] | None = None
+                    ) -> dict[str, list[ArmResult]]:
     """Task name -> one :class:`ArmResult` per compared method, in the study's method order.
 
     The headline metric is decided once per task (test accuracy if any run of the task reports one,
@@ -115,138 +206,90 @@ def compare_results(runs: list[dict]) -> dict[str, list[ArmResult]]:
 
     Args:
         runs: Rows of :meth:`ResultStore.runs` (non-compare rows are ignored).
+        epochs: Per-epoch records by run id; they give the width at the end of training, whether a
+            learned width settled, and (when the store does not record it) the validation split size.
     """
+    epochs = epochs or {}
     by_arm: dict[tuple[str, str], dict[str, Any]] = {}
     for row in sorted(runs, key=lambda r: r.get("position") or 0):
         task, arm, role = _tags(row)
-        if not arm or row.get("status") not in ("done", "failed"):
+        status = row.get("status")
+        if not arm or status not in ("done", "failed", "pruned"):
             continue
-        info = run_info(row)
-        s = row.get("summary") or {}
-        info["train_flops"] = as_float(s.get("train_flops"))
-        info["val_loss"] = as_float(s.get("val_loss"))
-        info["widths"] = s.get("widths") if isinstance(s.get("widths"), dict) else {}
+        info = _member(row)
         entry = by_arm.setdefault((task, arm), {"role": role, "method": info["method"], "seeds": {},
-                                                "order": len(by_arm)})
-        done, failed = entry["seeds"].setdefault(info["seed"], ([], []))
-        (done if row["status"] == "done" else failed).append(info)
+                                                "order": len(by_arm), "summaries": []})
+        entry["summaries"].append(row.get("summary") or {})
+        done, failed, pruned = entry["seeds"].setdefault(info["seed"], ([], [], []))
+        if _is_pruned(row):
+            pruned.append(info)
+        else:
+            (done if status == "done" else failed).append(info)
     classification = {task for (task, _), e in by_arm.items()
-                      if any(m["test_accuracy"] is not None for d, _ in e["seeds"].values() for m in d)}
+                      if any(m["test_accuracy"] is not None for d, _, _ in e["seeds"].values() for m in d)}
+    val_sizes = {}
+    for task in {t for t, _ in by_arm}:
+        summaries = [s for (t, _), e in by_arm.items() if t == task for s in e["summaries"]]
+        ids = [s.get("run_id") for s in summaries]
+        val_sizes[task] = split_size(summaries, [epochs.get(i) or [] for i in ids]) \
+            if task in classification else (None, "")
     out: dict[str, list[ArmResult]] = {}
     for (task, arm), e in sorted(by_arm.items(), key=lambda kv: kv[1]["order"]):
         metric = "test_accuracy" if task in classification else "test_loss"
         res = ArmResult(task, arm, e["method"], e["role"], metric,
-                        failed=sum(len(f) for _, f in e["seeds"].values()))
+                        failed=sum(len(f) for _, f, _ in e["seeds"].values()))
+        res.val_examples, res.val_examples_how = val_sizes[task]
         for seed in sorted(e["seeds"], key=lambda s: (s is None, s)):
-            done, failed = e["seeds"][seed]
-            if (c := _choice(done, failed, metric)) is not None:
+            done, failed, pruned = e["seeds"][seed]
+            if (c := _choice(done, failed, pruned, metric)) is not None:
+                c.path = width_path(epochs.get(c.run_id) or [])
                 res.choices.append(c)
+            res.members.extend(done)
             if e["role"] == SEARCH:
                 for m in done:
                     width = m["width"] if m["width"] is not None else -1
                     res.members_by_width.setdefault(width, []).append(m)
+        if e["method"] in UNMETERED and not any(m["has_method_flops"] for m in res.members):
+            res.unmetered = UNMETERED[e["method"]]
         out.setdefault(task, []).append(res)
     return out
 
 
 def dense_reference(arms: list[ArmResult]) -> ArmResult | None:
     """The dense width grid of a task: the reference for relative compute."""
-    dense = [a for a in arms if a.method == "dense" and a.role == SEARCH and a.choices]
+    dense = [a for a in arms if a.method == "dense" and a.role == SEARCH and a.choices
+             and not is_search_arm(a)]
     return dense[0] if dense else None
 
 
-def _ratio(x: Stat, ref: ArmResult | None, key: str) -> str:
+def search_reference(arms: list[ArmResult]) -> ArmResult | None:
+    """The task's hyper-parameter search arm (e.g. Optuna over the width), when the study has one."""
+    found = [a for a in arms if is_search_arm(a) and a.choices]
+    return found[0] if found else None
+
+
+def ratio(x: Stat, ref: ArmResult | None, key: str) -> float | None:
+    """Mean of ``x`` over the mean of ``key`` of the reference arm (None when either is missing)."""
     if ref is None or x.mean is None:
-        return ""
+        return None
     base = ref.stat(key).mean
-    return f"{x.mean / base:.3g}×" if base else ""
-
-
-def _widths_text(arm: ArmResult) -> str:
-    """Final width: mean ± std of the total, with the per-layer widths when they are few and equal."""
-    s = arm.stat("total_width")
-    if s.mean is None:
-        return ""
-    layouts = {tuple(c.widths.values()) for c in arm.choices if c.widths}
-    text = _fmt(s, "int")
-    if len(layouts) == 1 and len(next(iter(layouts))) > 1:
-        text += " (" + "-".join(str(w) for w in next(iter(layouts))) + ")"
-    return text
-
-
-def compare_table(arms: list[ArmResult]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of one task's comparison table (shared by Markdown, terminal and HTML)."""
-    if not arms:
-        return [], []
-    metric = arms[0].metric
-    ref = dense_reference(arms)
-    header = ["method", "runs/seed", "seeds", "test acc (%)" if metric == "test_accuracy" else "test loss",
-              "final width", "nonzero weights", "train FLOPs", "wall s", "FLOPs vs dense grid",
-              "wall vs dense grid", "chosen by", "failed"]
-    rows = []
-    for a in sorted(arms, key=lambda a: METHOD_ORDER.get(a.method, len(METHOD_ORDER))):
-        flops, wall = a.stat("flops"), a.stat("wall")
-        lower = "≥ " if a.incomplete else ""  # a failed member's FLOPs were never metered
-        members = sorted({c.members for c in a.choices})
-        rows.append([
-            _name(a), "–".join(str(n) for n in (members[0], members[-1]) if members)
-            if len(members) > 1 else (str(members[0]) if members else ""), str(len(a.choices)),
-            _fmt(a.stat("test"), "pct" if metric == "test_accuracy" else "loss"),
-            _widths_text(a), _fmt(a.stat("weights"), "int"),
-            "" if flops.mean is None else f"{lower}{flops.mean:.3g}", _fmt(wall, "sec"),
-            _ratio(flops, ref, "flops"), _ratio(wall, ref, "wall"), a.selected_by,
-            str(a.failed) if a.failed else "",
-        ])
-    keep = [j for j in range(len(header)) if j < 4 or any(r[j] for r in rows)]
-    return [header[j] for j in keep], [[r[j] for j in keep] for r in rows]
-
-
-def verdict(arms: list[ArmResult]) -> str:
-    """One factual line per task: who has the best test metric, and who spent the least FLOPs, the
-    least wall time and the fewest weights (each with its own number)."""
-    done = [a for a in arms if a.stat("test").mean is not None]
-    if not done:
-        return ""
-    maximise = done[0].metric == "test_accuracy"
-    best = (max if maximise else min)(done, key=lambda a: a.stat("test").mean)
-    test = _fmt(best.stat("test"), "pct" if maximise else "loss") + ("%" if maximise else "")
-    parts = [f"best test {'accuracy' if maximise else 'loss'}: {_name(best)} ({test})"]
-    ref = dense_reference(arms)
-    for key, what, show in (("flops", "fewest training FLOPs", lambda v: f"{v:.3g}"),
-                            ("wall", "least wall time", lambda v: f"{v:.1f} s"),
-                            ("weights", "fewest weights", lambda v: f"{v:,.0f}")):
-        have = [a for a in done if a.stat(key).mean is not None]
-        if have:
-            a = min(have, key=lambda a: a.stat(key).mean)
-            rel = _ratio(a.stat(key), ref, key) if key != "weights" and a is not ref else ""
-            parts.append(f"{what}: {_name(a)} ({show(a.stat(key).mean)}"
-                         + (f", {rel} the dense grid" if rel else "") + ")")
-    return "; ".join(parts) + "."
+    return x.mean / base if base else None
 
 
 def _name(a: ArmResult) -> str:
-    if a.role != SEARCH:
-        return a.arm
+    if a.role != SEARCH or is_search_arm(a):
+        return a.arm + (" arm" if is_search_arm(a) and a.arm == "search" else "")
     return a.arm + {"dense": " grid", "widesparse": " family"}.get(a.method, " search")
 
 
-COMPARE_NOTES = (
-    "Per seed, a search (a method with a sweep: the dense width grid, the wide & sparse family) keeps "
-    "its member with the best validation metric and is charged for all its members, failed ones "
-    "included (their wall seconds; their FLOPs were not metered, so the total is a lower bound, ≥); "
-    "adaptive and self-expanding methods are one run per seed. Values are mean ± sample std over "
-    "seeds; accuracies in %. Train FLOPs estimate the training steps' forward + backward passes "
-    "(3 x forward FLOPs per example, at the widths and sparsity in use at each step; multiply-adds "
-    "counted as 2 FLOPs); they leave out evaluation, natural-gradient solves and expansion scoring, "
-    "which the wall seconds include. Relative columns divide by the dense grid of the same task.")
+# The tables and the verdict live in their own modules; these names stay importable from here.
+def compare_table(arms: list[ArmResult]) -> tuple[list[str], list[list[str]]]:
+    from widthlab.report.compare_tables import compare_table as table
+
+    return table(arms)
 
 
-def format_comparison(rows: list[dict]) -> str:
-    """The comparison tables of a study's runs as Markdown (readable as plain text in a terminal)."""
-    from widthlab.report.tables import markdown_table
+def format_comparison(rows: list[dict], epochs: dict[str, list[dict]] | None = None) -> str:
+    from widthlab.report.compare_tables import format_comparison as fmt
 
-    tasks = compare_results(rows)
-    if not tasks:
-        return "(no finished runs yet)"
-    return "\n\n".join(f"## {task}\n\n{markdown_table(*compare_table(arms))}\n\n{verdict(arms)}"
-                       for task, arms in tasks.items())
+    return fmt(rows, epochs)

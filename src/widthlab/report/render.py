@@ -22,8 +22,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from widthlab.report.compare import COMPARE_NOTES, compare_results, compare_table, is_compare, verdict
+from widthlab.report.compare import compare_results, is_compare
 from widthlab.report.compare_plots import compare_plots
+from widthlab.report.compare_tables import COMPARE_NOTES, compare_table, task_notes
 from widthlab.report.plots import Plot, _slug, make_plots
 from widthlab.report.tables import (
     TEXT_COLUMNS,
@@ -33,6 +34,7 @@ from widthlab.report.tables import (
     status_counts,
     study_tables,
 )
+from widthlab.report.verdict import VERDICT_RULE, verdicts
 from widthlab.studies.store import ResultStore
 
 HTML_NAME = "report.html"
@@ -53,6 +55,8 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; col
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-top: 1.8em; }
 h3 { font-size: 1.05em; margin: 1.4em 0 0.4em; }
 .status { color: #555; } .notes { color: #555; font-size: 0.9em; }
+.verdict { background: #f4f8fb; border-left: 4px solid #1f77b4; padding: 0.2em 1em; font-size: 1.02em; }
+.warn { color: #8a4b00; font-size: 0.92em; } .tasknote { color: #333; font-size: 0.92em; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 0.88em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.6em; white-space: nowrap; }
@@ -95,13 +99,20 @@ def _title(studies: list[str]) -> str:
     return "widthlab report" + (f": {', '.join(studies)}" if studies else "")
 
 
-def render_markdown(studies, counts, tables, plots: list[Plot], failed, comparison=()) -> str:
+def render_markdown(studies, counts, tables, plots: list[Plot], failed, comparison=(), verdict=()) -> str:
     """The Markdown report; plots referenced as ``plots/<name>.png``."""
     out = [f"# {_title(studies)}", "", _status_line(counts), ""]
+    if verdict:
+        out += ["## Verdict", ""]
+        for line in verdict:
+            out += [line, ""]
+        out += [VERDICT_RULE, ""]
     if comparison:
         out += ["## Comparison", ""]
-        for task, header, rows, line in comparison:
-            out += [f"### {task}", "", markdown_table(header, rows), "", line, ""]
+        for task, header, rows, notes in comparison:
+            out += [f"### {task}", "", markdown_table(header, rows), ""]
+            for note in notes:
+                out += [note, ""]
         out += [COMPARE_NOTES, ""]
     out += ["## All runs" if comparison else "## Results", ""]
     for study, header, rows in tables:
@@ -123,6 +134,16 @@ def render_markdown(studies, counts, tables, plots: list[Plot], failed, comparis
     return "\n".join(out)
 
 
+def _is_warning(note: str) -> bool:
+    return note.startswith(("Warning", "†")) or "not settled" in note
+
+
+def _verdict_html(line: str) -> str:
+    """A verdict paragraph with its task name in bold."""
+    task, sep, rest = line.partition(": ")
+    return f"<strong>{html.escape(task)}</strong>{sep}{html.escape(rest)}" if sep else html.escape(line)
+
+
 def _html_table(header: list[str], rows: list[list[str]], text_cols: set[str]) -> str:
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in header)
@@ -135,17 +156,22 @@ def _html_table(header: list[str], rows: list[list[str]], text_cols: set[str]) -
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
-def render_html(studies, counts, tables, plots: list[Plot], failed, comparison=()) -> str:
+def render_html(studies, counts, tables, plots: list[Plot], failed, comparison=(), verdict=()) -> str:
     """The self-contained HTML report (inline CSS, plots as data URIs, no scripts)."""
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{e(_title(studies))}</title><style>{_CSS}</style></head><body>",
            f"<h1>{e(_title(studies))}</h1>", f'<p class="status">{e(_status_line(counts))}</p>']
+    if verdict:
+        out += ['<h2 id="verdict">Verdict</h2>', '<div class="verdict">']
+        out += [f"<p>{_verdict_html(line)}</p>" for line in verdict]
+        out += ["</div>", f'<p class="notes">{e(VERDICT_RULE)}</p>']
     if comparison:
         out += ['<h2 id="comparison">Comparison</h2>']
-        for task, header, rows, line in comparison:
-            out += [f"<h3>{e(task)}</h3>", _html_table(header, rows, set(TEXT_COLUMNS)), f"<p>{e(line)}</p>"]
+        for task, header, rows, notes in comparison:
+            out += [f"<h3>{e(task)}</h3>", _html_table(header, rows, set(TEXT_COLUMNS))]
+            out += [f'<p class="{"warn" if _is_warning(n) else "tasknote"}">{e(n)}</p>' for n in notes]
         out += [f'<p class="notes">{e(COMPARE_NOTES)}</p>']
     out += ["<h2>All runs</h2>" if comparison else "<h2>Results</h2>"]
     for study, header, rows in tables:
@@ -194,9 +220,11 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
     groups = aggregate(runs)
     tables = study_tables(groups)
     comparison: list = []
+    verdict: list[str] = []
     if is_compare(runs):  # one section per task; its figures replace the per-group ones
-        arms = compare_results(runs)
-        comparison = [(task, *compare_table(a), verdict(a)) for task, a in arms.items()]
+        arms = compare_results(runs, epochs)
+        comparison = [(task, *compare_table(a), task_notes(a)) for task, a in arms.items()]
+        verdict = [line for _, line in verdicts(arms)]
         plots = compare_plots(arms, epochs, _slug(studies[0] if len(studies) == 1 else "compare"))
     else:
         plots = make_plots(groups, epochs)
@@ -212,6 +240,7 @@ def write_report(out_dir: str | Path) -> tuple[Path, Path]:
             _atomic_write(out_dir / PLOTS_DIR / f"{p.name}.png", p.png)
     md_path, html_path = out_dir / MD_NAME, out_dir / HTML_NAME
     # Plots before the Markdown that points at them, so report.md never shows a missing image.
-    _atomic_write(md_path, render_markdown(studies, counts, tables, plots, failed, comparison).encode())
-    _atomic_write(html_path, render_html(studies, counts, tables, plots, failed, comparison).encode())
+    parts = (studies, counts, tables, plots, failed, comparison, verdict)
+    _atomic_write(md_path, render_markdown(*parts).encode())
+    _atomic_write(html_path, render_html(*parts).encode())
     return html_path, md_path
