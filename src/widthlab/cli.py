@@ -182,8 +182,6 @@ def cmd_report(args) -> int:
     from widthlab.studies.runner import final_model_problem
     from widthlab.studies.store import ResultStore
 
-    if not args.dir.is_dir():
-        raise UsageError(f"{args.dir}: no such folder")
     if args.rebuild:
         from widthlab.studies.rebuild import rebuild_store
 

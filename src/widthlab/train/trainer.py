@@ -381,9 +381,12 @@ class Trainer:
         self.dispatch("on_fit_start")
         ck = self.run_dir / CHECKPOINT if self.run_dir else None
         if resume and ck is not None:
-            self.resume_notes += ckpt.prepare_resume(ck, {**self.identity, "epochs": self.cfg.epochs})
+            # Rank 0 alone repairs the folder (falls back past a damaged checkpoint); the others wait.
+            if self.dist.is_main:
+                self.resume_notes += ckpt.prepare_resume(ck, {**self.identity, "epochs": self.cfg.epochs})
             for note in self.resume_notes:
                 self.progress.message(note)
+            self.dist.barrier()
         if resume and ck is not None and ck.is_file():
             self._resume(ck)
             self.progress.message(f"resumed from {ck} at epoch {self.epoch}")
