@@ -295,3 +295,21 @@ def test_shared_width_distribution_from_a_study_trains_and_resumes(tmp_path, moo
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     with pytest.raises(ValueError, match="share_width_distribution: not with adaptive_channels"):
         build(plain, moons, seed=0, share_width_distribution=True, adaptive_channels=True)
+
+
+ABLATIONS = ["adaptive-families-spiral", "adaptive-start-spiral", "adaptive-depth-spiral",
+             "adaptive-fixed-post-spiral", "adaptive-unbounded-spiral"]
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_ablation_studies_use_the_papers_protocol_and_say_so(name):
+    """The ablation studies select the best-validation checkpoint over >= 3 seeds and say so in the file."""
+    from pathlib import Path
+
+    from widthlab.studies.builtin import __path__ as builtin
+
+    spec = load_study(name)
+    assert spec.train.select_best and len(spec.seeds) >= 3
+    header = (Path(builtin[0]) / f"{name}.yaml").read_text()
+    assert f"# widthlab run {name} " in header and "Protocol: the paper's" in header
+    assert expand_runs(spec)  # every grid point resolves against the method's options

@@ -7,7 +7,8 @@ the units that matter least; no retraining is needed. Two modes (§5, §10):
   does at any width);
 * ``renormalize=False``: the official eval path -- p keeps the values it had over the full width and is
   sliced to the survivors (``AdaptiveScale.support``), so removing a unit whose outgoing weights are zero
-  leaves the output exactly unchanged.
+  leaves the output unchanged in exact arithmetic; in floating point up to rounding, since the consumer
+  then sums one term fewer and BLAS may group the sum differently (not bitwise).
 
 :func:`truncation_curve` measures accuracy against the kept fraction, removing either the tail or random
 units (masked in place, so that survivors keep their own importance); :func:`export_dense` folds the
