@@ -62,8 +62,8 @@ def test_table_shows_relative_compute_against_the_dense_grid():
     assert table["dense grid"]["FLOPs vs dense grid"] == "1×"
     assert table["adaptive"]["FLOPs vs dense grid"] == f"{2e6 / 7e6:.3g}×"
     assert table["adaptive"]["wall vs dense grid"] == f"{4.5 / 11.0:.3g}×"
-    assert table["adaptive"]["selected width"] == "40 · 36" and table["adaptive"]["failed"] == "1"
-    assert table["dense grid"]["selected width"] == "32 · 16" and table["dense grid"]["median width"] == "16"
+    assert table["adaptive"]["selected width"] == "40 · 36 (median 36)" and table["adaptive"]["failed"] == "1"
+    assert table["dense grid"]["selected width"] == "32 · 16 (median 16)"
     assert table["dense grid"]["runs/seed"] == "3"
 
 

@@ -82,10 +82,10 @@ def test_search_widths_are_per_seed_with_a_median_that_some_seed_chose(tmp_path)
     arms = compare_results(*load(tmp_path))["t"]
     table = _table(arms)
     dense = table["dense grid"]
-    assert dense["selected width"] == "256 · 32"
-    assert dense["median width"] == "32"  # the lower middle value of an even count, never 144
+    # The median of an even count is the lower middle value, a width some seed chose: never 144.
+    assert dense["selected width"] == "256 · 32 (median 32)"
     assert dense["nonzero weights"] == f"{74 * 256:,} · {74 * 32:,}"
-    assert table["adaptive"]["selected width"] == "100 · 90"
+    assert table["adaptive"]["selected width"] == "100 · 90 (median 90)"
     text = format_comparison(*load(tmp_path))
     assert "144" not in text and "±" not in dense["selected width"] + dense["nonzero weights"]
 
@@ -132,7 +132,7 @@ def test_table_reports_selected_and_end_width_and_flags_the_unsettled_seed(tmp_p
               wall=1.0, weights=10, best_epoch=7, epochs=_widths(*([300, 200] + [150] * 23)))
     arms = compare_results(*load(tmp_path))["t"]
     row = _table(arms)["adaptive"]
-    assert row["selected width"] == "244 · 150"
+    assert row["selected width"] == "244 · 150 (median 150)"
     assert row["selected at epoch"] == "8 · 7 of 25"
     assert row["end width"] == "108 · 150, not settled: seed 0"
     notes = " ".join(task_notes(arms))

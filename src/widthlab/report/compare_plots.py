@@ -86,7 +86,7 @@ def draw_metric_vs(ax, arms: Sequence[ArmResult], key: str, member_key: str) -> 
         scale = _scale(a.metric)
         color, marker = styles[a.arm]
         if a.role == SEARCH and a.members_by_width:
-            pts = []
+            pts = []  # in width order
             for width in sorted(a.members_by_width):
                 ms = a.members_by_width[width]
                 xs = [m[member_key] for m in ms if m.get(member_key) is not None and m[member_key] > 0]
@@ -94,7 +94,11 @@ def draw_metric_vs(ax, arms: Sequence[ArmResult], key: str, member_key: str) -> 
                 if xs and ys and (not log_y or min(ys) > 0):
                     pts.append((statistics.median_low(sorted(xs)), scale * stat(ys).mean))
             if pts:
-                ax.plot(*zip(*sorted(pts)), color=color, lw=0.8, alpha=0.5, marker=marker, markersize=3)
+                # Joined in width order where the cost grows with the width (FLOPs, weights); wall
+                # seconds of small nets are noise, so those members are left unjoined.
+                joined = all(x0 < x1 for (x0, _), (x1, _) in zip(pts, pts[1:]))
+                ax.plot(*zip(*pts), color=color, lw=0.8 if joined else 0, alpha=0.5, marker=marker,
+                        markersize=3)
         seeds = [(getattr(c, key), c.test) for c in a.choices]
         seeds = [(x, scale * y) for x, y in seeds if x is not None and y is not None and x > 0
                  and (not log_y or y > 0)]
@@ -213,8 +217,8 @@ def compare_plots(tasks: dict[str, list[ArmResult]], epochs: dict[str, list[dict
     """The comparison figures that have data, named ``<stem>-compare-*`` and ``<stem>-pareto-*``."""
     seeds_note = ("Small hollow markers: each seed's choice; large marker: the median cost of the seeds "
                   "(horizontal bar: their min to max) and the mean test metric (vertical bar: ± std over "
-                  "seeds; min to max for losses). Small joined markers: each member of a search at its "
-                  "own cost. Log x axis.")
+                  "seeds; min to max for losses). Small markers: each member of a search at its own cost "
+                  "(joined in width order where the cost grows with the width). Log x axis.")
     specs: list[tuple[str, str, str, Callable[[], bytes | None]]] = [
         ("compare-compute", "Test metric vs training compute",
          "Each method's chosen model at the training FLOPs of its whole search per seed: every width of "

@@ -75,8 +75,9 @@ def _settled_text(choices: list[Choice]) -> str:
     return "not settled: seed " + ", ".join(str(c.seed) for c in bad)
 
 
-def width_cells(a: ArmResult) -> tuple[str, str, str, str]:
-    """(selected width per seed, median, selected epoch per seed, end width per seed + settled)."""
+def width_cells(a: ArmResult) -> tuple[str, str, str]:
+    """(selected width per seed and their median, selected epoch per seed, end width per seed +
+    settled)."""
     sel = [c.total_width for c in a.choices]
     known = [w for w in sel if w is not None]
     if not known:
@@ -85,17 +86,18 @@ def width_cells(a: ArmResult) -> tuple[str, str, str, str]:
     text = per_seed(sel)
     if len(layouts) == 1 and len(next(iter(layouts))) > 1:
         text += " (" + "-".join(str(w) for w in next(iter(layouts))) + ")"
-    med = f"{median_low(known):,.0f}" if len(set(known)) > 1 else ""
+    if len(set(known)) > 1 and len(known) <= MAX_LISTED_SEEDS:
+        text += f" (median {median_low(known):,.0f})"
     changing = any(c.path.changes for c in a.choices)
     if not changing:
-        return text, med, "", ""
+        return text, "", ""
     epochs = per_seed([c.best_epoch for c in a.choices], str)
     last = {c.epochs for c in a.choices if c.epochs is not None}
     if epochs and len(last) == 1:
         epochs += f" of {next(iter(last))}"
     end = per_seed([c.end_width for c in a.choices])
     flag = _settled_text(a.choices)
-    return text, med, epochs, end + (f", {flag}" if flag else "")
+    return text, epochs, end + (f", {flag}" if flag else "")
 
 
 def _rel(x, ref, key) -> str:
@@ -114,7 +116,7 @@ def compare_table(arms: list[ArmResult]) -> tuple[list[str], list[list[str]]]:
     metric = arms[0].metric
     ref, sref = dense_reference(arms), search_reference(arms)
     header = ["method", "runs/seed", "seeds", "test acc (%)" if metric == "test_accuracy" else "test loss",
-              "selected width", "median width", "selected at epoch", "end width",
+              "selected width", "selected at epoch", "end width",
               "nonzero weights", "train FLOPs", "wall s", "CPU s", "FLOPs vs dense grid",
               "wall vs dense grid", "CPU vs dense grid", "FLOPs vs search arm", "wall vs search arm",
               "chosen by", "val ties", "failed", "pruned"]

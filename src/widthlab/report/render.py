@@ -51,7 +51,7 @@ NOTES = ("Values are mean ± sample standard deviation (ddof=1) over the seeds o
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
-       max-width: 1150px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
+       max-width: 1320px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-top: 1.8em; }
 h3 { font-size: 1.05em; margin: 1.4em 0 0.4em; }
 .status { color: #555; } .notes { color: #555; font-size: 0.9em; }
