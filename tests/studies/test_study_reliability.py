@@ -4,6 +4,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -324,3 +325,22 @@ def test_resumed_run_is_charged_its_whole_wall_time(tmp_path):
     resumed = run_study(spec, out, quiet=True, resume=True).summaries[0]
     assert resumed["status"] == "done"
     assert resumed["wall_seconds"] >= 0.5 * ref["wall_seconds"]
+
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found next to the interpreter")
+def test_torchrun_job_is_refused_on_every_rank_while_another_driver_holds_the_folder(tmp_path):
+    from widthlab.studies.outdir import driver_lock
+
+    study, out = tiny_study(tmp_path), tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with driver_lock(out):  # this test process is the first driver
+        job = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "widthlab.cli", "run",
+                              str(study), "--out", str(out), "--quiet"], capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert job.returncode != 0
+    refusals = [ln for ln in job.stderr.splitlines() if f"PID {os.getpid()}" in ln]
+    assert refusals and all("in use" in ln for ln in refusals)
+    assert not (out / "results.sqlite").exists()

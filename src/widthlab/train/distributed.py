@@ -21,6 +21,8 @@ waiting in a collective.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -169,11 +171,30 @@ def _first_difference(every: list[list[tuple]]) -> str:
     return "data-parallel ranks hold different models"
 
 
+def die_with_parent() -> None:
+    """Make this rank exit when its ``torchrun`` agent dies (SIGKILL included), as the local executor's
+    workers do: an orphaned rank 0 would go on holding the output folder's driver lock and writing to it.
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the agent died before the request took effect
+            os._exit(3)
+    except (OSError, AttributeError):
+        pass
+
+
 def init_from_env(device: torch.device) -> DistContext:
     """Join the process group that ``torchrun`` describes in the environment; single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
+    die_with_parent()
     if device.type == "cuda":
         # NCCL collectives (and all_gather_object) run on the current device: one GPU per rank.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
