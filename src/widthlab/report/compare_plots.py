@@ -26,7 +26,15 @@ from matplotlib.figure import Figure
 
 from widthlab.report.compare import SEARCH, ArmResult
 from widthlab.report.pareto import front, points
-from widthlab.report.plots import METHOD_COLORS, METHOD_MARKERS, Plot, _png, _scale, epoch_curve, metric_title
+from widthlab.report.plots import (
+    METHOD_COLORS,
+    METHOD_MARKERS,
+    Plot,
+    _png,
+    _scale,
+    epoch_curve,
+    metric_title,
+)
 from widthlab.report.tables import stat
 
 _EXTRA_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
@@ -180,7 +188,8 @@ def draw_width(ax, arms: Sequence[ArmResult], epochs: dict[str, list[dict]]) -> 
         ax.set_yscale("log", base=2)
         ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-        ax.legend(fontsize=7, loc="best")
+        # One entry per seed and per chosen width: below the axes, in two columns, off the curves.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     return drawn
 
 

@@ -60,7 +60,7 @@ h3 { font-size: 1.05em; margin: 1.4em 0 0.4em; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 0.88em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.6em; white-space: nowrap; }
-th { background: #f3f3f3; text-align: left; }
+th { background: #f3f3f3; text-align: left; white-space: normal; vertical-align: bottom; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr:nth-child(even) td { background: #fafafa; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }

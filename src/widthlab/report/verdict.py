@@ -99,6 +99,8 @@ def task_verdict(task: str, arms: list[ArmResult]) -> Verdict | None:
             v.untested.append((a, gap))
         else:
             v.behind.append((a, gap))
+    v.behind.sort(key=lambda ag: abs(ag[1]))  # closest first
+    v.untested.sort(key=lambda ag: abs(ag[1]))
     widths = [c.total_width for c in rec.choices if c.total_width is not None]
     v.width = median_low(widths) if widths else None
     bad = [c for c in rec.choices if c.path.settled is False]
