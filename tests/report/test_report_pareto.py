@@ -153,3 +153,18 @@ def test_no_bar_runs_off_a_log_loss_axis(tmp_path):
         fig.canvas.draw()
         assert ax.get_yscale() == "log"
         _assert_on_axes(ax)
+
+
+def test_the_note_counts_each_methods_models_on_the_front(tmp_path):
+    from widthlab.report.compare_tables import pareto_note, task_notes
+
+    _study(tmp_path)
+    arms = compare_results(*load(tmp_path))["t"]
+    pts = points(arms, "flops")
+    on = [pts[i] for i in _brute_front(pts, True)]
+    names = {a.arm: a.name for a in arms}
+    counts = ", ".join(f"{names[arm]} {sum(p.arm == arm for p in on)}"
+                       for arm in dict.fromkeys(p.arm for p in sorted(on, key=lambda p: p.cost)))
+    note = pareto_note(arms)
+    assert f"against training FLOPs, {len(on)} models ({counts}; {sum(p.chosen for p in on)} of them" in note
+    assert note in task_notes(arms)

@@ -205,6 +205,27 @@ def small_validation_note(arms: Sequence[ArmResult]) -> str:
             + "; ".join(cases) + ".")
 
 
+def pareto_note(arms: Sequence[ArmResult]) -> str:
+    """Which methods have models on the front of metric vs training FLOPs and vs weights."""
+    from widthlab.report.pareto import front, points
+
+    parts = []
+    for cost, what in (("flops", "training FLOPs"), ("weights", "nonzero weights")):
+        pts = points(list(arms), cost)
+        if not pts:
+            continue
+        fr = front(pts, maximise=arms[0].metric == "test_accuracy")
+        names = {a.arm: a.name for a in arms}
+        counts = {arm: sum(p.arm == arm for p in fr) for arm in dict.fromkeys(p.arm for p in fr)}
+        chosen = sum(p.chosen for p in fr)
+        parts.append(f"against {what}, {len(fr)} models (" + ", ".join(f"{names[a]} {n}" for a, n in
+                                                             counts.items())
+                     + f"; {chosen} of them chosen by their method)")
+    if not parts:
+        return ""
+    return "On the Pareto front of every trained model: " + "; ".join(parts) + "."
+
+
 def task_notes(arms: Sequence[ArmResult]) -> list[str]:
     """The notes under a task's table: unsettled widths, ties, an unseparating validation split, and
     the FLOPs that leave something out."""
@@ -214,6 +235,8 @@ def task_notes(arms: Sequence[ArmResult]) -> list[str]:
         notes.append("Ties on validation: " + " ".join(ties))
     if warn := small_validation_note(arms):
         notes.append(warn)
+    if front_note := pareto_note(arms):
+        notes.append(front_note)
     for a in sorted_arms(arms):
         if a.unmetered:
             notes.append(f"† {a.name}: its FLOPs leave out {a.unmetered} (the runs record no "
