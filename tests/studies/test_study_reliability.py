@@ -146,6 +146,23 @@ def test_truncated_final_model_is_reported_and_rebuilt_by_resume(tmp_path, capsy
     assert main(["report", str(out)]) == 0
 
 
+def test_damaged_checkpoint_of_an_interrupted_run_resumes_from_the_last_good_one(tmp_path, capsys):
+    path, out, before = _finished(tmp_path)
+    run_id = sorted(before)[0]
+    run_dir = out / "runs" / run_id
+    with ResultStore(out) as store:  # make it an interrupted run whose newest checkpoint is damaged
+        store.finish(run_id, "running", {}, error=None)
+    (run_dir / "final.pt").unlink()
+    ck = run_dir / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:200])
+    capsys.readouterr()
+    assert main(["run", str(path), "--out", str(out), "--no-report", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "checkpoint.pt" in err and "damaged" in err
+    assert "previous good checkpoint" in err
+    assert _summary(out) == before
+
+
 # ---------------------------------------------------------------------------------------- 4. paths
 
 

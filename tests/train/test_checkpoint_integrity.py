@@ -22,9 +22,15 @@ def _cfg(epochs: int) -> TrainConfig:
                        select_best=False, optimizer=OptimConfig(name="adam", lr=1e-2))
 
 
-def _fit(run_dir, epochs: int, resume: bool = False, width: int = 16, run_id: str = "run-a"):
+def _fit(run_dir, epochs: int, resume: bool = False, width: int = 16, run_id: str = "run-a",
+         repair: bool = False):
+    """Fit; ``repair``: first make the folder's checkpoint the last good one, as the study runner does."""
     trainer = Trainer(_model(width), make_blobs_task(n=128), _cfg(epochs), run_dir=run_dir,
                       identity={"run_id": run_id})
+    trainer.resume_notes = []
+    if repair:
+        trainer.resume_notes = ckpt.prepare_resume(run_dir / "checkpoint.pt",
+                                                   {**trainer.identity, "epochs": epochs})
     result = trainer.fit(resume=resume)
     return trainer, result
 
@@ -48,7 +54,9 @@ def test_truncated_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
     _fit(run, 3)  # an interrupted 4-epoch run: checkpoint.pt at epoch 3, checkpoint.prev.pt at epoch 2
     assert (run / "checkpoint.prev.pt").is_file()
     _truncate(run / "checkpoint.pt")
-    resumed, result = _fit(run, 4, resume=True)
+    with pytest.raises(ckpt.DamagedCheckpoint, match="cannot be read"):
+        _fit(run, 4, resume=True)  # the trainer alone does not guess
+    resumed, result = _fit(run, 4, resume=True, repair=True)
     notes = " ".join(resumed.resume_notes)
     assert "checkpoint.pt" in notes and "damaged" in notes and "previous good checkpoint" in notes
     assert result.status == "done" and [r["epoch"] for r in result.history] == [1, 2, 3, 4]
@@ -61,7 +69,7 @@ def test_damaged_checkpoints_without_a_good_one_restart_from_the_beginning(tmp_p
     _fit(run, 2)
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         _truncate(run / name, 0.9)
-    resumed, result = _fit(run, 3, resume=True)
+    resumed, result = _fit(run, 3, resume=True, repair=True)
     assert "starts again from the beginning" in resumed.resume_notes[-1]
     assert not resumed.resumed and result.status == "done"
     assert _same(_weights(resumed), _weights(ref))

@@ -151,14 +151,18 @@ def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: 
         meter = ComputeMeter()
         trainer = Trainer(model, data, train_cfg, [*plan.callbacks, meter, recorder], run_dir=run_dir,
                           identity={"run_id": run.run_id})
-        if resume and main:  # say what happens to a damaged checkpoint before training starts
-            expect = {**trainer.identity, "epochs": train_cfg.epochs}
-            notes = ckpt.prepare_resume(run_dir / CHECKPOINT, expect)
-            for note in notes:
-                if progress:
-                    progress({"kind": "note", "run_id": run.run_id, "text": note})
-            if notes:
-                summary["resume_note"] = "; ".join(notes)
+        if resume:
+            # A damaged newest checkpoint: fall back to the previous good one, or start over, and say so.
+            # Rank 0 alone repairs the folder; under torchrun the other ranks wait for it.
+            if main:
+                expect = {**trainer.identity, "epochs": train_cfg.epochs}
+                notes = ckpt.prepare_resume(run_dir / CHECKPOINT, expect)
+                for note in notes:
+                    if progress:
+                        progress({"kind": "note", "run_id": run.run_id, "text": note})
+                if notes:
+                    summary["resume_note"] = "; ".join(notes)
+            distributed.current().barrier()
         result = trainer.fit(resume=resume)
         summary.update(fit_summary(result, model, data.task))
         summary.update(meter.metrics(trainer))

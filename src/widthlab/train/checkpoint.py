@@ -141,9 +141,12 @@ def load_file(path: str | Path, expect: dict[str, Any] | None = None) -> dict:
         raise DamagedCheckpoint(f"checkpoint {path}: cannot be read ({_short(e)})") from None
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # a global outside torch's allow-list: would need code to load
-        what = re.search(r"(GLOBAL|global) ([\w.]+)", str(e))
-        detail = f" (it asks for {what.group(2)})" if what else ""
+    except pickle.UnpicklingError as e:
+        what = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if what is None:  # garbage bytes, not a refused global
+            raise DamagedCheckpoint(f"checkpoint {path}: damaged or truncated, cannot be read "
+                                    f"({type(e).__name__}: {_short(str(e).splitlines()[-1], 160)})") from None
+        detail = f" (it asks for {what.group(1)})"
         raise CheckpointError(f"checkpoint {path}: not a widthlab checkpoint: loading it would need code "
                               f"from the file{detail}; it was not loaded") from None
     except Exception as e:  # corrupt zip, truncated file...

@@ -94,6 +94,8 @@ class Trainer:
         label: prefix for progress lines (e.g. the run id).
         identity: what a checkpoint of this fit belongs to (e.g. ``{"run_id": ...}``); recorded in every
             checkpoint with the model's architecture, and a resume refuses a checkpoint of another one.
+            A damaged checkpoint raises :class:`~widthlab.train.checkpoint.DamagedCheckpoint`; call
+            :func:`~widthlab.train.checkpoint.prepare_resume` first to fall back to the previous one.
     """
 
     def __init__(self, model: nn.Module, data: TaskData, config: TrainConfig,
@@ -112,7 +114,6 @@ class Trainer:
                              f"(train.device is {config.device!r})")
         self.model = model.to(self.device)
         self.identity = {**(identity or {}), "architecture": ckpt.architecture(self.model)}
-        self.resume_notes: list[str] = []
         self.wall_before = 0.0  # seconds spent in earlier sessions of a resumed fit
         self._t0 = time.perf_counter()
         self.classification = data.task == "classification"
@@ -380,13 +381,6 @@ class Trainer:
         tb = TensorBoard(self.run_dir / "tensorboard" if self.run_dir else None, self.cfg.tensorboard)
         self.dispatch("on_fit_start")
         ck = self.run_dir / CHECKPOINT if self.run_dir else None
-        if resume and ck is not None:
-            # Rank 0 alone repairs the folder (falls back past a damaged checkpoint); the others wait.
-            if self.dist.is_main:
-                self.resume_notes += ckpt.prepare_resume(ck, {**self.identity, "epochs": self.cfg.epochs})
-            for note in self.resume_notes:
-                self.progress.message(note)
-            self.dist.barrier()
         if resume and ck is not None and ck.is_file():
             self._resume(ck)
             self.progress.message(f"resumed from {ck} at epoch {self.epoch}")
