@@ -295,8 +295,8 @@ def _children(pid: int) -> set[int]:
 
 
 def _worker_of(pid: int) -> int | None:
-    """The worker process whose open files include ``runs/<id>/...``: not knowable in general, so take
-    any worker: with one queue, whichever dies, only its run in flight may be lost."""
+    """One of the driver's two workers, once both exist (any will do: whichever dies, only its run in
+    flight may be lost)."""
     kids = [k for k in _children(pid) if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
     return kids[0] if len(kids) >= 2 else None
 
