@@ -298,7 +298,7 @@ def test_shared_width_distribution_from_a_study_trains_and_resumes(tmp_path, moo
 
 
 ABLATIONS = ["adaptive-families-spiral", "adaptive-start-spiral", "adaptive-depth-spiral",
-             "adaptive-fixed-post-spiral", "adaptive-unbounded-spiral"]
+             "adaptive-batchsize-spiral", "adaptive-fixed-post-spiral", "adaptive-unbounded-spiral"]
 
 
 @pytest.mark.parametrize("name", ABLATIONS)
