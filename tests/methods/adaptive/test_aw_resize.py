@@ -32,11 +32,11 @@ def Z(lam, D):
 
 
 def test_growth_keeps_the_prefix_bitwise_draws_new_units_from_n01_and_only_renormalises():
-    """§3 "Grow": old rows and columns are copied (bitwise); new incoming rows, biases and outgoing
-    columns are i.i.d. N(0, 1). At fan-in 400 the alternatives are far apart: PyTorch's/Kaiming's
-    U(±1/sqrt(400)) has std 0.029 and the Kaiming+ outgoing std sqrt(2 / sum p^2) is about 4, while the
-    sample std of n N(0, 1) draws is within 6 / sqrt(2 n) of 1 (and the mean within 6 / sqrt(n) of 0)
-    except with probability ~1e-9."""
+    """Growth (Errica et al. 2025; the official code draws new units N(0, 1)): old rows and columns
+    are copied (bitwise); new incoming rows, biases and outgoing columns are i.i.d. N(0, 1). At fan-in
+    400 the alternatives are far apart: PyTorch's/Kaiming's U(±1/sqrt(400)) has std 0.029 and the
+    Kaiming+ outgoing std sqrt(2 / sum p^2) is about 4, while the sample std of n N(0, 1) draws is
+    within 6 / sqrt(2 n) of 1 (and the mean within 6 / sqrt(n) of 0) except with probability ~1e-9."""
     torch.manual_seed(0)
     m = adaptive_mlp(400, 50, lam0=0.2).double()
     x = torch.randn(32, 400, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -75,9 +75,10 @@ def test_shrinking_keeps_a_prefix():
 @pytest.mark.numerics
 def test_removing_a_zero_tail_unit_preserves_the_function_up_to_rounding_without_renormalisation():
     """Cutting a tail unit whose outgoing column is zero leaves the output unchanged in exact
-    arithmetic when p is sliced without renormalising (§5). In floating point the consumer's inner
-    products have D - 1 terms instead of D (the dropped term an exact zero), which BLAS may block
-    differently on another instruction set, so the outputs agree up to rounding, not bitwise."""
+    arithmetic when p is sliced without renormalising (the official evaluation path). In floating
+    point the consumer's inner products have D - 1 terms instead of D (the dropped term an exact zero),
+    which BLAS may block differently on another instruction set, so the outputs agree up to rounding,
+    not bitwise."""
     m = model()
     x = x_batch()
     with torch.no_grad():
@@ -108,7 +109,7 @@ def test_truncation_curve_and_export():
     assert curve[0]["metric"] == 1.0 and curve[-1]["widths"]["hidden.0"] == round(0.1 * 48)
     rnd = truncation_curve(m, x, y, [1.0, 0.5], mode="random", seed=0)
     assert rnd[0]["metric"] == 1.0 and rnd[1]["widths"] == curve[2]["widths"]
-    # Tail removal beats random removal: the tail holds the least important units (§5). Measured as
+    # Tail removal beats random removal: the tail holds the least important units. Measured as
     # the mean squared change of the outputs (untrained: no accuracy to lose); seeds 0-4 of random
     # subsets. Seen: tail 0.076 / 0.124 vs random mean 0.357 / 0.633 at 70 % / 50 % kept.
     xs = torch.randn(256, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

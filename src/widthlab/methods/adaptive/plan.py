@@ -20,9 +20,9 @@ fixed sizes from it and builds the adaptive counterpart (specs/awnn.md §4):
 ==================  =====================================================================================
 
 Everything else is a method option (keyword below). Summary extras: ``distribution``, ``lambda0``,
-``k``, ``optimizer_mode``, ``initial_widths`` and, after the fit, ``adaptive_widths``,
-``adaptive_total_width``, ``adaptive_params`` (final lam per layer), ``resizes`` and, with
-``truncation_fractions``, ``truncation`` (accuracy vs kept fraction, tail vs random removal).
+``k``, ``optimizer_mode``, ``share_width_distribution``, ``initial_widths`` and, after the fit,
+``adaptive_widths``, ``adaptive_total_width``, ``adaptive_params`` (final lam per layer), ``resizes``
+and, with ``truncation_fractions``, ``truncation`` (accuracy vs kept fraction, tail vs random removal).
 The run's ``widths``/``total_width`` (and the per-epoch records) count the adaptive widths only.
 """
 
