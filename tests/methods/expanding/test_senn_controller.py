@@ -43,8 +43,9 @@ class _OptimizerCheck:
 def test_zero_thresholds_grow_to_the_caps(moons, optimizer):
     """τ = α = 0: every candidate passes, so the network grows one unit at a time up to its caps.
 
-    Events at epochs 0, 2, 4: a layer (width 2 = the input) then a neuron at 0; the layer cooldown blocks
-    depth at 2; a second layer (width 3) and a neuron at 4."""
+    Events at epochs 0, 2, 4: a layer (width 2 = the input) then a neuron at 0; a second layer (width 3)
+    and a neuron at 2 (layer_cooldown 1 blocks no later event: the official loop counts the inserting
+    event); nothing at 4 (caps reached)."""
     plan = build(None, moons, seed=0, start_widths=[], tau=0.0, alpha=0.0, alpha_layer=0.0,
                  optimizer=optimizer, kfac_stat_every=2, **CHEAP)
     check = _OptimizerCheck()
@@ -52,6 +53,7 @@ def test_zero_thresholds_grow_to_the_caps(moons, optimizer):
     res = tr.fit()
     assert res.status == "done", res.error
     assert plan.model.hidden_widths() == [3, 4]
+    assert [r["widths"] for r in plan.callbacks[-1].log] == [[3], [3, 4], [3, 4]]
     assert check.checked == 5
     rec = res.history[-1]
     assert rec["layers"] == 2 and rec["neurons"] == 7 and rec["expansion_seconds"] > 0
@@ -154,6 +156,37 @@ def test_resumed_run_rebuilds_the_grown_architecture_and_keeps_the_totals(moons,
     assert [r["widths"] for r in ctl_a.log] == [r["widths"] for r in ctl_b.log]
     for (n, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), n
+
+
+def _decide(kind, score, eta=2.0, abs_norm=4.0, **cfg):
+    """The controller's decision on one proposal of score s = Δη′/η_layer: rel = s (depth: s/cost),
+    abs = s·η/abs_norm (depth: /cost)."""
+    from widthlab.methods.expanding.controller import ExpansionController
+    from widthlab.methods.expanding.proposals import UnitLayout
+
+    ctrl = ExpansionController(None, ExpansionConfig(**cfg), "cross_entropy")
+    return ctrl._candidate(None, kind, 0, torch.tensor([score], dtype=torch.float64), eta,
+                           torch.zeros(1, 6, dtype=torch.float64), UnitLayout(1, 2), abs_norm)
+
+
+@pytest.mark.parametrize("score, passes", [(0.6, True), (0.3, False)])
+def test_width_thresholds_compare_the_relative_score_with_tau_and_the_absolute_with_alpha(score, passes):
+    """τ = 0.5, α = 0.2, η/abs_norm = 0.5. s = 0.6: rel 0.6 > τ and abs 0.3 > α (swapping τ and α would
+    reject: 0.3 < 0.5); s = 0.3 with η/abs_norm = 2: rel 0.3 < τ (swapped, 0.3 > 0.2 and abs 0.6 > 0.5
+    would accept)."""
+    c = _decide("width", score, abs_norm=4.0 if passes else 1.0, tau=0.5, alpha=0.2, alpha_layer=10.0)
+    assert (c.rel, c.abs) == pytest.approx((score, score * 2.0 / (4.0 if passes else 1.0)))
+    assert c.passes is passes
+
+
+def test_depth_thresholds_divide_by_the_layer_cost_and_use_alpha_layer():
+    """Depth: Δη′/layer_cost_mul against τ and α_layer. s = 1 with cost 4: rel 0.25 < τ = 0.5 (without
+    the division it would pass); with cost 1 it passes against α_layer = 0.2 but not α_layer = 0.6
+    (α = 10 would reject a width candidate, and is not used)."""
+    c = _decide("depth", 1.0, tau=0.5, alpha=10.0, alpha_layer=0.2, layer_cost_mul=4.0)
+    assert c.rel == pytest.approx(0.25) and c.delta == pytest.approx(0.5) and not c.passes
+    assert _decide("depth", 1.0, tau=0.5, alpha=10.0, alpha_layer=0.2, layer_cost_mul=1.0).passes
+    assert not _decide("depth", 1.0, tau=0.5, alpha=0.0, alpha_layer=0.6, layer_cost_mul=1.0).passes
 
 
 def test_registered_and_validated(moons):
