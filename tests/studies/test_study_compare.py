@@ -116,7 +116,10 @@ def test_compare_study_runs_from_the_command_line_and_reports(tmp_path, capsys):
         assert f"plots/cmp-compare-{name}.png" in md
         assert (out / "plots" / f"cmp-compare-{name}.png").stat().st_size > 1000
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and 'id="comparison"' in html
+    figures = {"compare-compute", "compare-wall", "compare-weights", "compare-width", "pareto-flops",
+               "pareto-weights"}
+    assert {p.stem.removeprefix("cmp-") for p in (out / "plots").glob("cmp-*.png")} == figures
+    assert html.count("data:image/png;base64,") == len(figures) and 'id="comparison"' in html
     with ResultStore(out, create=False) as store:
         assert all(r["config"]["arm"] for r in store.runs())
 
@@ -131,7 +134,9 @@ def _demo_checks(out):
         assert f"| {row} " in table
     header = table.strip().splitlines()[0]
     assert header.count("%") == 1 and "validation" in table  # one accuracy column, searches chosen by val
-    assert len(list((out / "plots").glob("demo-compare-*.png"))) == 3
+    assert {p.stem for p in (out / "plots").glob("demo-*.png")} == {
+        f"demo-{f}" for f in ("compare-compute", "compare-wall", "compare-weights", "compare-width",
+                              "pareto-flops", "pareto-weights")}
 
 
 def test_demo_study_runs_all_four_methods_in_small(tmp_path, capsys):
