@@ -5,7 +5,7 @@
     widthlab run  STUDY|FILE.yaml [k=v ...] --out DIR [--workers N] [--executor local|ray] [--resume]
     widthlab demo [--out DIR]                the main job, on an embedded default dataset
     widthlab report DIR                      (re)write DIR/report.html and DIR/report.md
-    widthlab kernel --d D --width N --connectivity P [--pairs K] [--json]
+    widthlab kernel --d D --width N --connectivity P [--pairs K] [--networks K] [--json]
 
 Bad input exits with status 2 and a one-line (or one line per problem) reason on stderr.
 """
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--inputs", default=None,
                    help="dataset name (e.g. digits) or .npz/.csv file to draw inputs from (default Gaussian)")
+    k.add_argument("--networks", type=int, default=0,
+                   help="also estimate D from this many sampled whole networks (independent check)")
     k.add_argument("--json", action="store_true", help="print all terms and standard errors as JSON")
 
     b = sub.add_parser("build-cpu-kernel", help="compile the adaptive-width layers' CPU kernel now (else it "
@@ -205,26 +207,25 @@ def cmd_report(args) -> int:
 
 
 def cmd_kernel(args) -> int:
-    from widthlab.theory import kernel_distance_summary
+    from widthlab.theory import format_kernel_summary, kernel_distance_summary
 
     if args.d < 1 or args.width < 1 or args.pairs < 1:
         raise UsageError("--d, --width and --pairs must be >= 1")
+    if args.networks < 0:
+        raise UsageError(f"--networks must be >= 0, got {args.networks}")
     if not 0 < args.connectivity <= 1:
         raise UsageError(f"--connectivity must be in (0, 1], got {args.connectivity}")
     inputs = None
     if args.inputs is not None:
         inputs = _kernel_inputs(args.inputs, args.d)
-    kw = {"pairs": args.pairs, "seed": args.seed, "inputs": inputs}
+    kw = {"pairs": args.pairs, "seed": args.seed, "inputs": inputs, "networks": args.networks}
     if args.masks is not None:
         kw["masks"] = args.masks
     out = kernel_distance_summary(args.d, args.width, args.connectivity, **kw)
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
     else:
-        print(f"D = {out['D']:.4g} +- {out['D_se']:.2g}  (bias^2 {out['bias_sq']:.3g}, "
-              f"variance/n {out['variance_term']:.3g})  d={args.d} n={args.width} p={args.connectivity}")
-        print(f"approximations: eq. 4 {out['approx_eq4']:.4g}, variance-only "
-              f"{out['approx_variance_only']:.4g}; p* (eq. 4) = {out['p_star']:.4g}")
+        print(format_kernel_summary(out))
     return 0
 
 

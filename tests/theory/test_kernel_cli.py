@@ -26,3 +26,21 @@ def test_kernel_on_dataset_inputs_and_bad_input(capsys):
     assert "64 features" in capsys.readouterr().err
     assert main(["kernel", "--d", "784", "--width", "200", "--connectivity", "0"]) == 2
     assert main(["kernel", "--d", "784", "--width", "200", "--connectivity", "0.1", "--inputs", "nope"]) == 2
+
+
+def test_kernel_cli_reports_the_network_check(capsys):
+    """``--networks K`` adds the library's independent check: D averaged over K sampled whole networks,
+    which Theorem 1 of Golubeva et al. (2021) predicts exactly, so the two agree within Monte-Carlo error."""
+    args = ["kernel", "--d", "100", "--width", "50", "--connectivity", "0.2", "--pairs", "5",
+            "--masks", "256", "--networks", "40"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "network check: D = " in text and "40 sampled networks" in text
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["networks"] == 40
+    assert abs(out["D_network"] - out["D"]) < 3 * (out["D_se"] ** 2 + out["D_network_se"] ** 2) ** 0.5
+    assert main(args[:-2]) == 0
+    assert "network check" not in capsys.readouterr().out
+    assert main([*args[:-1], "-1"]) == 2
+    assert "--networks" in capsys.readouterr().err
