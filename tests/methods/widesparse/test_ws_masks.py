@@ -1,11 +1,16 @@
-"""Exact-k masks (spec §3.3, §9.3): zero counts, uniformity, seeding, the io_only variant."""
+"""Exact-k masks (Golubeva et al. 2021, §2: uniformly random static masks with an exact zero count): zero
+counts, uniformity, seeding, the io_only variant."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from widthlab.methods.widesparse.masks import io_only_pairs, layer_generator, random_mask
+from widthlab.methods.widesparse.masks import MASK_STREAM, io_only_pairs, layer_generator, random_mask
 
 
 @pytest.mark.parametrize("shape, k", [((7, 5), 0), ((7, 5), 1), ((7, 5), 34), ((16, 8, 3, 3), 1000),
@@ -59,7 +64,26 @@ def test_io_only_constant_across_kernel_positions():
     assert int((~lin).sum()) == 7
 
 
+def _mask_in_new_process(hash_seed: str) -> str:
+    """The initial seed and the first mask of layer "layers.0" of run seed 3, drawn in a fresh Python
+    process whose str hashes are salted with ``hash_seed``."""
+    code = ("from widthlab.methods.widesparse.masks import layer_generator, random_mask\n"
+            "g = layer_generator(3, 'layers.0')\n"
+            "print(g.initial_seed(), random_mask((8, 8), 20, generator=g).flatten().tolist())")
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
 def test_generator_is_stable_across_processes():
-    # crc32-based seeding, not Python's salted hash(): the seed is a fixed function of (seed, name).
-    assert layer_generator(3, "layers.0").initial_seed() == 1_066_535_234_563
-    assert layer_generator(3, "layers.0", stream=1).initial_seed() != 1_066_535_234_563
+    """The mask of a layer is a function of (seed, name) alone: two processes with differently salted
+    str hashes (so Python's hash() of the name differs) draw the same seed and the same mask, and that
+    mask is the one this process draws; another name or stream gives another seed."""
+    a, b = _mask_in_new_process("1"), _mask_in_new_process("2")
+    assert a == b and a.strip()
+    g = layer_generator(3, "layers.0")
+    assert a.split()[0] == str(g.initial_seed())
+    assert a.split(" ", 1)[1].strip() == str(random_mask((8, 8), 20, generator=g).flatten().tolist())
+    keys = [(3, "layers.0", 0), (3, "layers.1", 0), (3, "layers.0", 1), (4, "layers.0", 0)]
+    seeds = {layer_generator(seed, name, stream=MASK_STREAM + k).initial_seed() for seed, name, k in keys}
+    assert len(seeds) == 4
