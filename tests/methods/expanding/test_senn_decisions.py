@@ -203,3 +203,31 @@ def test_expanding_moons_also_expands_after_the_last_epoch():
 
     study = load_study("expanding-moons")
     assert study.method.model_dump().get("expand_at_end") is True
+
+
+def _width_search(moons, **kw):
+    """Refined scores s = Δη′/η_layer of 32 one-unit candidates for the hidden layer of moons [4]."""
+    from widthlab.methods.expanding import unit_score
+
+    model, x, y = _net(moons)
+    ctrl = _ctrl(model, proposals=32, mala_bursts=20, search_dtype="float64", **kw)
+    ctx = ctrl._observe(model, x, y, natural=False)
+    site = ctrl._site(ctx, "layers.1", ctx.obs.layers["layers.0"].a, "grad")
+    fn = unit_score.UnitScore(1, [site], ctx.obs.n, jitter=1e-10)
+    theta0 = proposals.random_candidates(fn.layouts[0], 32, generator=torch.Generator().manual_seed(5))
+    return fn(theta0), ctrl._search(fn, theta0).score
+
+
+def test_default_refinement_finds_high_score_units(moons):
+    """Defect: MALA ran at T = 1 where s < 0.3, so exp(s/T) was nearly flat and it sampled the N(0, I)
+    prior (mean score barely above the random draws'). The default (T scaled to the best starting
+    draw) must reach at least half of what 300 steps of Adam ascent (an independent optimiser of s) reach,
+    and several times the random draws' mean."""
+    s0, mala = _width_search(moons)
+    _, asc = _width_search(moons, refine="ascent", ascent_steps=300)
+    _, flat = _width_search(moons, mala_temperature=1.0)
+    print(f"mean score: draws {s0.mean():.4f}, MALA T=1 {flat.mean():.4f}, default MALA {mala.mean():.4f}, "
+          f"ascent {asc.mean():.4f}")
+    assert mala.mean() > 0.5 * asc.mean()
+    assert mala.mean() > 3 * s0.mean()
+    assert flat.mean() < 0.5 * asc.mean()  # the old setting really fails this

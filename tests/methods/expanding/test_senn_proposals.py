@@ -177,3 +177,33 @@ def test_selection():
     assert proposals.select(s) == 1
     picks = [proposals.select(s, "sample", 0.1, torch.Generator().manual_seed(i)) for i in range(20)]
     assert picks.count(1) >= 18
+
+
+@pytest.mark.numerics
+def test_official_sampler_gradient_scales_the_residual_term_by_sqrt_eta():
+    """Defect: the "official" variant followed half of ∂s/∂θ. The official code divides the correlation
+    by √η, c = C/√η (so that s = tr(cᵀA_f⁻¹cG⁻¹) = Δη′/η), and back-propagates the cotangent
+    A_f⁻¹ c G⁻¹ (r_⊥,n − cᵀ A_f⁻¹ f_n) per sample (batch mean): built here by autograd through the
+    features, not from the closed-form gradient under test."""
+    g = torch.Generator().manual_seed(11)
+    n, d, m = 30, 3, 2
+    h = torch.randn(n, d, generator=g, dtype=DT)
+    r = torch.randn(n, m, generator=g, dtype=DT)
+    b = torch.randn(m, m, generator=g, dtype=DT)
+    G_inv = torch.linalg.inv(b @ b.T + torch.eye(m, dtype=DT))
+    eta = 0.37  # far from 1, so √η and η differ
+    us = unit_score.UnitScore(1, [unit_score.Site(h, r, G_inv, eta)], n, jitter=0.0)
+    layout = us.layouts[0]
+    theta = proposals.random_candidates(layout, 5, generator=g)
+    s, got = us.official_value_and_grad(theta)
+    t = theta.clone().requires_grad_(True)
+    f = proposals.unit_features(layout, t, h)[..., 0]  # (P, N)
+    with torch.no_grad():
+        c = (f @ r / n) / eta ** 0.5  # (P, m)
+        a_f = (f * f).sum(1, keepdim=True) / n  # (P, 1)
+        resid = r[None] - (f / a_f)[..., None] * c[:, None, :]  # r_⊥,n − cᵀA_f⁻¹f_n, (P, N, m)
+        cot = torch.einsum("pm,mk,pnk->pn", c / a_f, G_inv, resid) / n
+        want_s = (c @ G_inv * c).sum(1) / a_f[:, 0]
+    (want,) = torch.autograd.grad(f, t, cot)
+    torch.testing.assert_close(s, want_s, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -6,7 +6,12 @@ outputs, bias as the last input row) is replaced by the damped natural gradient
     Δ = (A + π√λ I)⁻¹ ḡ (G + √λ/π I)⁻¹        (Martens & Grosse 2015, factored Tikhonov damping)
 
 and the parameters step θ ← θ − lr·Δ (optionally with heavy-ball momentum and KL clipping, Ba et al.
-2017). Parameters outside those layers (the rational activations' (v, c, l)) take plain gradient steps.
+2017). The rational activations' coefficients (v, c, l) (Mitchell et al. 2023, §2: trainable per unit)
+are not in any Kronecker factor; their Gauss-Newton curvature is taken diagonal, from the same
+cotangents that make G: F_ii = (1/N) Σ_n Σ_u (∂(uᵀy_n)/∂θ_i)², and they step by g_i / (F_ii + λ) at the
+same rate, so that every coordinate takes a natural-gradient step (a plain gradient step at a rate
+tuned for natural-gradient steps is orders of magnitude off in either direction). Any other parameter
+takes a plain gradient step.
 
 Statistics are refreshed every ``stat_every`` steps from an extra forward pass on the step's batch with
 sampled (default) or exact output-metric cotangents, and inverted every ``inv_every`` steps, so their
@@ -28,6 +33,27 @@ from torch import nn
 from widthlab.methods.expanding import kfac
 from widthlab.methods.expanding.fisher import check_loss, check_metric
 from widthlab.methods.expanding.natural_gradient import rank_weighted_sum
+from widthlab.nn.rational import RationalActivation
+
+
+def rational_derivatives(act: RationalActivation, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """∂σ/∂v, ∂σ/∂c, ∂σ/∂l at every element of the pre-activation ``x`` (units along ``act.dim``).
+
+    σ = N/r with N = l·x + (2v·x + c)/(1 + x²), r = ‖(v, c, l)‖: ∂σ/∂v = (2x/(1 + x²))/r − N·v/r³, and
+    likewise for c (basis 1/(1 + x²)) and l (basis x); the norm's term vanishes where it is floored.
+    """
+    shape = [1] * x.dim()
+    shape[act.dim] = -1
+    v, c, l = (t.detach().view(shape) for t in (act.v, act.c, act.l))
+    q = v * v + c * c + l * l
+    if act.eps_mode == "floor":
+        r, live = q.clamp_min(act.eps).sqrt(), (q > act.eps).to(x.dtype)
+    else:
+        r, live = (q + act.eps).sqrt(), torch.ones_like(q)
+    den = 1 / (1 + x * x)
+    num = l * x + (2 * v * x + c) * den
+    k = num * live / (r * r * r)
+    return (2 * x * den / r - k * v, den / r - k * c, x / r - k * l)
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -77,12 +103,18 @@ class KFACOptimizer(torch.optim.Optimizer):
         held = {id(p) for g in self.param_groups for p in g["params"]}
         return {n: m for n, m in kfac.kfac_layers(self.model).items() if id(m.weight) in held}
 
+    def _activations(self) -> dict[str, RationalActivation]:
+        held = {id(p) for g in self.param_groups for p in g["params"]}
+        return {n: m for n, m in self.model.named_modules()
+                if isinstance(m, RationalActivation) and id(m.v) in held}
+
     def _update_factors(self, layers: dict[str, nn.Module]) -> None:
         if self._batch is None:
             raise RuntimeError("KFACOptimizer.step needs set_batch(x, y) first (add plan.OptimizerHook)")
         x, y = self._batch
         was_training = self.model.training
-        with torch.enable_grad(), kfac.capture(layers) as cap:
+        acts = self._activations()
+        with torch.enable_grad(), kfac.capture({**layers, **acts}) as cap:
             out = self.model(x)
             grad_out = kfac.output_grad(self.loss, out.detach(), y)
             us = kfac.g_cotangents(self.loss, out.detach(), grad_out, self.metric, self.g_estimator)
@@ -94,8 +126,20 @@ class KFACOptimizer(torch.optim.Optimizer):
             if name in cap:
                 a_rows = kfac.input_rows(m, cap[name].a, self.bias)
                 batch[name] = kfac.factors_from_rows(a_rows, [kfac.output_rows(e[name]) for e in es], n)
+        diags = {name: self._rational_diagonal(m, cap[name].a, [e[name] for e in es], n)
+                 for name, m in acts.items() if name in cap}
         if self.dist is not None and self.dist.active:
             self._all_reduce_factors(batch, n)
+            self._all_reduce_diagonals(diags, n)
+        for name, d in diags.items():
+            m = acts[name]
+            for p, dp in zip((m.v, m.c, m.l), d):
+                st = self.state[p]
+                old = st.get("F_diag")
+                if old is None or old.shape != dp.shape or self.ema_decay == 0:
+                    st["F_diag"] = dp.detach().clone()
+                else:
+                    kfac.ema_(old, dp.detach(), self.ema_decay)
         for name, f in batch.items():
             m = layers[name]
             st = self.state[m.weight]
@@ -118,6 +162,37 @@ class KFACOptimizer(torch.optim.Optimizer):
         for i, f in enumerate(batch.values()):
             f.A, f.G = parts[2 * i].view_as(f.A), parts[2 * i + 1].view_as(f.G)
 
+    @staticmethod
+    def _rational_diagonal(act: RationalActivation, x: torch.Tensor, deltas: list[torch.Tensor], n: int
+                           ) -> tuple[torch.Tensor, ...]:
+        """Diagonal Gauss-Newton of (v, c, l): (1/N) Σ_n Σ_u (Σ_t δ·∂σ/∂θ)², δ = ∂(uᵀy)/∂σ per element
+        (t: the spatial positions of one unit in one sample)."""
+        ders = rational_derivatives(act, x)
+        dim = act.dim % x.dim()
+        other = [i for i in range(1, x.dim()) if i != dim]
+        out = []
+        for der in ders:
+            tot = 0
+            for delta in deltas:
+                g = delta * der
+                g = g.sum(other) if other else g  # (N, units)
+                tot = tot + (g * g).sum(0)
+            out.append(tot / n)
+        return tuple(out)
+
+    def _all_reduce_diagonals(self, diags: dict[str, tuple[torch.Tensor, ...]], n: int) -> None:
+        if not diags:
+            return
+        flat = [t for d in diags.values() for t in d]
+        reduce = rank_weighted_sum(self.dist, n, flat[0])
+        parts = reduce(torch.cat(flat)).split([t.numel() for t in flat])
+        for i, name in enumerate(list(diags)):
+            diags[name] = tuple(parts[3 * i + j] for j in range(3))
+
+    def _diag_ready(self, act: RationalActivation) -> bool:
+        st = self.state.get(act.v, {})
+        return "F_diag" in st and st["F_diag"].shape == act.v.shape
+
     def _ready(self, m: nn.Module) -> bool:
         st = self.state.get(m.weight, {})
         d = m.weight[0].numel() + (1 if self.bias and m.bias is not None else 0)
@@ -134,7 +209,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         layers = self._layers()
         step = self.param_groups[0]["kfac_step"]
         fresh = [n for n, m in layers.items() if not self._ready(m)]
-        if step % self.stat_every == 0 or fresh:
+        stale_diag = any(not self._diag_ready(a) for a in self._activations().values())
+        if step % self.stat_every == 0 or fresh or stale_diag:
             self._update_factors(layers if step % self.stat_every == 0 else {n: layers[n] for n in fresh})
         invert = step % self.inv_every == 0
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
@@ -158,6 +234,9 @@ class KFACOptimizer(torch.optim.Optimizer):
                 if id(p) in done or p.grad is None:
                     continue
                 g = p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad
+                diag = self.state[p].get("F_diag") if p in self.state else None
+                if diag is not None and diag.shape == g.shape:  # a rational coefficient
+                    g = g / (diag + group["damping"])
                 updates.append((p, g, group))
         scale = self._kl_scale(updates)
         for p, d, group in updates:
