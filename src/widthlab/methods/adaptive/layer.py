@@ -6,12 +6,16 @@ A hidden layer of an adaptive network computes (specs/awnn.md §2 "Rescaling")::
 
 where p_l is the importance vector of the layer's distribution over its *live* width D_l, read from the
 tensor's shape: the forward pass never asks the device for lam, so it never synchronises. Changing D_l is
-the job of the callback (``callback.py``), which compares the width the distribution asks for with the
-live one once per optimizer step and commits the change through the core width surgery.
+the job of the controller (``controller.py``), which compares the width the distribution asks for with
+the live one once per optimizer step and commits the change through the core width surgery.
 
 :class:`AdaptiveScale` is the ⊙ p_l step; :class:`AdaptiveSite` ties it to the
-:class:`~widthlab.nn.resize.WidthSite` (producer W_l, consumer W_{l+1}) whose units it scales. Every
-adaptive model exposes ``adaptive_sites() -> list[AdaptiveSite]``.
+:class:`~widthlab.nn.resize.WidthSite` (producer W_l, consumer W_{l+1}) whose units it scales, or to a
+:class:`~widthlab.nn.discovery.WidthGroup` of widths that change together (a residual stream). widthlab's
+adaptive models expose ``adaptive_sites() -> list[AdaptiveSite]``; in any other model made adaptive by
+:func:`widthlab.methods.adaptive.any_model.make_adaptive` each width's scale is a submodule
+``adaptive_scale`` of its (first) producer and knows its site (``entry``), which :func:`collect_sites`
+reads.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from widthlab.methods.adaptive.distributions import ImportanceDistribution, scale_along
+from widthlab.nn.discovery import WidthGroup
 from widthlab.nn.resize import WidthSite
 
 # How new units are drawn when a site grows (callback.py): "normal" is the paper's N(0, 1) (§3 "Grow");
@@ -100,14 +105,18 @@ class AdaptiveSite:
     Attributes:
         name: the width's label in records (``"hidden.0"``, ``"head.hidden.0"``, ``"enc.3.ffn.hidden.0"``).
         scale: the :class:`AdaptiveScale` applied to the site's units.
-        site: producer -> (norms) -> consumer, for width surgery.
+        site: producer -> (norms) -> consumer, for width surgery; for a group, its first producer and
+            first consumer (the width is read from them).
         grow_init: how new units are drawn (one of :data:`GROW_INITS`).
+        group: None for a single site; else every producer, norm and consumer sharing this width,
+            resized together (``nn.group_surgery.resize_group``).
     """
 
     name: str
     scale: AdaptiveScale
     site: WidthSite
     grow_init: str = "normal"
+    group: WidthGroup | None = None
 
     @property
     def width(self) -> int:
@@ -133,17 +142,40 @@ def prefixed_sites(sites: list[AdaptiveSite], prefix: str, label: str | None = N
     if not prefix:
         return sites
     label = label or prefix
+    if any(s.group is not None for s in sites):
+        raise ValueError("prefixed_sites: groups carry module names of the model they were found in")
     return [AdaptiveSite(f"{label}.{s.name}", s.scale, prefixed(s.site, prefix, f"{label}.{s.name}"),
                          s.grow_init) for s in sites]
 
 
+# The submodule name, on a width's (first) producer, of a scale inserted by make_adaptive. A submodule
+# of the producer, not of the model, so that containers iterating their children (nn.Sequential) are
+# unaffected.
+ATTACHED = "adaptive_scale"
+
+
+def attached_sites(model: nn.Module) -> list[AdaptiveSite]:
+    """The sites of the scales :func:`~widthlab.methods.adaptive.any_model.make_adaptive` inserted."""
+    out = []
+    for m in model.modules():
+        entry = getattr(m, "entry", None) if isinstance(m, AdaptiveScale) else None
+        if isinstance(entry, AdaptiveSite):
+            out.append(entry)
+    return out
+
+
 def collect_sites(model: nn.Module) -> list[AdaptiveSite]:
-    """The adaptive sites of ``model`` (which must define ``adaptive_sites()``)."""
+    """The adaptive sites of ``model``: its ``adaptive_sites()``, or those :func:`make_adaptive
+    <widthlab.methods.adaptive.any_model.make_adaptive>` inserted."""
     fn = getattr(model, "adaptive_sites", None)
-    if not callable(fn):
-        raise TypeError(f"{type(model).__name__} has no adaptive_sites(); build it with an adaptive "
+    if callable(fn):
+        return list(fn())
+    sites = attached_sites(model) if isinstance(model, nn.Module) else []
+    if not sites:
+        raise TypeError(f"{type(model).__name__} has no adaptive sites; make it adaptive with "
+                        "widthlab.AdaptiveWidth(model, optimizer, example_inputs) or build an adaptive "
                         "architecture (widthlab.methods.adaptive)")
-    return list(fn())
+    return sites
 
 
 def share_width_distribution(model: nn.Module) -> ImportanceDistribution:

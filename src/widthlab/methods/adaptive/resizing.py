@@ -6,6 +6,9 @@
   p_new W_{l+1}[:, new] a_new, and every p_i is rescaled by Z_old / Z_new through the renormalisation).
 * Shrink: keep the first D rows, bias entries and columns -- drop the least important tail.
 
+A site whose width is tied to others (a :class:`~widthlab.nn.discovery.WidthGroup`: a residual stream)
+is resized as one: every producer's rows, norm and consumer's columns (``nn.group_surgery.resize_group``).
+
 Every changed tensor becomes a new Parameter (``nn.surgery.resize_site``), and the returned
 :class:`~widthlab.nn.resize.ResizeEvent` carries the optimizer mode for ``train.optim_surgery``:
 ``"reset"`` (faithful: the official code restarts Adam's state of every replaced tensor, including the
@@ -22,8 +25,9 @@ import torch
 from torch import nn
 
 from widthlab.methods.adaptive.layer import AdaptiveSite
+from widthlab.nn.group_surgery import resize_group
 from widthlab.nn.resize import ParamResize, ResizeEvent
-from widthlab.nn.surgery import resize_site
+from widthlab.nn.surgery import InitIn, InitOut, resize_site
 
 OPTIMIZER_MODES = ("reset", "keep")
 
@@ -89,18 +93,38 @@ def set_width(asite: AdaptiveSite, D: int, *, model: nn.Module | None = None,
     g = generator if generator is not None else torch.Generator()
     if old < D:
         init_in, init_out = _inits(asite, D, g)
-        event = resize_site(asite.site, keep=range(old), n_new=D - old, init_in=init_in,
-                            init_out=init_out, model=model)
+        event = resize_units(asite, range(old), D - old, init_in=init_in, init_out=init_out, model=model)
     else:
-        event = resize_site(asite.site, keep=range(D), n_new=0, model=model)
+        event = resize_units(asite, range(D), 0, model=model)
     if optimizer_mode == "reset":
-        event = event.merge(_rewrap_bias(asite))
+        for consumer, name in _consumers(asite, model):
+            event = event.merge(_rewrap_bias(consumer, name))
     return dataclasses.replace(event, optimizer_mode=optimizer_mode,
                                widths={asite.name: D}, description=f"{asite.name}: {old} -> {D}")
 
 
-def _rewrap_bias(asite: AdaptiveSite) -> ResizeEvent:
-    consumer = asite.site.consumer
+def resize_units(asite: AdaptiveSite, keep, n_new: int, *, init_in: InitIn = "zeros",
+                 init_out: InitOut = "zeros", model: nn.Module | None = None,
+                 generator: torch.Generator | None = None) -> ResizeEvent:
+    """Keep ``keep`` units of the site (or of every module of its group) and append ``n_new``; the
+    arguments of :func:`widthlab.nn.surgery.resize_site`. A group needs ``model`` (it names modules)."""
+    if asite.group is None:
+        return resize_site(asite.site, keep=keep, n_new=n_new, init_in=init_in, init_out=init_out,
+                           model=model, generator=generator)
+    if model is None:
+        raise ValueError(f"adaptive site {asite.name!r} is a group of tied widths: resizing it needs "
+                         "the model")
+    return resize_group(model, asite.group, keep, n_new, init_in=init_in, init_out=init_out,
+                        generator=generator)
+
+
+def _consumers(asite: AdaptiveSite, model: nn.Module | None) -> list[tuple[nn.Module, str]]:
+    if asite.group is None or model is None:
+        return [(asite.site.consumer, asite.site.consumer_name)]
+    return [(model.get_submodule(n), n) for n in asite.group.consumers]
+
+
+def _rewrap_bias(consumer: nn.Module, consumer_name: str) -> ResizeEvent:
     old = getattr(consumer, "bias", None)
     if not isinstance(old, nn.Parameter):
         return ResizeEvent()
@@ -108,5 +132,5 @@ def _rewrap_bias(asite: AdaptiveSite) -> ResizeEvent:
     if old.grad is not None:
         new.grad = old.grad.clone()
     consumer.bias = new
-    name = f"{asite.site.consumer_name}.bias" if asite.site.consumer_name else "bias"
+    name = f"{consumer_name}.bias" if consumer_name else "bias"
     return ResizeEvent(params=(ParamResize(name, old, new, None, None),))
