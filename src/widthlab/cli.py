@@ -130,11 +130,12 @@ def _finish_study(out: Path, write_report: bool, quiet: bool) -> None:
 
     html, md = write(out)
     if not quiet:
-        from widthlab.report.compare import format_comparison, is_compare
+        from widthlab.report import comparison_text
+        from widthlab.report.compare import is_compare
 
         with ResultStore(out, create=False) as store:
             rows = store.runs()
-        print(format_comparison(rows) if is_compare(rows) else format_results_table(rows))
+        print(comparison_text(out) if is_compare(rows) else format_results_table(rows))
         print(f"\nreport: {html}\n        {md}\nsummary: {out / 'summary.json'}")
 
 

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from widthlab.search.spec import DEFAULT_SAMPLER, IMPLICIT_ARMS, SearchSpec
 from widthlab.studies.schema import Seed, StudySpec, distinct_seeds
 
 # The roles of compare runs, recorded in each run's config and summary.
@@ -53,6 +54,8 @@ class MethodEntry(_Strict):
     method: dict[str, Any] = {}
     train: dict[str, Any] = {}
     sweep: dict[str, list[Any]] = {}
+    search: SearchSpec | None = None  # a search arm (Optuna): widthlab.search
+    retrain: bool | None = None  # learned-width arms: also train a fixed net of the found width
 
 
 class TaskEntry(_Strict):
@@ -100,6 +103,33 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Learned-width methods whose found width gets a fixed retrain control by default.
+RETRAIN_METHODS = ("adaptive", "expanding")
+RETRAIN_SUFFIX = "_retrain"
+
+
+def search_of(spec: CompareSpec, task: str, arm: str) -> SearchSpec | None:
+    """The search section of a search arm (None for any other arm); the task may override it."""
+    m = spec.methods[arm]
+    over = spec.tasks[task].methods.get(arm, MethodEntry())
+    section = over.search or m.search
+    if section is None:
+        if arm not in IMPLICIT_ARMS:
+            return None
+        section = SearchSpec()
+    if "sampler" not in section.model_fields_set and arm in DEFAULT_SAMPLER:
+        section = section.model_copy(update={"sampler": DEFAULT_SAMPLER[arm]})
+    return section
+
+
+def retrain_of(spec: CompareSpec, task: str, arm: str, method_name: str) -> bool:
+    """Whether the arm gets a fixed retrain control: ``retrain:`` if given, else learned-width methods."""
+    m = spec.methods[arm]
+    over = spec.tasks[task].methods.get(arm, MethodEntry())
+    given = over.retrain if over.retrain is not None else m.retrain
+    return given if given is not None else method_name in RETRAIN_METHODS
+
+
 def study_of(spec: CompareSpec, task: str, arm: str) -> dict[str, Any]:
     """The raw study mapping of one (task, method) pair, before validation."""
     t, m = spec.tasks[task], spec.methods[arm]
@@ -107,10 +137,19 @@ def study_of(spec: CompareSpec, task: str, arm: str) -> dict[str, Any]:
     if task_only := set(t.methods) - set(spec.methods):
         raise ValueError(f"tasks.{task}.methods names unknown method(s) {sorted(task_only)}; "
                          f"known: {', '.join(spec.methods)}")
-    method = deep_merge({"name": arm}, deep_merge(m.method, over.method))
+    search = search_of(spec, task, arm)
+    # A search arm's trials train the method named in its method section (default dense), at the width
+    # (and learning rate) each trial samples.
+    method = deep_merge({"name": "dense" if search else arm}, deep_merge(m.method, over.method))
     model = deep_merge(deep_merge(t.model, m.model), over.model)
     if method["name"] == "widesparse" and "base_width" not in method and "width" in t.model:
         method["base_width"] = t.model["width"]  # the family keeps the task's base model's weights
+    sweep = deep_merge(m.sweep, over.sweep)
+    if search is not None:
+        if sweep:
+            raise ValueError(f"method {arm} is a search arm (it samples the width): it takes no sweep")
+        model.pop("widths", None)
+        model["width"] = search.width[0]
     return {
         "name": spec.name,
         "data": copy.deepcopy(t.data),
@@ -118,7 +157,7 @@ def study_of(spec: CompareSpec, task: str, arm: str) -> dict[str, Any]:
         "method": method,
         "train": deep_merge(deep_merge(deep_merge(spec.train, t.train), m.train), over.train),
         "seeds": list(spec.seeds),
-        "sweep": deep_merge(m.sweep, over.sweep),
+        "sweep": sweep,
     }
 
 
@@ -137,7 +176,60 @@ def expand_compare(spec: CompareSpec, source: str = "study") -> list:
                 raise StudyError(_format_validation(where, e)) from None
             except ValueError as e:
                 raise StudyError(f"{where}: {e}") from None
+            if (search := search_of(spec, task, arm)) is not None:
+                check_search_arm(sub, search, where)
+                continue  # its trials are asked while the study runs (widthlab.search.driver)
+            if (arm + RETRAIN_SUFFIX) in spec.methods:
+                raise StudyError(f"{where}: method name {arm + RETRAIN_SUFFIX!r} is taken by the fixed "
+                                 f"retrain control of {arm!r}; rename it")
             role = SEARCH if sub.sweep else SINGLE
             for r in expand_runs(sub, where, tags={"task": task, "arm": arm, "role": role}):
                 runs.append(dataclasses.replace(r, position=len(runs)))
     return runs
+
+
+def check_search_arm(sub: StudySpec, search: SearchSpec, where: str) -> None:
+    """A search arm's study is valid at both ends of its ranges, and Optuna is installed."""
+    from widthlab.search.pruning import OptunaMissing, import_optuna
+    from widthlab.studies.load import StudyError, expand_runs
+
+    try:
+        import_optuna()
+    except OptunaMissing as e:
+        raise StudyError(f"{where}: {e}") from None
+    if sub.model.name and not _width_used(sub):
+        raise StudyError(f"{where}: method {sub.method.name!r} does not use model.width, so a search over "
+                         "the width cannot change it")
+    sweep = {"model.width": list(dict.fromkeys(search.width))}
+    if search.lr is not None:
+        sweep["train.optimizer.lr"] = list(dict.fromkeys(search.lr))
+    expand_runs(sub.model_copy(update={"sweep": sweep, "seeds": sub.seeds[:1]}), where)
+
+
+def _width_used(sub: StudySpec) -> bool:
+    from widthlab.studies.methods import model_width_used
+
+    return model_width_used(sub.method.name, sub.model.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmStudy:
+    """One (task, method) pair of a comparison, validated: what the dynamic run sources start from."""
+
+    task: str
+    arm: str
+    study: StudySpec
+    search: SearchSpec | None
+    retrain: bool
+
+
+def arm_studies(spec: CompareSpec) -> list[ArmStudy]:
+    """Every (task, method) pair in study order (the comparison was validated by :func:`expand_compare`)."""
+    out = []
+    for task in spec.tasks:
+        for arm in spec.methods:
+            sub = StudySpec.model_validate(study_of(spec, task, arm))
+            search = search_of(spec, task, arm)
+            out.append(ArmStudy(task, arm, sub, search,
+                                search is None and retrain_of(spec, task, arm, sub.method.name)))
+    return out

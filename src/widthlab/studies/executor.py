@@ -15,14 +15,15 @@ import multiprocessing.connection as mp_connection
 import os
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from widthlab.search.driver import WAIT
 from widthlab.studies.load import RunSpec, StudyError, expand_runs
 from widthlab.studies.outdir import job_lock
 from widthlab.studies.runner import execute_run, final_model_problem
+from widthlab.studies.schedule import Schedule, build_sources, known_dynamic_ids
 from widthlab.studies.schema import StudySpec
 from widthlab.studies.store import ResultStore, StoreError
 from widthlab.train import distributed
@@ -36,7 +37,7 @@ class StudyOutcome:
 
     @property
     def failed(self) -> list[dict[str, Any]]:
-        return [s for s in self.summaries if s.get("status") != "done"]
+        return [s for s in self.summaries if s.get("status") not in ("done", "pruned")]
 
 
 class ProgressPrinter:
@@ -84,7 +85,11 @@ class ProgressPrinter:
         elif kind == "end":
             label = self.running.pop(msg["run_id"], msg["run_id"])
             s = msg.get("summary") or {}
-            if msg["status"] == "done":
+            if msg["status"] == "pruned":
+                self.done += 1
+                self._print(f"{self._counts()} pruned {label} ({msg['run_id']}) after epoch "
+                            f"{s.get('epochs')} in {s.get('wall_seconds', 0):.1f}s")
+            elif msg["status"] == "done":
                 self.done += 1
                 metric = s.get("test_accuracy")
                 res = f"test_accuracy {metric:.4f}" if metric is not None else \
@@ -120,7 +125,8 @@ def _worker_main(conn, out_dir: str, resume: bool, threads: int, driver: int) ->
         execute_run(run, Path(out_dir), resume=resume, progress=report, num_threads=threads)
 
 
-def plan_runs(spec: StudySpec, out_dir: Path, resume: bool) -> tuple[list[RunSpec], int]:
+def plan_runs(spec: StudySpec, out_dir: Path, resume: bool, sources: list | None = None
+              ) -> tuple[list[RunSpec], int]:
     """Which runs to execute; refuses to mix a new study into an output directory that holds results.
 
     Runs of the folder that never finished (pending, running, failed) and that the study no longer has
@@ -133,9 +139,11 @@ def plan_runs(spec: StudySpec, out_dir: Path, resume: bool) -> tuple[list[RunSpe
         return runs, 0
     with ResultStore(out_dir) as store:
         store.check_integrity()
+    dynamic = known_dynamic_ids(sources or [], out_dir)  # search trials and retrains decided before
+    with ResultStore(out_dir) as store:
         known = {r["run_id"]: r["status"] for r in store.runs()}
-        wanted = {r.run_id for r in runs}
-        done = {k for k, v in known.items() if v == "done"}
+        wanted = {r.run_id for r in runs} | dynamic
+        done = {k for k, v in known.items() if v in ("done", "pruned")}
         if done and not resume:
             raise StudyError(f"{out_dir} already holds results of {len(known)} run(s); use --resume to "
                              f"continue that study or choose another --out (nothing was changed)")
@@ -154,7 +162,7 @@ def plan_runs(spec: StudySpec, out_dir: Path, resume: bool) -> tuple[list[RunSpe
         problem = final_model_problem(out_dir / "runs" / run_id)
         sys.stderr.write(f"resume: run {run_id}: {problem}; running it again\n")
     todo = [r for r in runs if known.get(r.run_id) != "done" or r.run_id in damaged]
-    return todo, len(runs) - len(todo)
+    return todo, len(runs) - len(todo) + len(dynamic & done)
 
 
 def run_study(spec: StudySpec, out_dir: str | Path, *, workers: int = 1, resume: bool = False,
@@ -189,9 +197,11 @@ def _run_study_locked(spec: StudySpec, out_dir: Path, ctx, *, workers: int, resu
                       stream: TextIO | None, quiet: bool, executor: str, address: str | None,
                       runs_root: str | Path | None, ray_init: dict | None) -> StudyOutcome:
     plan: tuple | None = None
+    sources: list = []
     if ctx.is_main:
         try:
-            plan = plan_runs(spec, out_dir, resume)
+            sources = build_sources(spec, out_dir, expand_runs(spec))
+            plan = plan_runs(spec, out_dir, resume, sources)
             with ResultStore(out_dir) as store:
                 for r in expand_runs(spec):
                     store.register(r.run_id, r.study, r.position, r.config())
@@ -203,55 +213,110 @@ def _run_study_locked(spec: StudySpec, out_dir: Path, ctx, *, workers: int, resu
     if plan[0] == "error":
         raise StudyError(plan[1])
     todo, skipped = plan
+    sched = Schedule(todo, sources, out_dir)
     quiet = quiet or not ctx.is_main
-    printer = ProgressPrinter(len(todo), stream=stream, quiet=quiet)
+    printer = ProgressPrinter(sched.expected, stream=stream, quiet=quiet)
     if skipped and not quiet:
-        (stream or sys.stderr).write(f"resume: {skipped} finished run(s) kept, {len(todo)} to run\n")
+        (stream or sys.stderr).write(f"resume: {skipped} finished run(s) kept, {len(todo)} to run"
+                                     + (" (and the searches' and retrains' next runs)" if sources else "")
+                                     + "\n")
     outcome = StudyOutcome(out_dir, skipped=skipped)
     if executor == "ray":
-        from widthlab.studies.ray_executor import run_on_ray
-
-        outcome.summaries.extend(run_on_ray(todo, out_dir, resume=resume, printer=printer, address=address,
-                                            runs_root=Path(runs_root) if runs_root else None,
-                                            init_kwargs=ray_init))
+        outcome.summaries.extend(_run_ray(sched, out_dir, resume=resume, printer=printer, address=address,
+                                          runs_root=runs_root, ray_init=ray_init))
         return outcome
     cores = os.cpu_count() or 1
-    threads = max(1, cores // min(workers, max(len(todo), 1)))
-    if workers == 1 or len(todo) <= 1:
-        for run in todo:
+    threads = max(1, cores // min(workers, max(sched.expected, 1)))
+    if workers == 1 or sched.expected <= 1:
+        while True:
+            # Under torchrun rank 0 decides (it alone reads the database) and every rank runs it.
+            run = ctx.broadcast_object(sched.next() if ctx.is_main else None)
+            if run is None:
+                break
+            if run == WAIT:  # nothing in flight in one process: a source waits on itself
+                raise StudyError("internal error: every run source waits and nothing is running")
             outcome.summaries.append(execute_run(run, out_dir, resume=resume, progress=printer,
                                                  num_threads=threads))
         return outcome
-    outcome.summaries.extend(_run_parallel(todo, out_dir, workers, resume, threads, printer))
+    outcome.summaries.extend(_run_parallel(sched, out_dir, workers, resume, threads, printer))
     return outcome
 
 
-def unstarted(q: deque) -> set[str]:
-    return {r.run_id for r in q}
+def _run_ray(sched: Schedule, out_dir: Path, *, resume: bool, printer, address, runs_root, ray_init
+             ) -> list[dict[str, Any]]:
+    """Ray: every run available now as one batch of tasks, then the runs the results let the sources
+    decide (search rounds, retrains), until none is left. Ray stays up across the batches."""
+    from widthlab.studies.ray_executor import _import_ray, run_on_ray
+
+    ray = _import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, **{"include_dashboard": False, "log_to_driver": False, **(ray_init or {})})
+    out: list[dict[str, Any]] = []
+    try:
+        while True:
+            batch = []
+            while (run := sched.next()) not in (None, WAIT):
+                batch.append(run)
+            if not batch:
+                break
+            out.extend(run_on_ray(batch, out_dir, resume=resume, printer=printer, address=address,
+                                  runs_root=Path(runs_root) if runs_root else None, init_kwargs=ray_init))
+    finally:
+        if started_here:
+            ray.shutdown()
+    return out
 
 
-def _run_parallel(todo: list[RunSpec], out_dir: Path, workers: int, resume: bool, threads: int,
+def _mark_lost(out_dir: Path, run_id: str, err: str, printer: ProgressPrinter,
+               summaries: dict[str, dict[str, Any]]) -> None:
+    with ResultStore(out_dir) as store:
+        if store.status(run_id) in ("running", "pending"):
+            store.finish(run_id, "failed", {"run_id": run_id, "status": "failed", "error": err}, error=err)
+            printer({"kind": "end", "run_id": run_id, "status": "failed", "error": err})
+            summaries[run_id] = {"run_id": run_id, "status": "failed", "error": err}
+        store.write_summary()
+
+
+def _run_parallel(sched: Schedule, out_dir: Path, workers: int, resume: bool, threads: int,
                   printer: ProgressPrinter) -> list[dict[str, Any]]:
-    """Hand the runs out one at a time from one queue to ``workers`` spawned processes.
+    """Hand the runs out one at a time from the schedule to ``workers`` spawned processes.
 
     Each worker has its own pipe (no lock shared between processes, so a worker killed mid-message
-    cannot block the others); the driver waits on every pipe and every process at once.
+    cannot block the others); the driver waits on every pipe and every process at once. A worker that
+    asks while every source waits (a search round in flight) is answered once a run ends. A run lost
+    with its worker is marked failed at once, so a search waiting on it moves on.
     """
     mpctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
-    queue_ = deque(todo)
     workers_: dict[Any, dict[str, Any]] = {}
-    for _ in range(min(workers, len(todo))):
+    for _ in range(min(workers, sched.expected)):
         parent, child = mpctx.Pipe()
         p = mpctx.Process(target=_worker_main, args=(child, str(out_dir), resume, threads, os.getpid()),
                           daemon=True)
         p.start()
         child.close()
-        workers_[parent] = {"proc": p, "run": None}
+        workers_[parent] = {"proc": p, "run": None, "waiting": False}
     summaries: dict[str, dict[str, Any]] = {}
-    lost: dict[str, int | None] = {}  # run id -> exit code of the worker that died running it
+    handed: list[str] = []
+    exhausted = False
+
+    def serve(conn) -> None:
+        nonlocal exhausted
+        w = workers_[conn]
+        nxt = None if exhausted else sched.next()
+        if nxt == WAIT:
+            w["waiting"] = True
+            return
+        exhausted = exhausted or nxt is None
+        w["run"], w["waiting"] = nxt, False
+        if nxt is not None:
+            handed.append(nxt.run_id)
+        conn.send(nxt)
+
     while workers_:
         mp_connection.wait([*workers_, *(w["proc"].sentinel for w in workers_.values())],
                            timeout=0.5)
+        ended = False
         for conn in list(workers_):
             w = workers_[conn]
             alive = w["proc"].is_alive()  # before draining: a dead worker's last messages are all there
@@ -259,34 +324,34 @@ def _run_parallel(todo: list[RunSpec], out_dir: Path, workers: int, resume: bool
                 while conn.poll():
                     msg = conn.recv()
                     if msg["kind"] == "ready":
-                        w["run"] = queue_.popleft() if queue_ else None
-                        conn.send(w["run"])
+                        serve(conn)
                         continue
                     printer(msg)
                     if msg["kind"] == "end":
                         summaries[msg["run_id"]] = msg["summary"]
                         w["run"] = None
+                        ended = True
             except (EOFError, OSError):
                 alive = False
             if not alive:
                 w["proc"].join(timeout=5)
                 if w["run"] is not None and w["run"].run_id not in summaries:
-                    lost[w["run"].run_id] = w["proc"].exitcode
+                    code = w["proc"].exitcode
+                    _mark_lost(out_dir, w["run"].run_id, f"worker process died (exit code "
+                               f"{code if code is not None else '?'}) before the run finished",
+                               printer, summaries)
+                    ended = True
                 conn.close()
                 del workers_[conn]
-    # Runs a dead worker had in flight, and (if every worker died) runs nobody started.
-    for run in queue_:
-        lost.setdefault(run.run_id, None)
-    if lost:
-        with ResultStore(out_dir) as store:
-            for run_id, code in lost.items():
-                if store.status(run_id) in ("running", "pending"):
-                    err = (f"worker process died (exit code {code if code is not None else '?'}) before the "
-                           "run finished" if run_id not in unstarted(queue_)
-                           else "not run: every worker process died before it started")
-                    store.finish(run_id, "failed", {"run_id": run_id, "status": "failed", "error": err},
-                                 error=err)
-                    printer({"kind": "end", "run_id": run_id, "status": "failed", "error": err})
-                    summaries[run_id] = {"run_id": run_id, "status": "failed", "error": err}
-            store.write_summary()
-    return [summaries[r.run_id] for r in todo if r.run_id in summaries]
+        if ended or not any(w["run"] for w in workers_.values()):
+            for conn in [c for c, w in workers_.items() if w["waiting"]]:
+                serve(conn)
+        if workers_ and all(w["waiting"] for w in workers_.values()) and \
+                not any(w["run"] for w in workers_.values()):
+            raise StudyError("internal error: every run source waits and nothing is running")
+    # If every worker died: the runs nobody started.
+    left = list(sched.static)
+    for run in left:
+        _mark_lost(out_dir, run.run_id, "not run: every worker process died before it started", printer,
+                   summaries)
+    return [summaries[i] for i in handed + [r.run_id for r in left] if i in summaries]

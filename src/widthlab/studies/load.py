@@ -281,7 +281,10 @@ class RunSpec:
     seed: int
     axes: dict[str, Any]
     spec: StudySpec = field(repr=False)
-    tags: dict[str, str] = field(default_factory=dict)  # compare runs: task, arm, role
+    tags: dict[str, Any] = field(default_factory=dict)  # compare runs: task, arm, role (+ trial, ...)
+    # A search arm's trial: what its pruner decides against (widthlab.search.pruning); not part of the
+    # run's config or id (the trial number in ``tags`` is).
+    search: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def config(self) -> dict[str, Any]:
         """The JSON-able resolved config recorded in the store and in ``runs/<id>/config.yaml``."""

@@ -19,13 +19,15 @@ import torch
 from widthlab.data.registry import load_dataset
 from widthlab.models import create_model
 from widthlab.models.counting import count_nonzero_weights, count_parameters, count_weights
+from widthlab.search.pruning import TrialPruned
 from widthlab.studies.load import RunSpec, dump_yaml
 from widthlab.studies.methods import build_method, model_width_used
 from widthlab.studies.store import BufferedRecords, ResultStore, dumps
 from widthlab.train import checkpoint as ckpt
 from widthlab.train import distributed
 from widthlab.train.compute import ComputeMeter
-from widthlab.train.trainer import CHECKPOINT, FINAL, Trainer, seed_everything
+from widthlab.train.loader import dataset_len
+from widthlab.train.trainer import CHECKPOINT, FINAL, FitResult, Trainer, seed_everything
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -127,8 +129,9 @@ def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: 
     if progress:
         progress({"kind": "start", "run_id": run.run_id, "label": run_label(run), "seed": run.seed})
     _warm_up()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary: dict[str, Any] = base_summary(run)
+    trainer = None
     try:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -149,7 +152,13 @@ def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: 
             train_cfg = type(train_cfg)(**{**train_cfg.__dict__, "num_threads": num_threads})
         recorder = EpochRecorder(store, run.run_id, progress, train_cfg.epochs)
         meter = ComputeMeter()
-        trainer = Trainer(model, data, train_cfg, [*plan.callbacks, meter, recorder], run_dir=run_dir,
+        summary["val_examples"] = dataset_len(data.val)
+        callbacks = [*plan.callbacks, meter, recorder]
+        if run.search is not None:  # a search arm's trial: the pruner watches its validation curve
+            from widthlab.search.pruning import PruneCallback
+
+            callbacks.append(PruneCallback(run.search))
+        trainer = Trainer(model, data, train_cfg, callbacks, run_dir=run_dir,
                           identity={"run_id": run.run_id})
         if resume:
             # A damaged newest checkpoint: fall back to the previous good one, or start over, and say so.
@@ -163,11 +172,17 @@ def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: 
                 if notes:
                     summary["resume_note"] = "; ".join(notes)
             distributed.current().barrier()
-        result = trainer.fit(resume=resume)
+        try:
+            result = trainer.fit(resume=resume)
+        except TrialPruned:
+            result = pruned_result(trainer)
         summary.update(fit_summary(result, model, data.task))
         summary.update(meter.metrics(trainer))
         summary.update(plan.summary)
+        if run.search is not None:
+            summary.update(callbacks[-1].summary(trainer))
         summary["wall_seconds"] = time.perf_counter() - t0 + trainer.wall_before
+        summary["cpu_seconds"] = time.process_time() - c0 + trainer.cpu_before
         if main and (run_dir / FINAL).is_file():
             summary["final_sha256"] = ckpt.file_sha256(run_dir / FINAL)
         store.finish(run.run_id, result.status, summary, error=result.error,
@@ -177,7 +192,8 @@ def execute_run(run: RunSpec, out_dir: Path, *, resume: bool = False, progress: 
         (run_dir / "error.log").write_text(traceback.format_exc())
         msg = str(e) if isinstance(e, ckpt.CheckpointError) else f"{type(e).__name__}: {e}"
         msg = msg if len(msg) <= 2000 else msg[:2000] + "..."
-        summary.update(status="failed", error=msg, wall_seconds=time.perf_counter() - t0)
+        summary.update(status="failed", error=msg, wall_seconds=time.perf_counter() - t0,
+                       cpu_seconds=time.process_time() - c0 + (trainer.cpu_before if trainer else 0.0))
         store.finish(run.run_id, "failed", summary, error=msg, wall_seconds=summary["wall_seconds"])
     finally:
         if main:
@@ -229,6 +245,14 @@ def base_summary(run: RunSpec) -> dict[str, Any]:
         "group": run.group, "label": run_label(run), "axes": run.axes,
         "base_width": None, "family": None, **run.tags,
     }
+
+
+def pruned_result(trainer: Trainer) -> FitResult:
+    """The fit of a trial the pruner stopped: its last epoch, charged up to there, status ``pruned``."""
+    last = dict(trainer.history[-1]) if trainer.history else {}
+    best = trainer._best["epoch"] if trainer._best else None
+    return FitResult(status="pruned", error=None, epochs=trainer.epoch, best_epoch=best, final=last,
+                     history=trainer.history, wall_seconds=0.0, steps=trainer.step, stop_reason="pruned")
 
 
 def fit_summary(result, model: torch.nn.Module, task: str) -> dict[str, Any]:

@@ -115,7 +115,9 @@ class Trainer:
         self.model = model.to(self.device)
         self.identity = {**(identity or {}), "architecture": ckpt.architecture(self.model)}
         self.wall_before = 0.0  # seconds spent in earlier sessions of a resumed fit
+        self.cpu_before = 0.0  # process CPU seconds of earlier sessions
         self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
         self.classification = data.task == "classification"
         self.loss_kind = config.loss if config.loss != "auto" else (
             "cross_entropy" if self.classification else "mse")
@@ -327,6 +329,7 @@ class Trainer:
             "bad_epochs": self._bad_epochs,
             "identity": self.identity,
             "wall_seconds": self.wall_before + time.perf_counter() - self._t0,
+            "cpu_seconds": self.cpu_before + time.process_time() - self._c0,
         }
 
     def save_checkpoint(self) -> None:
@@ -365,6 +368,8 @@ class Trainer:
         self._bad_epochs = int(state["bad_epochs"])
         wall = state.get("wall_seconds")
         self.wall_before = float(wall) if isinstance(wall, (int, float)) and wall >= 0 else 0.0
+        cpu = state.get("cpu_seconds")
+        self.cpu_before = float(cpu) if isinstance(cpu, (int, float)) and cpu >= 0 else 0.0
         self.resumed = True
         self.metrics_log.rewrite(self.history)
 
@@ -372,6 +377,7 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> FitResult:
         t0 = self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         if self.cfg.amp == "fp16":
