@@ -122,7 +122,8 @@ class Discovery:
             if name in g.producers:
                 raise DiscoveryError(f"{name!r} is not a site of its own: its width is tied to "
                                      f"{', '.join(p for p in g.producers if p != name) or 'its consumers'} "
-                                     f"({'; '.join(g.reasons)})")
+                                     f"({'; '.join(g.reasons)}); the group {g.name!r} resizes them "
+                                     "together")
         for f in self.fixed:
             if name in f.producers:
                 raise DiscoveryError(f"{name!r} cannot be resized: {'; '.join(f.reasons)}")
