@@ -7,7 +7,12 @@ records). For each task and compared method and seed:
   search arm such as Optuna's) selects its member with the best validation metric (highest validation
   accuracy; lowest validation loss for regression) and is charged for **all** members, failed and
   pruned ones included: the search is what it costs to find that width;
-* a **single** run (adaptive, self-expanding) is its own choice and cost.
+* a **single** run (adaptive, self-expanding) is its own choice and cost; its **fixed retrain**
+  control (a dense net of the widths it selected, trained from scratch; arm ``<arm>_retrain``) is
+  shown right after it as ``<arm> → fixed retrain``;
+* a **search arm** (Optuna TPE, or random sampling as its control; trials tagged with their sampler
+  and pruner) is a search whose members are its trials, pruned trials charged up to their pruning
+  epoch and never chosen.
 
 **Tie rule.** Members whose validation metrics are equal (to :data:`TIE_RTOL`) tie; the cheaper model
 wins: fewer nonzero weights, then fewer training FLOPs, then fewer dense-equivalent FLOPs, then the
@@ -85,6 +90,9 @@ class ArmResult:
     val_examples: int | None = None  # the task's validation split size
     val_examples_how: str = ""  # "recorded" or "inferred"
     unmetered: str = ""  # what this arm's FLOPs leave out, if anything
+    sampler: str = ""  # a search arm's sampler (tpe, random) and pruner, from its runs' tags
+    pruner: str = ""
+    retrain_of: str = ""  # a fixed retrain control: the learned-width arm whose width it trains
 
     def stat(self, key: str) -> Stat:
         return stat([getattr(c, key) for c in self.choices])
@@ -112,8 +120,12 @@ def is_compare(runs: list[dict]) -> bool:
 
 
 def is_search_arm(a: ArmResult) -> bool:
-    """A hyper-parameter search over the width (arm ``search``, or a search method)."""
-    return a.arm in SEARCH_ARMS or a.method in SEARCH_METHODS
+    """A hyper-parameter search over the width (a search arm's runs carry their sampler)."""
+    return bool(a.sampler) or a.arm in SEARCH_ARMS or a.method in SEARCH_METHODS
+
+
+SAMPLER_LABELS = {"tpe": "Optuna TPE", "random": "random sampling"}
+PRUNER_LABELS = {"hyperband": "Hyperband", "successive_halving": "successive halving", "none": ""}
 
 
 def _tags(row: dict) -> tuple[str, str, str]:
@@ -217,8 +229,12 @@ def compare_results(runs: list[dict], epochs: dict[str, list[dict]] | None = Non
         if not arm or status not in ("done", "failed", "pruned"):
             continue
         info = _member(row)
+        cfg = row.get("config") or {}
         entry = by_arm.setdefault((task, arm), {"role": role, "method": info["method"], "seeds": {},
-                                                "order": len(by_arm), "summaries": []})
+                                                "order": len(by_arm), "summaries": [],
+                                                "sampler": str(cfg.get("sampler") or ""),
+                                                "pruner": str(cfg.get("pruner") or ""),
+                                                "retrain_of": str(cfg.get("retrain_of") or "")})
         entry["summaries"].append(row.get("summary") or {})
         done, failed, pruned = entry["seeds"].setdefault(info["seed"], ([], [], []))
         if _is_pruned(row):
@@ -234,10 +250,15 @@ def compare_results(runs: list[dict], epochs: dict[str, list[dict]] | None = Non
         val_sizes[task] = split_size(summaries, [epochs.get(i) or [] for i in ids]) \
             if task in classification else (None, "")
     out: dict[str, list[ArmResult]] = {}
+    order = {key: e["order"] for key, e in by_arm.items()}
+    for (task, _arm), e in by_arm.items():  # a retrain control right after the arm it retrains
+        if e["retrain_of"] and (task, e["retrain_of"]) in order:
+            e["order"] = order[(task, e["retrain_of"])] + 0.5
     for (task, arm), e in sorted(by_arm.items(), key=lambda kv: kv[1]["order"]):
         metric = "test_accuracy" if task in classification else "test_loss"
         res = ArmResult(task, arm, e["method"], e["role"], metric,
-                        failed=sum(len(f) for _, f, _ in e["seeds"].values()))
+                        failed=sum(len(f) for _, f, _ in e["seeds"].values()),
+                        sampler=e["sampler"], pruner=e["pruner"], retrain_of=e["retrain_of"])
         res.val_examples, res.val_examples_how = val_sizes[task]
         for seed in sorted(e["seeds"], key=lambda s: (s is None, s)):
             done, failed, pruned = e["seeds"][seed]
@@ -265,6 +286,7 @@ def dense_reference(arms: list[ArmResult]) -> ArmResult | None:
 def search_reference(arms: list[ArmResult]) -> ArmResult | None:
     """The task's hyper-parameter search arm (e.g. Optuna over the width), when the study has one."""
     found = [a for a in arms if is_search_arm(a) and a.choices]
+    found.sort(key=lambda a: a.sampler != "tpe")  # the model-based search first, random the control
     return found[0] if found else None
 
 
@@ -277,6 +299,11 @@ def ratio(x: Stat, ref: ArmResult | None, key: str) -> float | None:
 
 
 def _name(a: ArmResult) -> str:
+    if a.retrain_of:
+        return f"{a.retrain_of} → fixed retrain"
+    if a.sampler:
+        pruner = PRUNER_LABELS.get(a.pruner, a.pruner)
+        return f"{a.arm} ({SAMPLER_LABELS.get(a.sampler, a.sampler)}{' + ' + pruner if pruner else ''})"
     if a.role != SEARCH or is_search_arm(a):
         return a.arm + (" arm" if is_search_arm(a) and a.arm == "search" else "")
     return a.arm + {"dense": " grid", "widesparse": " family"}.get(a.method, " search")

@@ -106,7 +106,13 @@ def _rel(x, ref, key) -> str:
 
 
 def sorted_arms(arms: Sequence[ArmResult]) -> list[ArmResult]:
-    return sorted(arms, key=lambda a: (a.is_search_arm, METHOD_ORDER.get(a.method, len(METHOD_ORDER))))
+    """Methods in the usual order, search arms last, a fixed retrain control right after its arm."""
+    method = {a.arm: a.method for a in arms}
+
+    def key(a: ArmResult):
+        m = method.get(a.retrain_of, a.method) if a.retrain_of else a.method
+        return (a.is_search_arm, METHOD_ORDER.get(m, len(METHOD_ORDER)), bool(a.retrain_of))
+    return sorted(arms, key=key)
 
 
 def compare_table(arms: list[ArmResult]) -> tuple[list[str], list[list[str]]]:
