@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from widthlab.methods.expanding import kfac, proposals, scores, unit_score
+from widthlab.methods.expanding import cost, kfac, proposals, scores, unit_score
 from widthlab.methods.expanding.expansion_config import ExpansionConfig
 from widthlab.methods.expanding.fisher import metric_pinv_norm, named_trainable, output_grad, per_sample_loss
 from widthlab.methods.expanding.insertion import full_rank, insert_layer, insert_units
-from widthlab.methods.expanding.natural_gradient import GaussNewtonOperator, conjugate_gradient
+from widthlab.methods.expanding.natural_gradient import cg_dot_flops, conjugate_gradient, metered_operator
 from widthlab.nn.resize import ResizeEvent
 
 __all__ = ["Candidate", "ExpansionConfig", "ExpansionController", "ExpansionEvent"]
@@ -106,6 +106,7 @@ class ExpansionController:
         self._epochs_seen = 0  # epochs finished in this fit (tells a resume from a select_best restore)
         self._commits: list[Candidate] = []  # what the last event inserted (broadcast under DDP)
         self._rooms: dict[tuple[str, str], float] = {}  # absolute-score normaliser per site, per event
+        self.flops = cost.FlopCache()  # FLOPs of the expansion events (observations, solves, scoring)
 
     # ------------------------------------------------------------------------------- hooks
 
@@ -128,7 +129,12 @@ class ExpansionController:
     def on_fit_end(self, trainer) -> None:
         model = trainer.model
         wall = time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else float("nan")
+        opt_flops = float(getattr(trainer.optimizer, "method_flops", 0.0) or 0.0)
+        dist = getattr(trainer, "dist", None)
+        opt_flops *= dist.world if dist is not None and dist.active else 1  # every rank solves its slice
         self.summary.update(
+            method_flops=self.flops.total + opt_flops, solve_flops=opt_flops,
+            expansion_flops=self.flops.total,
             expansion_seconds=self.seconds, expansion_share=self.seconds / wall if wall > 0 else None,
             expansion_events=self.events, neurons_added=self.neurons_added, layers_added=self.layers_added,
             final_layers=int(model.depth), final_widths=list(model.hidden_widths()),
@@ -152,7 +158,8 @@ class ExpansionController:
         model = trainer.model
         out = {"layers": int(model.depth), "neurons": int(sum(model.hidden_widths())),
                "expansion_seconds": self.seconds, "expansion_events": self.events,
-               "neurons_added": self.neurons_added, "layers_added": self.layers_added}
+               "neurons_added": self.neurons_added, "layers_added": self.layers_added,
+               "expansion_flops": self.flops.total}
         out.update(self._last)
         return out
 
@@ -160,7 +167,7 @@ class ExpansionController:
         """Everything of the controller except the architecture: counters, log, proposal RNG."""
         return {"layer_cd": self.layer_cd, "events": self.events, "neurons_added": self.neurons_added,
                 "layers_added": self.layers_added, "seconds": self.seconds, "log": list(self.log),
-                "generator": self.generator.get_state(), "last": dict(self._last)}
+                "generator": self.generator.get_state(), "last": dict(self._last), "flops": self.flops.total}
 
     def _set_counters(self, state: dict[str, Any]) -> None:
         self.layer_cd = int(state["layer_cd"])
@@ -168,6 +175,7 @@ class ExpansionController:
         self.neurons_added, self.layers_added = int(state["neurons_added"]), int(state["layers_added"])
         self.log = list(state["log"])
         self._last = dict(state.get("last", {}))
+        self.flops.total = float(state.get("flops", 0.0))
         self.generator.set_state(state["generator"])
 
     def state_dict(self) -> dict[str, Any]:
@@ -315,18 +323,33 @@ class ExpansionController:
         if natural:
             with torch.enable_grad():
                 params = named_trainable(model)
-                loss = per_sample_loss(self.loss, model(x), y).mean()
-                g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(params.values()))])
-                op = GaussNewtonOperator(model, x, self.loss, output_metric=cfg.output_metric,
-                                         damping=cfg.eta_damping, params=params)
-                nat = conjugate_gradient(op, g, maxiter=cfg.eta_maxiter, tol=cfg.eta_tol).x
-                jx = op.jvp(nat).detach()
+                g = self.flops.run(("gradient", cost.shapes_key(x, list(params.values()))),
+                                   self._gradient, model, params, x, y)
+                op, matvec = metered_operator(self.flops, model, x, self.loss,
+                                              output_metric=cfg.output_metric, damping=cfg.eta_damping,
+                                              params=params)
+                res = conjugate_gradient(matvec, g, maxiter=cfg.eta_maxiter, tol=cfg.eta_tol)
+                self.flops.add(cg_dot_flops(g.numel(), res.iterations))
+                nat = res.x
+                jx = self.flops.run(("jvp", cost.shapes_key(x, nat)), op.jvp, nat).detach()
             eta_global = float(g @ nat)
             r = output_grad(self.loss, op.out.detach(), y)
             c = (jx * r).sum() / (jx * jx).sum().clamp_min(1e-30)
             residuals["natural"] = r - c * jx  # what the current natural-gradient step leaves (spec §2.3)
-        obs = kfac.observe(model, x, y, self.loss, metric=cfg.output_metric, g_estimator=cfg.g_estimator,
-                           bias=cfg.bias, residuals=residuals)
+        arch = cost.shapes_key(x, list(model.parameters()), tuple(residuals))
+        obs = self.flops.run(("observe", arch), kfac.observe, model, x, y, self.loss,
+                             metric=cfg.output_metric, g_estimator=cfg.g_estimator, bias=cfg.bias,
+                             residuals=residuals)
+        return self.flops.run(("statistics", arch), self._statistics, obs, y, eta_global)
+
+    def _gradient(self, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+                  ) -> torch.Tensor:
+        loss = per_sample_loss(self.loss, model(x), y).mean()
+        return torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(params.values()))])
+
+    def _statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float) -> _Context:
+        """Per consuming layer: pseudo-inverses of A and the damped G, η_layer and the residuals r_⊥."""
+        cfg = self.cfg
         if cfg.abs_normalizer == "metric":
             bound = float(metric_pinv_norm(self.loss, obs.out, y, cfg.output_metric))
         else:
@@ -353,7 +376,9 @@ class ExpansionController:
         eta = max(info["eta"], 1e-8 * float(ctx.obs.loss_sqnorm), 1e-30)
         r_perp = info["r_perp"][residual]
         if (consumer, residual) not in self._rooms:  # measured once per event (see _room)
-            self._rooms[(consumer, residual)] = scores.room(r_perp, info["G_inv"], ctx.obs.n, info["t"])
+            self._rooms[(consumer, residual)] = self.flops.run(
+                ("room", cost.shapes_key(r_perp, info["G_inv"])), scores.room, r_perp, info["G_inv"],
+                ctx.obs.n, info["t"])
         return unit_score.Site(h.reshape(h.shape[0], -1), r_perp, info["G_inv"], eta)
 
     def _abs_norm(self, ctx: _Context, consumer: str, residual: str) -> float:
@@ -362,9 +387,12 @@ class ExpansionController:
             return float(self._rooms[(consumer, residual)])
         return ctx.bound
 
-    def _search(self, fn, theta0: torch.Tensor, mask: torch.Tensor | None = None, groups: int = 1
-                ) -> proposals.RefineResult:
+    def _search(self, fn, theta0: torch.Tensor, mask: torch.Tensor | None = None, groups: int = 1,
+                tag: tuple = ()) -> proposals.RefineResult:
+        """Refine ``theta0``; every evaluation of ``fn`` is charged to the FLOP meter under ``tag`` (the
+        shapes its cost depends on)."""
         cfg = self.cfg
+        fn = cost.MeteredScore(fn, self.flops, ("search", *tag))
         temperature: float | torch.Tensor = cfg.temperature
         if cfg.refine == "mala":
             temperature = cfg.mala_temperature
@@ -391,12 +419,15 @@ class ExpansionController:
         theta0 = torch.cat([fn.pad_rows(proposals.random_candidates(lay, count, generator=self.generator,
                                                                     dtype=dtype, device=device), i)
                             for i, lay in enumerate(fn.layouts)])
-        res = self._search(fn, theta0, fn.mask(theta0.shape[0]), groups=len(places))
+        tag = ("units", k, cost.shapes_key(fn.hT, fn.r, fn.G_inv))
+        res = self._search(fn, theta0, fn.mask(theta0.shape[0]), groups=len(places), tag=tag)
         out = []
         for i, ((index, consumer, _), site) in enumerate(zip(places, sites)):
             rows = slice(i * count, (i + 1) * count)
             thetas = fn.unpad_rows(res.theta[rows].detach().to(torch.float64), i)
-            exact = unit_score.UnitScore(k, [site], ctx.obs.n, jitter=1e-10)(thetas)
+            one = unit_score.UnitScore(k, [site], ctx.obs.n, jitter=1e-10)
+            one_tag = ("rescore", k, cost.shapes_key(one.hT, one.r))
+            exact = cost.MeteredScore(one, self.flops, one_tag)(thetas)
             exact = torch.where(torch.isfinite(exact), exact, res.score[rows].to(torch.float64))
             out.append(self._candidate(ctx, kind, index, exact, site.norm, thetas, fn.layouts[i],
                                        self._abs_norm(ctx, consumer, residual)))
@@ -420,9 +451,11 @@ class ExpansionController:
         fn = make(dtype, 1e-6 if dtype == torch.float32 else 1e-10)
         theta0 = proposals.random_candidates(layout, cfg.proposals, generator=self.generator, dtype=dtype,
                                              device=h.device)
-        res = self._search(fn, theta0)
+        tag = ("channels", kernel, pool,
+               cost.shapes_key(h, site.r_perp, site.G_inv, list(module.parameters())))
+        res = self._search(fn, theta0, tag=tag)
         thetas = res.theta.detach().to(torch.float64)
-        exact = make(torch.float64, 1e-10)(thetas)
+        exact = cost.MeteredScore(make(torch.float64, 1e-10), self.flops, ("rescore", *tag))(thetas)
         exact = torch.where(torch.isfinite(exact), exact, res.score.to(torch.float64))
         return self._candidate(ctx, "width", index, exact, site.norm, thetas, layout,
                                self._abs_norm(ctx, consumer, cfg.width_residual))
@@ -496,7 +529,8 @@ class ExpansionController:
                  for k, v in cand.layout.split(cand.theta[None]).items()}
         if x is not None:
             with torch.no_grad():
-                before = per_sample_loss(self.loss, model(x), y).mean()
+                before = self.flops.run(("check", cost.shapes_key(x, list(model.parameters()))), model, x)
+                before = per_sample_loss(self.loss, before, y).mean()
         if cand.kind == "width":
             ev = insert_units(model, cand.index, parts["W"][0], parts["b"][0],
                               {n: parts[n][0] for n in "vcl"})
@@ -507,7 +541,8 @@ class ExpansionController:
             ev = insert_layer(model, cand.index)
         if x is not None:
             with torch.no_grad():
-                after = per_sample_loss(self.loss, model(x), y).mean()
+                after = self.flops.run(("check", cost.shapes_key(x, list(model.parameters()))), model, x)
+                after = per_sample_loss(self.loss, after, y).mean()
             change = float((after - before).abs() / before.abs().clamp_min(1e-12))
             if not change <= self.cfg.check_tol:
                 raise RuntimeError(f"self-expansion: {ev.description} changed the loss by {change:.3g} "

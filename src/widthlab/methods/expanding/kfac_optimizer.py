@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from widthlab.methods.expanding import kfac
+from widthlab.methods.expanding import cost, kfac
 from widthlab.methods.expanding.fisher import check_loss, check_metric
 from widthlab.methods.expanding.natural_gradient import rank_weighted_sum
 from widthlab.nn.rational import RationalActivation
@@ -86,8 +86,10 @@ class KFACOptimizer(torch.optim.Optimizer):
             raise ValueError(f"g_estimator must be one of {kfac.G_ESTIMATORS}, got {g_estimator!r}")
         # The step counter decides when statistics are refreshed; kept in the param groups because the
         # trainer's checkpoints save group hyper-parameters (and per-parameter state) by name.
+        # method_flops (group 0): FLOPs this optimizer computed besides the trainer's passes (cost.py)
         super().__init__(params, {"lr": lr, "damping": damping, "momentum": momentum,
-                                  "weight_decay": weight_decay, "kfac_step": 0})
+                                  "weight_decay": weight_decay, "kfac_step": 0, "method_flops": 0.0})
+        self.meter = cost.FlopCache()
         self.model, self.loss, self.metric = model, check_loss(loss), check_metric(output_metric)
         self.ema_decay, self.stat_every, self.inv_every = ema_decay, stat_every, inv_every
         self.g_estimator, self.kl_clip, self.bias = g_estimator, kl_clip, bias
@@ -210,9 +212,33 @@ class KFACOptimizer(torch.optim.Optimizer):
         step = self.param_groups[0]["kfac_step"]
         fresh = [n for n, m in layers.items() if not self._ready(m)]
         stale_diag = any(not self._diag_ready(a) for a in self._activations().values())
+        before = self.meter.total
         if step % self.stat_every == 0 or fresh or stale_diag:
-            self._update_factors(layers if step % self.stat_every == 0 else {n: layers[n] for n in fresh})
+            todo = layers if step % self.stat_every == 0 else {n: layers[n] for n in fresh}
+            key = ("stats", tuple(todo), cost.shapes_key(self._batch, [m.weight for m in layers.values()],
+                                                         [a.v for a in self._activations().values()]))
+            self.meter.run(key, self._update_factors, todo)
         invert = step % self.inv_every == 0
+        inverting = tuple(n for n, m in layers.items() if m.weight.grad is not None
+                          and (invert or "A_inv" not in self.state[m.weight]))
+        key = ("update", inverting, cost.shapes_key([p for g in self.param_groups for p in g["params"]
+                                                     if p.grad is not None]))
+        self.meter.run(key, self._apply, layers, invert)
+        self.param_groups[0]["method_flops"] = self.param_groups[0].get("method_flops", 0.0) + (
+            self.meter.total - before)
+        for group in self.param_groups:
+            group["kfac_step"] = step + 1
+        self._batch = None
+        return loss
+
+    @property
+    def method_flops(self) -> float:
+        """FLOPs of the statistics, inverses and preconditioning so far (this process), see ``cost.py``
+        (the extra forward and backward passes of the statistics included)."""
+        return float(self.param_groups[0].get("method_flops", 0.0))
+
+    def _apply(self, layers: dict[str, nn.Module], invert: bool) -> None:
+        """Invert the factors where due, precondition every gradient and step."""
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         updates: list[tuple[torch.Tensor, torch.Tensor, dict]] = []  # (param, Δ, group)
         done: set[int] = set()
@@ -248,10 +274,6 @@ class KFACOptimizer(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = buf
                 d = buf
             p.add_(d, alpha=-group["lr"] * scale)
-        for group in self.param_groups:
-            group["kfac_step"] = step + 1
-        self._batch = None
-        return loss
 
     def _precondition(self, m: nn.Module, A_inv: torch.Tensor, G_inv: torch.Tensor, wd: float
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from widthlab.methods.expanding.cost import FlopCache, shapes_key
 from widthlab.methods.expanding.fisher import (
     check_loss,
     check_metric,
@@ -151,18 +152,45 @@ class GaussNewtonOperator:
 def natural_gradient(model: nn.Module, x: torch.Tensor, g: torch.Tensor, loss: str, *,
                      output_metric: str = "fisher", damping: float = 0.1, maxiter: int = 100,
                      tol: float = 1e-5, params: dict[str, torch.Tensor] | None = None,
-                     mode: str = "auto", reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-                     ) -> CGResult:
+                     mode: str = "auto", reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     meter: FlopCache | None = None) -> CGResult:
     """x = (F + λI)⁻¹ g on the batch ``x`` by CG; η = gᵀx.
 
     ``reduce`` turns this batch's F v into the global batch's under data parallelism (a weighted sum over
-    ranks); every rank then runs the same CG iterations on the same vectors.
+    ranks); every rank then runs the same CG iterations on the same vectors. ``meter`` is charged with
+    the solve's FLOPs (:func:`metered_operator`).
     """
-    op = GaussNewtonOperator(model, x, loss, output_metric=output_metric, damping=damping, params=params,
-                             mode=mode)
-    if reduce is None:
-        return conjugate_gradient(op, g, maxiter=maxiter, tol=tol)
-    return conjugate_gradient(lambda v: reduce(op.gn(v)) + damping * v, g, maxiter=maxiter, tol=tol)
+    op, matvec = metered_operator(meter, model, x, loss, output_metric=output_metric, damping=damping,
+                                  params=params, mode=mode)
+    if reduce is not None:
+        gn = op.gn if meter is None else meter.wrap(("gn", _op_key(op)), op.gn)
+        matvec = lambda v: reduce(gn(v)) + damping * v  # noqa: E731
+    res = conjugate_gradient(matvec, g, maxiter=maxiter, tol=tol)
+    if meter is not None:
+        meter.add(cg_dot_flops(g.numel(), res.iterations))
+    return res
+
+
+def cg_dot_flops(size: int, iterations: int) -> int:
+    """The dot products of :func:`conjugate_gradient`: r·r once, then p·Ap and r·r per iteration."""
+    return 2 * size * (2 * iterations + 1)
+
+
+def _op_key(op: GaussNewtonOperator) -> tuple:
+    return (op.mode, op.metric, shapes_key(op.x, list(op.params.values())))
+
+
+def metered_operator(meter: FlopCache | None, model: nn.Module, x: torch.Tensor, loss: str, **kw
+                     ) -> tuple[GaussNewtonOperator, Callable[[torch.Tensor], torch.Tensor]]:
+    """A :class:`GaussNewtonOperator` and its product v ↦ (F + λI)v, both charged to ``meter`` (its
+    construction: the forward pass and, for ``"jacobian"``, the per-sample Jacobians; every product)."""
+    if meter is None:
+        op = GaussNewtonOperator(model, x, loss, **kw)
+        return op, op
+    key = ("gn-build", kw.get("mode", "auto"), kw.get("output_metric"), loss,
+           shapes_key(x, list((kw.get("params") or named_trainable(model)).values())))
+    op = meter.run(key, GaussNewtonOperator, model, x, loss, **kw)
+    return op, meter.wrap(("gn-product", _op_key(op)), op)
 
 
 def rank_weighted_sum(dist, n_local: int, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -199,14 +227,22 @@ class NaturalGradientCG(torch.optim.Optimizer):
                  output_metric: str = "fisher", mode: str = "auto"):
         if lr <= 0 or damping < 0 or maxiter < 1 or weight_decay < 0:
             raise ValueError("NaturalGradientCG needs lr > 0, damping >= 0, maxiter >= 1, weight_decay >= 0")
+        # method_flops (group 0): FLOPs of the solves so far, kept in the param groups so that the
+        # trainer's checkpoints resume it (cost.py)
         super().__init__(params, {"lr": lr, "damping": damping, "maxiter": maxiter, "tol": tol,
-                                  "weight_decay": weight_decay})
+                                  "weight_decay": weight_decay, "method_flops": 0.0})
+        self.meter = FlopCache()
         self.model, self.loss, self.output_metric = model, check_loss(loss), check_metric(output_metric)
         self.mode = mode
         self._batch: torch.Tensor | None = None
         self.dist = None  # a DistContext under data parallelism (set by plan.OptimizerHook), else None
         self.last_eta: torch.Tensor | None = None  # gᵀx of the last step (a device tensor)
         self.last_iterations = 0
+
+    @property
+    def method_flops(self) -> float:
+        """FLOPs of every natural-gradient solve so far (this process), see ``cost.py``."""
+        return float(self.param_groups[0].get("method_flops", 0.0))
 
     def set_batch(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """The inputs of the batch whose gradient is in ``.grad`` (targets are not needed: F ignores them)."""
@@ -230,11 +266,14 @@ class NaturalGradientCG(torch.optim.Optimizer):
             reduce = None
             if self.dist is not None and self.dist.active:  # F of the global batch from the ranks' slices
                 reduce = rank_weighted_sum(self.dist, self._batch.shape[0], g)
+            before = self.meter.total
             with torch.enable_grad():
                 res = natural_gradient(self.model, self._batch, g, self.loss,
                                        output_metric=self.output_metric,
                                        damping=group["damping"], maxiter=group["maxiter"], tol=group["tol"],
-                                       params=params, mode=self.mode, reduce=reduce)
+                                       params=params, mode=self.mode, reduce=reduce, meter=self.meter)
+            self.param_groups[0]["method_flops"] = (self.param_groups[0].get("method_flops", 0.0)
+                                                    + self.meter.total - before)
             self.last_eta, self.last_iterations = g @ res.x, res.iterations
             wd, lr = group["weight_decay"], group["lr"]
             for p, xp in zip(params.values(), unflatten(res.x, params).values()):

@@ -1,0 +1,172 @@
+"""FLOPs the self-expanding method computes besides the trainer's forward and backward passes.
+
+The training meter (``train/compute.py``) charges every run 3 forward passes per example at the widths
+in use. The self-expanding method also solves for natural gradients (CG Gauss-Newton products, K-FAC
+statistics, inverses and preconditioning) and, at each expansion event, observes the network and
+scores thousands of candidate units (Mitchell et al. 2023, §3: "the natural expansion score"; §4:
+proposals refined by sampling). Leaving that out flatters the method in a comparison, so the run
+records it as ``method_flops``, which the comparison adds to ``train_flops``.
+
+Counting convention, the same as the training meter's: floating-point operations of matrix products
+(2·m·n·k per (m×n)·(n×k) product, convolutions as their products) and of matrix decompositions
+(textbook counts: Cholesky n³/3, LU 2n³/3, inverse from a factor n³, symmetric eigendecomposition with
+vectors 9n³ (Golub & Van Loan, §8.3), pseudo-inverse of a symmetric matrix 11n³, triangular
+solves n²·k); elementwise operations are not counted.
+
+How: ``torch.utils.flop_counter.FlopCounterMode`` counts the products of a computation exactly, but it
+slows every operation down, so :class:`FlopCache` measures a computation only the first time it sees
+its *key* (the shapes it depends on) and adds the cached count on every later call. A proposal search
+evaluates the same score function on the same shapes thousands of times, so it is measured once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["FlopCache", "MeteredScore", "counted", "shapes_key"]
+
+aten = torch.ops.aten
+
+
+def _n(shape) -> int:
+    return shape[-1] if shape else 1
+
+
+def _batch(shape) -> int:
+    return math.prod(shape[:-2]) if len(shape) > 2 else 1
+
+
+def _mv(a, b, *args, out_shape=None, **kw) -> int:
+    return 2 * a[0] * a[1]
+
+
+def _dot(a, b, *args, out_shape=None, **kw) -> int:
+    return 2 * a[0]
+
+
+def _cholesky(a, *args, out_shape=None, **kw) -> int:
+    return _batch(a) * _n(a) ** 3 // 3
+
+
+def _cholesky_inverse(a, *args, out_shape=None, **kw) -> int:
+    return _batch(a) * _n(a) ** 3
+
+
+def _eigh(a, *args, out_shape=None, **kw) -> int:
+    return _batch(a) * 9 * _n(a) ** 3
+
+
+def _lu_factor(a, *args, out_shape=None, **kw) -> int:
+    return _batch(a) * 2 * _n(a) ** 3 // 3
+
+
+def _solve(a, b, *args, out_shape=None, **kw) -> int:
+    k = 1 if len(b) < len(a) else b[-1]
+    return _batch(a) * (2 * _n(a) ** 3 // 3 + 2 * _n(a) ** 2 * k)
+
+
+def _lu_solve(lu, piv, b, *args, out_shape=None, **kw) -> int:
+    return _batch(lu) * 2 * _n(lu) ** 2 * (b[-1] if len(b) > 1 else 1)
+
+
+def _pinv(a, *args, out_shape=None, hermitian: bool = False, **kw) -> int:
+    """Hermitian: an eigendecomposition and the product back (11n³); otherwise an SVD (about 22n³)."""
+    herm = hermitian or any(x is True for x in args)
+    return _batch(a) * (11 if herm else 22) * _n(a) ** 3
+
+
+def _triangular(a, b, *args, out_shape=None, **kw) -> int:
+    return _batch(a) * _n(a) ** 2 * (b[-1] if len(b) > 1 else 1)
+
+
+EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {
+    aten.mv: _mv, aten.dot: _dot, aten.vdot: _dot,
+    aten.linalg_cholesky_ex: _cholesky, aten.cholesky_inverse: _cholesky_inverse,
+    aten._linalg_eigh: _eigh, aten.linalg_lu_factor_ex: _lu_factor, aten._linalg_solve_ex: _solve,
+    aten.linalg_lu_solve: _lu_solve, aten.linalg_solve_triangular: _triangular,
+    aten.linalg_pinv: _pinv,
+}
+
+
+def counted(fn: Callable[..., Any], *args, **kw) -> tuple[Any, int]:
+    """Run ``fn(*args, **kw)`` and return its result and the FLOPs of its products and decompositions."""
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as mode:
+        out = fn(*args, **kw)
+    return out, int(mode.get_total_flops())
+
+
+def shapes_key(*things: Any) -> tuple:
+    """A hashable key of tensors' shapes and dtypes (other values as they are)."""
+    out = []
+    for t in things:
+        if isinstance(t, torch.Tensor):
+            out.append((tuple(t.shape), str(t.dtype)))
+        elif isinstance(t, (list, tuple)):
+            out.append(shapes_key(*t))
+        elif isinstance(t, dict):
+            out.append(tuple((k, shapes_key(v)) for k, v in t.items()))
+        else:
+            out.append(t)
+    return tuple(out)
+
+
+class FlopCache:
+    """Adds up the FLOPs of repeated computations, measuring each key once (see the module docstring).
+
+    ``total`` is the running sum; ``run(key, fn, ...)`` calls ``fn`` and charges it.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._seen: dict[Hashable, int] = {}
+
+    def run(self, key: Hashable, fn: Callable[..., Any], *args, **kw) -> Any:
+        hit = self._seen.get(key)
+        if hit is None:
+            out, hit = counted(fn, *args, **kw)
+            self._seen[key] = hit
+        else:
+            out = fn(*args, **kw)
+        self.total += hit
+        return out
+
+    def add(self, flops: float) -> None:
+        self.total += float(flops)
+
+    def wrap(self, key: Hashable, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` charged on every call under ``key`` extended by its tensor arguments' shapes."""
+        return lambda *a, **kw: self.run((key, shapes_key(*a)), fn, *a, **kw)
+
+
+class MeteredScore:
+    """A proposal score function whose every evaluation (value, or value and gradient) is charged to a
+    :class:`FlopCache`, keyed by ``tag`` (what the FLOPs depend on besides θ: the site's shapes) and the
+    shape of θ. Gradients of plain callables are taken here by autograd, so their backward passes are
+    charged too."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], cache: FlopCache, tag: Hashable):
+        self.fn, self.cache, self.tag = fn, cache, tag
+        if hasattr(fn, "official_value_and_grad"):
+            self.official_value_and_grad = lambda theta: self.cache.run(
+                (self.tag, "official", shapes_key(theta)), fn.official_value_and_grad, theta)
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.cache.run((self.tag, "value", shapes_key(theta)), self.fn, theta)
+
+    def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inner = getattr(self.fn, "value_and_grad", None)
+        if inner is not None:
+            return self.cache.run((self.tag, "grad", shapes_key(theta)), inner, theta)
+        return self.cache.run((self.tag, "grad", shapes_key(theta)), self._autograd, theta)
+
+    def _autograd(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            t = theta.detach().requires_grad_(True)
+            s = self.fn(t)
+            (g,) = torch.autograd.grad(s.sum(), t)
+        return s.detach(), g
