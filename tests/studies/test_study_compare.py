@@ -106,9 +106,10 @@ def test_compare_study_runs_from_the_command_line_and_reports(tmp_path, capsys):
                  "methods.dense.sweep={model.width: [4, 8]}"])
     assert code == 0
     entries = json.loads((out / "summary.json").read_text())
-    assert all(e["status"] == "done" for e in entries) and len(entries) == 2 * (2 + 2 + 1)
-    assert {(e["task"], e["arm"]) for e in entries} == {(t, a) for t in ("iris", "wine")
-                                                      for a in ("dense", "widesparse", "adaptive")}
+    # dense 2 + widesparse 2 + adaptive 1 + the adaptive arm's fixed retrain control 1, per task.
+    assert all(e["status"] == "done" for e in entries) and len(entries) == 2 * (2 + 2 + 1 + 1)
+    assert {(e["task"], e["arm"]) for e in entries} == {
+        (t, a) for t in ("iris", "wine") for a in ("dense", "widesparse", "adaptive", "adaptive_retrain")}
     assert all(e["train_flops"] > 0 for e in entries)
     md = (out / "report.md").read_text()
     assert "## Comparison" in md and "### iris" in md and "### wine" in md and "## All runs" in md
@@ -116,8 +117,8 @@ def test_compare_study_runs_from_the_command_line_and_reports(tmp_path, capsys):
         assert f"plots/cmp-compare-{name}.png" in md
         assert (out / "plots" / f"cmp-compare-{name}.png").stat().st_size > 1000
     html = (out / "report.html").read_text()
-    figures = {"compare-compute", "compare-wall", "compare-weights", "compare-width", "pareto-flops",
-               "pareto-weights"}
+    figures = {"compare-compute", "compare-wall", "compare-cpu", "compare-weights", "compare-width",
+               "pareto-flops", "pareto-weights"}
     assert {p.stem.removeprefix("cmp-") for p in (out / "plots").glob("cmp-*.png")} == figures
     assert html.count("data:image/png;base64,") == len(figures) and 'id="comparison"' in html
     with ResultStore(out, create=False) as store:
@@ -126,17 +127,19 @@ def test_compare_study_runs_from_the_command_line_and_reports(tmp_path, capsys):
 
 def _demo_checks(out):
     entries = json.loads((out / "summary.json").read_text())
-    assert entries and all(e["status"] == "done" for e in entries)
-    assert {e["arm"] for e in entries} == {"dense", "widesparse", "adaptive", "expanding"}
+    assert entries and all(e["status"] in ("done", "pruned") for e in entries)  # pruned: search trials
+    assert {e["arm"] for e in entries} == {"dense", "widesparse", "adaptive", "expanding", "search",
+                                           "random_search", "adaptive_retrain", "expanding_retrain"}
     md = (out / "report.md").read_text()
     table = md.split("### digits", 1)[1].split("Per seed", 1)[0]
-    for row in ("dense grid", "widesparse family", "adaptive", "expanding"):
+    for row in ("dense grid", "widesparse family", "adaptive", "expanding", "adaptive → fixed retrain",
+                "search (Optuna TPE + Hyperband)", "random_search (random sampling + Hyperband)"):
         assert f"| {row} " in table
     header = table.strip().splitlines()[0]
     assert header.count("%") == 1 and "validation" in table  # one accuracy column, searches chosen by val
     assert {p.stem for p in (out / "plots").glob("demo-*.png")} == {
-        f"demo-{f}" for f in ("compare-compute", "compare-wall", "compare-weights", "compare-width",
-                              "pareto-flops", "pareto-weights")}
+        f"demo-{f}" for f in ("compare-compute", "compare-wall", "compare-cpu", "compare-weights",
+                              "compare-width", "pareto-flops", "pareto-weights")}
 
 
 def test_demo_study_runs_all_four_methods_in_small(tmp_path, capsys):
@@ -145,7 +148,8 @@ def test_demo_study_runs_all_four_methods_in_small(tmp_path, capsys):
                  "tasks.digits.data.subset=300",
                  "methods.dense.sweep={model.width: [8, 32]}",
                  "methods.widesparse.sweep={model.width: [16, 32]}",
-                 "methods.expanding.method.proposals=4", "methods.expanding.method.mala_bursts=2"])
+                 "methods.expanding.method.proposals=4", "methods.expanding.method.mala_bursts=2",
+                 "methods.search.search.trials=2", "methods.random_search.search.trials=2"])
     assert code == 0
     _demo_checks(out)
     printed = capsys.readouterr().out
