@@ -191,3 +191,42 @@ def test_group_keep_selects_the_same_units_everywhere():
     assert {f"{n}.weight" for n in (*stage2.producers, *stage2.consumers)} <= names
     with pytest.raises(ValueError, match="keep indices must lie"):
         resize_group(model, stage2, keep=[7])
+
+
+def test_discovery_leaves_batchnorm_statistics_and_modes_alone():
+    model = ResNet().train()
+    model.layer1[0].bn1.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    discover(model, torch.randn(4, 3, 8, 8) + 3.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.training and not model.layer1[0].bn1.training and model.layer1[0].bn2.training
+
+
+class ResidualBranch(nn.Module):
+    """A branch that reads and writes the stream: ``hid`` is a producer and a consumer of one width."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.hid, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(torch.relu(self.hid(h)) + h)
+
+
+@pytest.mark.numerics
+def test_a_module_that_reads_and_writes_a_group_width_is_resized_on_both_axes():
+    torch.manual_seed(0)
+    model, x = ResidualBranch(), torch.randn(8, 4)
+    (group,) = discover(model, x).groups
+    assert (group.producers, group.consumers) == (("inp", "hid"), ("hid", "out"))
+    with torch.no_grad():
+        before = model(x)
+    old = model.hid.weight.detach().clone()
+    resize_group(model, group, keep=[4, 0, 2, 1, 3, 5], n_new=3, init_in="normal", init_out="zeros")
+    assert model.hid.weight.shape == (9, 9)
+    assert torch.equal(model.hid.weight[:6, :6], old[[4, 0, 2, 1, 3, 5]][:, [4, 0, 2, 1, 3, 5]])
+    assert not model.hid.weight[:, 6:].any()  # new units feed nothing
+    with torch.no_grad():
+        assert_equal_up_to_rounding(model(x), before, terms=4 + 9 + 9 + 9,
+                                    magnitude=forward_magnitude(model, x))

@@ -6,12 +6,13 @@ in library code. Every model exposes ``width_sites()`` (for width surgery) and `
 
 # Importing the model modules fills the registry; the order fixes nothing (names are sorted).
 from widthlab.models import bottleneck as _bottleneck  # noqa: F401
+from widthlab.models import custom as _custom  # noqa: F401
 from widthlab.models import gin as _gin  # noqa: F401
 from widthlab.models import mlp as _mlp  # noqa: F401
 from widthlab.models import resnet as _resnet  # noqa: F401
 from widthlab.models import rnn as _rnn  # noqa: F401
 from widthlab.models import transformer as _transformer  # noqa: F401
-from widthlab.models._registry import MODELS, create_model, list_models, model_options
+from widthlab.models._registry import MODELS, create_model, list_models, model_options, open_options
 from widthlab.models.counting import (
     count_nonzero_weights,
     count_parameters,
@@ -36,4 +37,5 @@ __all__ = [
     "is_counted_layer",
     "list_models",
     "model_options",
+    "open_options",
 ]

@@ -27,6 +27,13 @@ def _options(builder: Builder) -> list[str]:
     return [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+def open_options(name: str) -> bool:
+    """Whether model ``name`` takes options beyond its declared ones (``custom``: the user's function
+    receives every key of the ``model:`` section)."""
+    sig = inspect.signature(_get(name))
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
 def model_options(name: str) -> dict[str, object]:
     """Options of model ``name`` with their defaults (``inspect.Parameter.empty`` when required)."""
     builder = _get(name)
@@ -71,7 +78,7 @@ def create_model(name: str, *, input_shape: Sequence[int], num_outputs: int, **k
     """
     builder = _get(name)
     options = _options(builder)
-    for key in kwargs:
+    for key in kwargs if not open_options(name) else ():
         if key not in options:
             close = difflib.get_close_matches(key, options, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known options: {', '.join(options)}"

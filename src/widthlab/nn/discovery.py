@@ -166,12 +166,19 @@ def _trace(model: nn.Module, example_inputs: tuple, leaf_modules: Sequence[type]
                              "sites with a width_sites() method, or pass this module's class in "
                              "leaf_modules to treat it as opaque") from None
     gm = fx.GraphModule(tracer.root, graph)
+    # Eval mode while shapes propagate (the same shapes), so that discovery leaves BatchNorm's running
+    # statistics as they were; the graph module shares the model's submodules.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:
         raise DiscoveryError(f"the example input does not run through {type(model).__name__}: "
                              f"{type(e).__name__}: {e}") from None
+    finally:
+        for m, training in modes:
+            m.training = training
     return gm
 
 

@@ -59,12 +59,24 @@ def resize_group(
     consumers = [model.get_submodule(n) for n in group.consumers]
     if not producers or not consumers:
         raise ValueError(f"group {group.name!r}: needs at least one producer and one consumer")
-    # One pseudo-site per producer and per consumer, so that the single-site checks and initialisers apply.
-    sites = [WidthSite(group.name, p, consumers[0], (), n, group.consumers[0])
-             for p, n in zip(producers, group.producers)]
-    sites += [WidthSite(group.name, producers[0], c, (), group.producers[0], n)
-              for c, n in zip(consumers, group.consumers)]
-    sites.append(WidthSite(group.name, producers[0], consumers[0], tuple(norms)))
+    # One pseudo-site per producer and per consumer, so that the single-site checks and initialisers
+    # apply. A module may be both (a residual branch reading and writing the stream): it is paired with
+    # another module of the group.
+    def partner(mods: list[nn.Module], names: tuple[str, ...], module: nn.Module) -> tuple[nn.Module, str]:
+        for m, n in zip(mods, names):
+            if m is not module:
+                return m, n
+        raise ValueError(f"group {group.name!r}: {type(module).__name__} reads and writes the width alone "
+                         "(a recurrence); not supported")
+
+    sites = []
+    for p, name in zip(producers, group.producers):
+        c, c_name = partner(consumers, group.consumers, p)
+        sites.append(WidthSite(group.name, p, c, (), name, c_name))
+    for c, name in zip(consumers, group.consumers):
+        p, p_name = partner(producers, group.producers, c)
+        sites.append(WidthSite(group.name, p, c, (), p_name, name))
+    sites.append(WidthSite(group.name, sites[0].producer, sites[0].consumer, tuple(norms)))
     widths = {_check_site(s, model) for s in sites}
     if len(widths) != 1:
         raise ValueError(f"group {group.name!r}: its modules disagree on the width ({sorted(widths)})")
@@ -74,7 +86,8 @@ def resize_group(
     if n_new == 0 and torch.equal(keep, torch.arange(width)):
         return ResizeEvent(description=f"{group.name}: unchanged ({width})", widths={group.name: width})
 
-    # Every new block first, so that a failing initialiser changes nothing.
+    # Every new block first, so that a failing initialiser changes nothing. Rows (producers) before
+    # columns (consumers): a module that is both gets its columns edited on its already resized rows.
     edits: list[Edit] = []
     for site, name in zip(sites, group.producers):
         w_in, b_in = _new_incoming(site, n_new, init_in, generator)
@@ -82,8 +95,13 @@ def resize_group(
     for norm, name in zip(norms, group.norms):
         edits += _norm_edits(norm, name, n_new)
     for site, name in zip(sites[len(producers):], group.consumers):
-        edits.append((site.consumer, "weight", name, 1, _new_outgoing(site, n_new, new_width, init_out,
-                                                                       generator)))
+        block = _new_outgoing(site, n_new, new_width, init_out, generator)
+        if any(site.consumer is p for p in producers):
+            # Its rows are the group's units too: the block follows them (survivors, then zeros for the
+            # new units' rows, which then read nothing new).
+            corner = block.new_zeros((n_new, *block.shape[1:]))
+            block = torch.cat([block.index_select(0, keep.to(block.device)), corner], 0)
+        edits.append((site.consumer, "weight", name, 1, block))
 
     resized = _apply_edits(edits, keep, n_new)
     for site in sites:

@@ -351,7 +351,7 @@ def check_components(spec: StudySpec, source: str) -> None:
     """Names and option keys of data, model and method exist, and their values pass the checks that
     building them would make (:mod:`widthlab.studies.validate`)."""
     from widthlab.data.registry import DATASETS, dataset_options
-    from widthlab.models import list_models, model_options
+    from widthlab.models import list_models, model_options, open_options
     from widthlab.studies.methods import METHODS, method_options
 
     if spec.data.name not in DATASETS:
@@ -364,7 +364,8 @@ def check_components(spec: StudySpec, source: str) -> None:
                          f"known: {', '.join(list_models())}")
     given = list(spec.model.options())
     given += [k for k in ("width", "widths") if getattr(spec.model, k) is not None]
-    _check_options(source, "model", "model", spec.model.name, given, model_options(spec.model.name))
+    if not open_options(spec.model.name):  # model custom passes every key to the user's function
+        _check_options(source, "model", "model", spec.model.name, given, model_options(spec.model.name))
     if spec.method.name not in METHODS:
         raise StudyError(f"{source}: method.name: unknown method {spec.method.name!r}; "
                          f"known: {', '.join(METHODS.names())}")

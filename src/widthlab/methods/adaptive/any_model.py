@@ -60,8 +60,9 @@ def _unit_axis(consumer: nn.Module) -> int:
 
 def _group_site(model: nn.Module, group: WidthGroup) -> WidthSite:
     """A site standing for a group: its first producer and consumer (the width is read from them)."""
-    return WidthSite(group.name, model.get_submodule(group.producers[0]),
-                     model.get_submodule(group.consumers[0]), (), group.producers[0], group.consumers[0])
+    consumer = next(c for c in group.consumers if c != group.producers[0])
+    return WidthSite(group.name, model.get_submodule(group.producers[0]), model.get_submodule(consumer), (),
+                     group.producers[0], consumer)
 
 
 def _choose(model: nn.Module, example_inputs, names: Sequence[str] | None, leaf_modules

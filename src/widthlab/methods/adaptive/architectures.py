@@ -12,6 +12,17 @@ from widthlab.data.base import TaskData
 from widthlab.methods.adaptive.mlp import AdaptiveMLP, AdaptiveMLPConfig
 
 
+def has_counterpart(model: nn.Module) -> bool:
+    """Whether ``model`` is one of the plain architectures :func:`from_plain` knows."""
+    from widthlab.models.gin import GIN
+    from widthlab.models.mlp import MLP
+    from widthlab.models.resnet import ResNet
+    from widthlab.models.rnn import RNN
+    from widthlab.models.transformer import Seq2SeqTransformer
+
+    return isinstance(model, (MLP, ResNet, RNN, GIN, Seq2SeqTransformer))
+
+
 def from_plain(model: nn.Module, data: TaskData, cell: dict[str, Any], *, seed: int,
                adaptive_channels: bool = False, channels_lam0: float | None = None) -> nn.Module:
     """The adaptive model for the architecture of ``model``.

@@ -17,6 +17,9 @@ fixed sizes from it and builds the adaptive counterpart (specs/awnn.md §4):
 ``transformer``     :class:`~.transformer.AdaptiveTransformer`; ``d_model``, ``heads``, ``layers``,
                     ``dropout`` (vocabulary and length come from the data); every feed-forward block
                     adapts
+any other           (``custom``: the user's own module) the model itself, with the importance rescaling
+                    inserted at its discovered width sites or the ``sites`` named
+                    (:mod:`.any_model`); each width starts at its built size unless ``lambda0`` is set
 ==================  =====================================================================================
 
 Everything else is a method option (keyword below). Summary extras: ``distribution``, ``lambda0``,
@@ -93,7 +96,7 @@ def build(
     data: TaskData,
     *,
     seed: int,
-    lambda0: float = 0.01,
+    lambda0: float | None = None,
     k: float = 0.9,
     distribution: str = "exponential",
     distribution_options: dict[str, Any] | None = None,
@@ -113,6 +116,9 @@ def build(
     truncation_fractions: list[float] | None = None,
     disable_adaptation: bool = False,
     share_width_distribution: bool = False,
+    sites: list[str] | None = None,
+    consumer_init: str = "kaiming_plus",
+    grow_init: str = "kaiming",
 ) -> MethodPlan:
     """Build the adaptive counterpart of ``model`` and the callback that trains its widths.
 
@@ -120,7 +126,8 @@ def build(
         model: the plain model of the study's ``model:`` section (selects the architecture; module doc).
         data: the task (input shape, outputs, training-set size).
         seed: seeds the construction of the adaptive model and the draws of new units.
-        lambda0: initial rate of every adaptive layer (0.01 -> D = 232).
+        lambda0: initial rate of every adaptive layer; null: 0.01 (D = 232, the paper's start) for
+            widthlab's architectures, each width's built size for any other model.
         k: width quantile (0.9).
         distribution: ``exponential`` | ``power_law`` | ``uniform`` | ``sigmoid``.
         distribution_options: the family's options (``gamma0``, ``shift``; ``b``; ``b0``, ``slope``).
@@ -148,6 +155,9 @@ def build(
         share_width_distribution: one distribution (one lam) for every adaptive layer of the model, so
             all widths move together and the lam prior counts it once (``layer.share_width_distribution``;
             not with ``adaptive_channels``).
+        sites, consumer_init, grow_init: any other model only (``any_model.make_adaptive``): the widths
+            to adapt (site or group names; null: every discovered site), how their consumers are
+            initialised (``kaiming_plus``, ``preserve``, ``none``) and how grown units are drawn.
     """
     from widthlab.methods.adaptive import architectures
 
@@ -158,6 +168,21 @@ def build(
         raise ValueError("method option share_width_distribution: not with adaptive_channels (the "
                          "convolution channels start at the trunk's widths, the head at D(lambda0))")
     n_obs = int(n_observations) if n_observations is not None else len(data.train)
+    if not architectures.has_counterpart(model):
+        return _any_model(
+            model, data, seed=seed, lambda0=lambda0, k=k, distribution=distribution,
+            distribution_options=distribution_options, boundary=boundary, activation=activation,
+            act_outer=act_outer, init=init, sigma_theta=sigma_theta, mu=mu, sigma_lam=sigma_lam, n_obs=n_obs,
+            optimizer_mode=optimizer_mode, anneal=anneal_cfg, check_every=check_every, sync=sync,
+            adaptive_channels=adaptive_channels, truncation_fractions=truncation_fractions,
+            disable_adaptation=disable_adaptation, share_width_distribution=share_width_distribution,
+            sites=sites, consumer_init=consumer_init, grow_init=grow_init)
+    for key, value, default in (("sites", sites, None), ("consumer_init", consumer_init, "kaiming_plus"),
+                                ("grow_init", grow_init, "kaiming")):
+        if value != default:
+            raise ValueError(f"method option {key} applies to models widthlab has no adaptive counterpart "
+                             f"for (model custom), not {type(model).__name__}")
+    lambda0 = 0.01 if lambda0 is None else lambda0
     cell = dict(lam0=float(lambda0), k=float(k), distribution=distribution,
                 distribution_options=dict(distribution_options or {}), boundary=boundary,
                 activation=activation, act_outer=act_outer, init=init)
@@ -179,3 +204,54 @@ def build(
                                      check_every=check_every, sync=sync, seed=seed, summary=summary,
                                      truncation_fractions=truncation_fractions)
     return MethodPlan(adaptive, [callback], summary)
+
+
+def _example_batch(data: TaskData):
+    """Two training examples, collated as the trainer does: discovery traces the model on them."""
+    from torch.utils.data import default_collate
+
+    items = [data.train[i] for i in range(min(2, len(data.train)))]
+    return (data.collate or default_collate)(items)[0]
+
+
+def _controls(model: nn.Module, summary: dict[str, Any], disable_adaptation: bool,
+              share_width_distribution: bool) -> None:
+    if share_width_distribution:
+        _share(model)
+    if disable_adaptation:
+        for s in collect_sites(model):
+            s.scale.adapt = False
+            s.scale.dist.requires_grad_(False)
+    summary["initial_widths"] = {s.name: s.width for s in collect_sites(model)}
+
+
+def _any_model(model: nn.Module, data: TaskData, *, seed: int, lambda0, k, distribution, distribution_options,
+               boundary, activation, act_outer, init, sigma_theta, mu, sigma_lam, n_obs, optimizer_mode,
+               anneal, check_every, sync, adaptive_channels, truncation_fractions, disable_adaptation,
+               share_width_distribution, sites, consumer_init, grow_init) -> MethodPlan:
+    """The adaptive method on a model widthlab did not build: rescaling inserted at its width sites."""
+    import torch
+
+    from widthlab.methods.adaptive.controller import AdaptiveWidth
+
+    for key, value, default in (("activation", activation, "relu6"), ("act_outer", act_outer, "auto"),
+                                ("init", init, "gaussian"), ("adaptive_channels", adaptive_channels, False)):
+        if value != default:
+            raise ValueError(f"method option {key} applies to widthlab's adaptive architectures; "
+                             f"{type(model).__name__} keeps its own layers (see consumer_init, grow_init)")
+    prior = ElboPrior(sigma_theta=sigma_theta, mu_lambda=mu, sigma_lambda=sigma_lam, n_observations=n_obs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controller = AdaptiveWidth(model, None, _example_batch(data), sites=sites, prior=prior,
+                                   optimizer_mode=optimizer_mode, anneal=anneal, check_every=check_every,
+                                   sync=sync, seed=seed, lambda0=lambda0, k=float(k),
+                                   distribution=distribution, distribution_options=distribution_options,
+                                   boundary=boundary, consumer_init=consumer_init, grow_init=grow_init)
+    summary: dict[str, Any] = {
+        "distribution": distribution, "lambda0": lambda0, "k": k, "optimizer_mode": optimizer_mode,
+        "share_width_distribution": bool(share_width_distribution),
+    }
+    _controls(model, summary, disable_adaptation, share_width_distribution)
+    callback = AdaptiveWidthCallback(controller, seed=seed, summary=summary,
+                                     truncation_fractions=truncation_fractions)
+    return MethodPlan(model, [callback], summary)

@@ -63,6 +63,8 @@ def rebuild_at_width(model: nn.Module, width: int, *, device: str | torch.device
     """
     cfg = getattr(model, "config", None)
     with torch.device(device):
+        if callable(getattr(model, "widthlab_rebuild", None)):  # model custom: the user's function again
+            return model.widthlab_rebuild(width)
         if isinstance(model, MLP) and cfg is not None:
             if len(set(cfg.widths)) != 1:
                 raise ValueError(f"MLP hidden widths {cfg.widths} differ: a single base width does not "

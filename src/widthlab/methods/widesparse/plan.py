@@ -144,6 +144,8 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
 
 def model_width(model: nn.Module) -> int:
     """The nominal width w of a widthlab MLP (its common hidden width) or ResNet (stem channels)."""
+    if getattr(model, "widthlab_width", None) is not None:  # model custom (widthlab.models.custom)
+        return int(model.widthlab_width)
     cfg = getattr(model, "config", None)
     if isinstance(model, MLP) and len(set(cfg.widths)) == 1:
         return int(cfg.widths[0])
