@@ -119,6 +119,8 @@ def test_a_study_runs_the_user_model_under_dense_widesparse_and_adaptive(tmp_pat
     # in the study), starting at the built width.
     assert runs["adaptive"]["initial_widths"] == {"inp+1": 12}
     assert set(runs["adaptive"]["adaptive_widths"]) == {"inp+1"} and runs["adaptive"]["resizes"] >= 0
+    assert runs["adaptive"]["widths"] == runs["adaptive"]["adaptive_widths"]
+    assert runs["dense"]["widths"] == {"width": 12}
 
 
 def test_a_bad_factory_in_a_study_is_one_line_exit_2(tmp_path, capsys):

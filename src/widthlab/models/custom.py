@@ -100,6 +100,23 @@ class Rebuild:
         return build(self.input_shape, self.num_outputs, self.factory, {**self.options, "width": int(width)})
 
 
+class Widths:
+    """``model.widths()`` of a user model (the run's recorded widths): its adaptive widths once the adaptive
+    method made it adaptive, else its nominal ``width``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self) -> dict[str, int]:
+        from widthlab.methods.adaptive.layer import attached_sites
+
+        sites = attached_sites(self.model)
+        if sites:
+            return {s.name: s.width for s in sites}
+        width = getattr(self.model, "widthlab_width", None)
+        return {} if width is None else {"width": int(width)}
+
+
 def build(input_shape: tuple[int, ...], num_outputs: int, factory: str, options: dict[str, Any]) -> nn.Module:
     """Call the factory and check that it returned a module; tag it with its width and a rebuild."""
     fn = load_factory(factory)
@@ -111,6 +128,8 @@ def build(input_shape: tuple[int, ...], num_outputs: int, factory: str, options:
     model.widthlab_width = width
     model.widthlab_rebuild = Rebuild(factory, tuple(input_shape), int(num_outputs),
                                      {k: v for k, v in options.items() if k != "width"})
+    if not callable(getattr(model, "widths", None)):
+        model.widths = Widths(model)
     return model
 
 
