@@ -356,6 +356,8 @@ def test_resumed_run_is_charged_its_whole_wall_time(tmp_path):
     resumed = run_study(spec, out, quiet=True, resume=True).summaries[0]
     assert resumed["status"] == "done"
     assert resumed["wall_seconds"] >= 0.5 * ref["wall_seconds"]
+    # Process CPU seconds too: the checkpoint carries those of the earlier session.
+    assert resumed["cpu_seconds"] >= 0.5 * ref["cpu_seconds"] > 0
 
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))

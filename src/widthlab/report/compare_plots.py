@@ -104,7 +104,8 @@ def draw_metric_vs(ax, arms: Sequence[ArmResult], key: str, member_key: str) -> 
             if pts:
                 # Joined in width order where the cost grows with the width (FLOPs, weights); wall
                 # seconds of small nets are noise, so those members are left unjoined.
-                joined = all(x0 < x1 for (x0, _), (x1, _) in zip(pts, pts[1:]))
+                # A search arm's trials are not a grid: never joined.
+                joined = not a.is_search_arm and all(x0 < x1 for (x0, _), (x1, _) in zip(pts, pts[1:]))
                 ax.plot(*zip(*pts), color=color, lw=0.8 if joined else 0, alpha=0.5, marker=marker,
                         markersize=3)
         seeds = [(getattr(c, key), c.test) for c in a.choices]
@@ -124,8 +125,16 @@ def draw_metric_vs(ax, arms: Sequence[ArmResult], key: str, member_key: str) -> 
         ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
-        ax.legend(fontsize=8, loc="best")
+        _legend(ax, len(arms))
     return drawn
+
+
+def _legend(ax, n: int) -> None:
+    """A few methods: inside; more (searches and retrain controls): below the axes, off the data."""
+    if n <= 4:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
 
 
 def _finish(fig, axes, drawn) -> bytes | None:
@@ -218,7 +227,7 @@ def draw_pareto(ax, arms: Sequence[ArmResult], cost: str) -> bool:
     ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
-    ax.legend(fontsize=7, loc="best")
+    _legend(ax, len(arms) + 2)
     return True
 
 

@@ -47,13 +47,25 @@ def trial_seed(seed: int, number: int, salt: str) -> int:
     return int(_hash([seed, number, salt]), 16) % 2**31
 
 
-def open_storage(out_dir: Path):
-    optuna = import_optuna()
-    from optuna.storages.journal import JournalFileBackend
+class LazyStorage:
+    """The output folder's Optuna journal, opened (and created) on first use, so that a study refused
+    before it starts writes nothing."""
 
-    path = Path(out_dir) / JOURNAL
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / JOURNAL
+        self._storage = None
+
+    def exists(self) -> bool:
+        return self._storage is not None or self.path.is_file()
+
+    def get(self):
+        if self._storage is None:
+            optuna = import_optuna()
+            from optuna.storages.journal import JournalFileBackend
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._storage = optuna.storages.JournalStorage(JournalFileBackend(str(self.path)))
+        return self._storage
 
 
 class SearchDriver:
@@ -66,13 +78,17 @@ class SearchDriver:
         ident = {"study": study.model_dump(include={"data", "model", "method", "train"}),
                  "search": search.identity(), "seed": seed}
         self.study_name = f"{study.name}/{task}/{arm}/seed{seed}/{_hash(ident)}"
-        self.storage = storage
+        self._storage = storage  # a LazyStorage
         self.handed: set[int] = set()
         self._study = None
         self.pruner_cfg = {"pruner": search.pruner, "min_epochs": search.min_epochs,
                            "reduction_factor": search.reduction_factor, "epochs": study.train.epochs}
 
     # ------------------------------------------------------------------ Optuna objects
+
+    @property
+    def storage(self):
+        return self._storage.get()
 
     def study(self):
         if self._study is None:
@@ -118,8 +134,15 @@ class SearchDriver:
         return self.run_for(trial.number, trial.params, int(trial.user_attrs["round_start"]))
 
     def known_run_ids(self) -> set[str]:
-        return {t.user_attrs["run_id"] for t in self.study().get_trials(deepcopy=False)
-                if "run_id" in t.user_attrs}
+        """Run ids of the trials asked so far (none, without writing, when the study is new)."""
+        if not self._storage.exists():
+            return set()
+        optuna = import_optuna()
+        try:
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+        except KeyError:  # no such study in the journal yet
+            return set()
+        return {t.user_attrs["run_id"] for t in study.get_trials(deepcopy=False) if "run_id" in t.user_attrs}
 
     # ------------------------------------------------------------------ the schedule's interface
 

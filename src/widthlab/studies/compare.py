@@ -19,8 +19,22 @@ search for all of its members::
       widesparse:                                  # the family at the base's weight count
         method: {name: widesparse, base_width: 8}
         sweep: {model.width: [8, 16, 32, 64]}
-      adaptive: {method: {name: adaptive}}         # one run per seed
+      adaptive: {method: {name: adaptive}}         # one run per seed (+ its fixed retrain control)
       expanding: {method: {name: expanding, start_widths: [4]}}
+      search:                                      # Optuna TPE over the width, Hyperband pruning
+        search: {width: [4, 256], trials: 12}
+      random_search: {search: {width: [4, 256], trials: 12}}   # its control: random widths
+
+A **search arm** (a ``search:`` section, or the arm names ``search`` / ``random_search``) has no fixed
+runs: its trials are asked from an Optuna study while the study runs (``widthlab.search``), each an
+ordinary run tagged with its trial number, sampler and pruner; it takes no sweep, and its trials train
+the arm's method (default dense) at the sampled width (and learning rate, with ``lr: [low, high]``).
+
+**Fixed retrain control.** Each adaptive and self-expanding arm (one run per seed, on a model that
+takes ``widths``) also gets, per seed, a dense net of the hidden widths its run selected, trained from
+scratch with the arm's training recipe (arm ``<arm>_retrain``, shown as ``<arm> → fixed retrain``):
+is the found width good, or only the method's training path? On by default; ``retrain: false`` on
+the arm turns it off, ``retrain: true`` asks for it on another single-run arm.
 
 Merge order (later wins, mappings merged key by key): the shared ``train``; the task's ``data``,
 ``model`` and ``train``; the method's ``model``, ``method`` and ``train``; the task's

@@ -87,7 +87,9 @@ def run_label(run: RunSpec) -> str:
                     if k not in ("model.width", "model.widths"))
     if run.tags:  # a comparison run: its task and compared method; a search also its member's width
         arm = run.tags.get("arm", s.method.name)
-        if run.tags.get("role") == "single":
+        if "trial" in run.tags:  # a search arm's trial: two trials may sample the same width
+            arm = f"{arm} trial {run.tags['trial']}"
+        if run.tags.get("role") == "single" and "retrain_of" not in run.tags:
             return f"{run.tags.get('task', '?')}: {arm}{extra}".rstrip()
         return f"{run.tags.get('task', '?')}: {arm} {s.model.name}{wtxt}{extra}".rstrip()
     return f"{s.method.name} {s.model.name}{wtxt}{extra}".rstrip()

@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from widthlab.search.driver import WAIT, SearchDriver, open_storage
+from widthlab.search.driver import WAIT, LazyStorage, SearchDriver
 from widthlab.studies.load import RunSpec, expand_runs
 from widthlab.studies.store import ResultStore
 
@@ -150,12 +150,11 @@ def build_sources(spec, out_dir: Path, runs: list[RunSpec]) -> list:
         return []
     sources: list = []
     base = len(runs)
-    storage = None
+    storage = LazyStorage(out_dir)
     for a in arm_studies(spec):
         for seed in a.study.seeds:
             position = base + (len(sources) + 1) * SLOT
             if a.search is not None:
-                storage = storage or open_storage(out_dir)
                 d = SearchDriver(study=a.study, search=a.search, task=a.task, arm=a.arm, seed=seed,
                                  position=position, storage=storage)
                 d.expected = a.search.budget_trials if a.search.flops is None else a.search.parallel
