@@ -15,6 +15,7 @@ _API = {
     "width_sites": "widthlab.nn.discovery",
     "allocate": "widthlab.methods.widesparse.families",
     "sparsify": "widthlab.methods.widesparse.sparsify",
+    "SelfExpanding": "widthlab.methods.expanding.plain_loop",
 }
 __all__ = ["__version__", *_API]
 
