@@ -7,7 +7,7 @@ d_model -> d_ff -> d_model, each added to the residual stream, then mean pooling
 Of its widths only d_ff can change on its own: d_model is read by the attention (whose heads split it)
 and is tied across the residual stream, so discovery reports it as fixed, with the reason. The
 adaptive-width method (Errica et al., 2025; its Transformer experiment adapts exactly this width in
-every feed-forward block, Section 5) weighs the d_ff units by a learned importance distribution and
+every feed-forward block) weighs the d_ff units by a learned importance distribution and
 grows or cuts them at the tail as its rate lambda moves. Here d_ff starts at 64.
 
 Run: ``python examples/transformer_ffn_width.py`` (a few seconds on a CPU).

@@ -1,6 +1,6 @@
 """The adaptive part of one hidden layer: rescaling by the importance vector, and its width site.
 
-A hidden layer of an adaptive network computes (specs/awnn.md §2 "Rescaling")::
+A hidden layer of an adaptive network computes (Errica et al. 2025, Sec. 3, the rescaling)::
 
     pre = W_l h + b_l ;  a = act(pre) ;  h = a ⊙ p_l  (;  h = act_outer(h) )
 
@@ -29,13 +29,13 @@ from widthlab.methods.adaptive.distributions import ImportanceDistribution, scal
 from widthlab.nn.discovery import WidthGroup
 from widthlab.nn.resize import WidthSite
 
-# How new units are drawn when a site grows (callback.py): "normal" is the paper's N(0, 1) (§3 "Grow");
+# How new units are drawn when a site grows (callback.py): "normal" is the paper's N(0, 1) (Sec. 3, growth);
 # "kaiming" (U(±1/sqrt(fan_in)) in, Kaiming+ std out) suits the convolution channels we add beyond it.
 GROW_INITS = ("normal", "kaiming", "zeros")
 
 
 class AdaptiveScale(nn.Module):
-    """Multiply the units of a layer by their importance p (§2), along axis ``dim``.
+    """Multiply the units of a layer by their importance p (Errica et al. 2025, Sec. 3), along axis ``dim``.
 
     Args:
         distribution: the layer's importance distribution (owns the learnable lam).
@@ -44,7 +44,7 @@ class AdaptiveScale(nn.Module):
 
     Attributes:
         support: None (normalise p over the live width), or an int >= width: normalise over that many
-            units and use the first ``width`` entries -- truncation without renormalisation (§5).
+            units and use the first ``width`` entries -- truncation without renormalisation (Sec. 5).
         unit_mask: None, or a (width,) 0/1 tensor of units to silence: used by the truncation curves to
             remove arbitrary (e.g. random) units without moving the survivors' importances.
         renormalize_mask: with ``unit_mask``, renormalise p over the surviving units.

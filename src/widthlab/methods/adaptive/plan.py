@@ -1,7 +1,7 @@
 """Study-file entry point of the adaptive-width method: ``method: {name: adaptive, ...}``.
 
 The runner first builds the plain model named in ``model:``; :func:`build` reads its architecture and
-fixed sizes from it and builds the adaptive counterpart (specs/awnn.md §4):
+fixed sizes from it and builds the adaptive counterpart (the architectures of Errica et al. 2025, Sec. 4):
 
 ==================  =====================================================================================
 ``model.name``      adaptive model, and which ``model:`` settings are used
@@ -132,7 +132,7 @@ def build(
         distribution: ``exponential`` | ``power_law`` | ``uniform`` | ``sigmoid``.
         distribution_options: the family's options (``gamma0``, ``shift``; ``b``; ``b0``, ``slope``).
         boundary: floor on lam (cap on the width), e.g. 5e-4 -> at most 4607 units.
-        activation: inner activation of the adaptive MLPs (``relu6``: bounded, recommended §2).
+        activation: inner activation of the adaptive MLPs (``relu6``: bounded, recommended by the paper).
         act_outer: activation after the rescaling; ``auto``: ``leaky_relu`` in the RNN cells, none
             elsewhere (as the official configs).
         init: ``gaussian`` (Kaiming+), ``uniform`` or ``kaiming``.

@@ -1,4 +1,5 @@
-"""Grow or shrink one adaptive site to a target width through the core width surgery (§3).
+"""Grow or shrink one adaptive site to a target width through the core width surgery (Errica et al. 2025,
+Sec. 3).
 
 * Grow: the new rows of W_l, new bias entries and new columns of W_{l+1} are appended at the end (the
   unimportant tail) and drawn i.i.d. N(0, 1) (``grow_init="normal"``, the paper's); existing weights are
@@ -62,7 +63,7 @@ def _inits(asite: AdaptiveSite, D: int, g: torch.Generator):
         return _normal_in(g), _normal_out(g)
     if asite.grow_init == "zeros":
         return "zeros", "zeros"
-    # "kaiming": incoming like PyTorch's default, outgoing at the Kaiming+ std of the consumer (§3).
+    # "kaiming": incoming like PyTorch's default, outgoing at the Kaiming+ std of the consumer (Sec. 3).
     with torch.no_grad():
         p = asite.scale.importance(D)
     area = math.prod(asite.site.consumer.weight.shape[2:])
