@@ -301,6 +301,7 @@ def _hash(obj: Any) -> str:
 def expand_runs(spec: StudySpec | CompareSpec, source: str = "study",
                 tags: dict[str, str] | None = None) -> list[RunSpec]:
     """Grid over the sweep axes (in file order) x seeds; each point validated as a study of its own.
+    A list of grids expands each in turn (their union; a point in two grids is a duplicate run).
 
     A comparison study expands into the runs of each of its (task, method) studies
     (:func:`widthlab.studies.compare.expand_compare`); ``tags`` label such runs and enter their ids.
@@ -311,10 +312,10 @@ def expand_runs(spec: StudySpec | CompareSpec, source: str = "study",
         return expand_compare(spec, source)
     tags = dict(tags or {})
     base = spec.model_dump(exclude={"sweep"})
-    axes = list(spec.sweep.items())
     runs: list[RunSpec] = []
-    for values in itertools.product(*(v for _, v in axes)) if axes else [()]:
-        point = dict(zip((k for k, _ in axes), values))
+    points = (dict(zip(grid, values)) for grid in spec.sweep_grids()
+              for values in (itertools.product(*grid.values()) if grid else [()]))
+    for point in points:
         raw = copy.deepcopy(base)
         for key, value in point.items():
             set_dotted(raw, key, value, source="sweep")

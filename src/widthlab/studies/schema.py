@@ -154,7 +154,9 @@ class StudySpec(_Strict):
 
     Attributes:
         seeds: every run is repeated for each seed (model init, masks, batch order).
-        sweep: a grid over dotted keys (``model.width: [8, 16]``); runs = product of axes x seeds.
+        sweep: a grid over dotted keys (``model.width: [8, 16]``); runs = product of axes x seeds. A list
+            of grids sweeps their union, for axes whose valid values depend on each other (e.g. wide &
+            sparse MLPs where only some fract_cl values can reach the largest width).
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -165,17 +167,24 @@ class StudySpec(_Strict):
     method: MethodSpec = MethodSpec()
     train: TrainSpec = TrainSpec()
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
-    sweep: dict[str, list[Any]] = {}
+    sweep: dict[str, list[Any]] | list[dict[str, list[Any]]] = {}
 
     @field_validator("sweep")
     @classmethod
-    def _sweep(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for key, values in v.items():
-            if key.split(".")[0] not in ("data", "model", "method", "train"):
-                raise ValueError(f"sweep axis {key!r} must start with data., model., method. or train.")
-            if not values:
-                raise ValueError(f"sweep axis {key!r} has no values")
+    def _sweep(cls, v: dict[str, list[Any]] | list[dict[str, list[Any]]]):
+        if isinstance(v, list) and not v:
+            raise ValueError("a list of sweep grids needs at least one grid")
+        for grid in v if isinstance(v, list) else [v]:
+            for key, values in grid.items():
+                if key.split(".")[0] not in ("data", "model", "method", "train"):
+                    raise ValueError(f"sweep axis {key!r} must start with data., model., method. or train.")
+                if not values:
+                    raise ValueError(f"sweep axis {key!r} has no values")
         return v
+
+    def sweep_grids(self) -> list[dict[str, list[Any]]]:
+        """The sweep as a list of grids (one grid for a plain mapping)."""
+        return list(self.sweep) if isinstance(self.sweep, list) else [self.sweep]
 
     @field_validator("seeds")
     @classmethod

@@ -52,6 +52,11 @@ def check_values(spec: StudySpec, source: str) -> None:
     problem = method_problem(spec.method.name, spec.method.options())
     if problem:
         raise StudyError(f"{source}: method.{problem}")
+    from widthlab.studies.methods import preset_kernel_problem  # needs model.width: not in method_problem
+
+    problem = preset_kernel_problem(spec.method.name, spec.method.options(), spec.model.width)
+    if problem:
+        raise StudyError(f"{source}: method.{problem}")
 
 
 def _freeze(d: dict[str, Any]) -> str:

@@ -24,7 +24,8 @@ SPEC_SPARSE_8 = {32: 136, 128: 260, 216: 361, 328: 491, 512: 736, 635: 875}
 
 def _member(study: str, width: int, input_shape):
     """The run's network at init, built as the runner does (without the kernel recorder)."""
-    run = next(r for r in expand_runs(load_study(study)) if r.spec.model.width == width)
+    run = next(r for r in expand_runs(load_study(study))
+               if r.spec.model.width == width and r.spec.method.name == "widesparse")
     torch.manual_seed(run.seed)
     model = create_model("mlp", input_shape=input_shape, num_outputs=10, width=width,
                          **run.spec.model.options())
@@ -113,11 +114,11 @@ def test_kernel_option_checks():
 @pytest.mark.parametrize("name, widths", [("widesparse-kernel-digits", [128, 216, 328, 512, 635]),
                                           ("widesparse-kernel-mnist", [8, 32, 128, 216, 328, 512, 635])])
 def test_kernel_studies_are_one_family_with_preset_and_kernel(name, widths):
-    runs = expand_runs(load_study(name))
+    runs = [r for r in expand_runs(load_study(name)) if r.spec.method.name == "widesparse"]
     assert sorted({r.spec.model.width for r in runs}) == widths  # spec §5.5 widths
     assert len(runs) == len(widths) * 10  # 10 seeds (spec §5.5)
     for r in runs:
         opts = r.spec.method.options()
-        assert r.spec.method.name == "widesparse" and opts["fract_cl"] == 0.0
+        assert opts["fract_cl"] == 0.0
         assert opts["lr_preset"].startswith("ntk-fig8") and opts["kernel"]["pairs"] >= 1000
         assert r.spec.model.options()["parametrization"] == "ntk" and r.spec.model.options()["bias"] is False
