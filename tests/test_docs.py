@@ -285,3 +285,31 @@ def test_cli_reference_lists_every_subcommand_and_flag():
     extra = set(secs) - {f"widthlab {n}" for n in subs} - {"Exit status"}
     problems += [f"section {s!r} names no subcommand of the parser" for s in sorted(extra)]
     assert not problems, "\n".join(problems)
+
+
+# ------------------------------------------------------------------------------------- study examples
+
+
+def _yaml_blocks() -> list[tuple[str, str]]:
+    out = []
+    for page in sorted(DOCS.rglob("*.md")):
+        for i, block in enumerate(re.findall(r"```yaml\n(.*?)```", page.read_text(), flags=re.S)):
+            if re.search(r"^name:", block, flags=re.M):  # a whole study file, not a fragment
+                out.append((f"{page.relative_to(DOCS)}#{i}", block))
+    return out
+
+
+@pytest.mark.parametrize("where, text", _yaml_blocks(), ids=[w for w, _ in _yaml_blocks()])
+def test_study_files_shown_in_the_docs_validate(where, text, tmp_path):
+    """Every complete study file the docs show loads, with every run checked (no file is read)."""
+    from widthlab.studies.load import expand_runs, load_study
+
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    try:
+        spec = load_study(str(path))
+    except Exception as e:
+        if "optuna" in str(e).lower() and importlib.util.find_spec("optuna") is None:
+            pytest.skip("the search extra (optuna) is not installed")
+        raise
+    assert expand_runs(spec)
