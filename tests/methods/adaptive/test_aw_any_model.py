@@ -227,3 +227,19 @@ def test_the_trainer_callback_is_the_same_controller():
         collect_sites(model)[0].scale.dist.r.fill_(softplus_inv(0.5))
     events = cb.on_step_end(t)  # the trainer remaps from the events; the callback does not
     assert events and aw.widths()["0"] == 6 and aw.steps == 1
+
+
+def test_consumers_get_kaiming_plus_for_the_importances_of_their_width():
+    """Kaiming+ (Sec. 3): a layer reading a ⊙ p draws N(0, 2 / sum p^2), with p the discretised
+    exponential's importances over the width (f(i) = e^{-lam i}(1 - e^{-lam}), plus 1e-6, normalised) and
+    lam = c / (w - 1.5) so that D(lam) = w."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 200), nn.ReLU6(), nn.Linear(200, 300))
+    AdaptiveWidth(model, None, torch.randn(2, 5))
+    lam = -math.log(0.1) / (200 - 1.5)
+    i = torch.arange(200, dtype=torch.float64)
+    f = torch.exp(-lam * i) * (1 - math.exp(-lam)) + 1e-6
+    p = f / f.sum()
+    std = math.sqrt(2 / float((p ** 2).sum()))
+    assert float(model[2].weight.detach().double().std()) == pytest.approx(std, rel=0.02)
+    assert float(model[0].weight.abs().max()) <= 1 / math.sqrt(5)  # the producer keeps its own init

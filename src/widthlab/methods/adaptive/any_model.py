@@ -32,7 +32,6 @@ from torch import nn
 
 from widthlab.methods.adaptive.distributions import make_distribution
 from widthlab.methods.adaptive.layer import ATTACHED, GROW_INITS, AdaptiveScale, AdaptiveSite, attached_sites
-from widthlab.methods.adaptive.mlp import kaiming_plus_
 from widthlab.methods.adaptive.resizing import set_width
 from widthlab.nn.discovery import Discovery, DiscoveryError, WidthGroup, discover
 from widthlab.nn.resize import ResizeEvent, WidthSite
@@ -120,7 +119,11 @@ def _distribution(width: int, lambda0: float | None, k: float, distribution: str
 @torch.no_grad()
 def _init_consumer(consumer: nn.Module, p: torch.Tensor, how: str, generator: torch.Generator) -> None:
     if how == "kaiming_plus":
-        kaiming_plus_(consumer, p, "gaussian", generator=generator)
+        # Kaiming+ (Sec. 3): inputs a ⊙ p have variance sum(p^2) E[a^2] instead of fan_in E[a^2], so the
+        # weights get N(0, 2 / (sum p^2 · kernel area)); drawn on the CPU from the seeded generator.
+        w = consumer.weight
+        std = math.sqrt(2.0 / (float((p.detach().double() ** 2).sum()) * math.prod(w.shape[2:])))
+        w.copy_(torch.randn(w.shape, generator=generator, dtype=torch.float32) * std)
     elif how == "preserve":
         w = consumer.weight
         w.div_(p.to(w).reshape(1, -1, *([1] * (w.dim() - 2))))
