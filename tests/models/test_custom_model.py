@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,10 +124,16 @@ def test_a_study_runs_the_user_model_under_dense_widesparse_and_adaptive(tmp_pat
     assert runs["dense"]["widths"] == {"width": 12}
 
 
-def test_a_bad_factory_in_a_study_is_one_line_exit_2(tmp_path, capsys):
+def test_a_bad_factory_in_a_study_is_one_line_exit_2(tmp_path, factory_file, capsys):
     code = main(["run", _study(tmp_path, f"{tmp_path}/nope.py:build"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "factory" in err and "no file" in err and "\n" not in err
+    # A model key the function does not take (a typo) is refused when the study is read, not mid-run.
+    study = Path(_study(tmp_path, f"{factory_file}:build"))
+    (tmp_path / "typo.yaml").write_text(study.read_text().replace("gain: 0.5", "gian: 0.5"))
+    code = main(["run", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "gian" in err and "\n" not in err and not (tmp_path / "o2").exists()
 
 
 def test_models_keep_their_own_modules_and_names(factory_file):

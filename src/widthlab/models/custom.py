@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -120,6 +121,12 @@ class Widths:
 def build(input_shape: tuple[int, ...], num_outputs: int, factory: str, options: dict[str, Any]) -> nn.Module:
     """Call the factory and check that it returned a module; tag it with its width and a rebuild."""
     fn = load_factory(factory)
+    try:  # the study's keys against the function's parameters, before calling it
+        inspect.signature(fn).bind(tuple(input_shape), int(num_outputs), **options)
+    except TypeError as e:
+        raise _bad(f"{factory} does not take the model keys given: {e}") from None
+    except ValueError:  # no signature to check (a builtin): the call will tell
+        pass
     model = fn(tuple(input_shape), int(num_outputs), **options)
     if not isinstance(model, nn.Module):
         raise _bad(f"{factory} returned a {type(model).__name__}, not a torch.nn.Module")
