@@ -1,4 +1,4 @@
-"""A self-expanding network grown on scikit-learn's bundled digits, through widthlab's Python API.
+"""A self-expanding network grown by widthlab's Trainer on bundled digits: the path a study takes.
 
 Self-expanding networks (Mitchell et al., 2023) start small and add a neuron (or a layer) when the
 natural expansion score says the new capacity pays: the increase Delta eta' of the natural-gradient
