@@ -154,6 +154,9 @@ def test_site_builds_strict_and_offline(tmp_path):
     # build above; this checks the pages are not empty shells).
     api = (site / "api" / "widesparse" / "index.html").read_text()
     assert "allocate" in api and "sparsify" in api
+    gallery = (site / "examples" / "index.html").read_text()
+    for script in sorted((ROOT / "examples").glob("[!_]*.py")):
+        assert f'id="{script.stem}"' in gallery, f"{script.name} is not in the examples gallery"
 
 
 def test_every_page_is_in_the_nav():
