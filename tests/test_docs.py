@@ -316,3 +316,10 @@ def test_study_files_shown_in_the_docs_validate(where, text, tmp_path):
             pytest.skip("the search extra (optuna) is not installed")
         raise
     assert expand_runs(spec)
+
+
+def test_pages_cite_papers_not_developer_specs():
+    """The site is for users, who have the papers, not the developers' spec files."""
+    for page in sorted(DOCS.rglob("*.md")):
+        text = page.read_text()
+        assert not re.search(r"specs/|spec §|\bspec\.md", text), page
