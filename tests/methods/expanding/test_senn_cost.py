@@ -147,3 +147,41 @@ def test_run_summary_charges_solves_and_scoring(moons, optimizer):
         assert s["solve_flops"] > 0
     if optimizer == "cg":
         assert s["solve_flops"] > meter.train_flops
+
+
+@pytest.mark.parametrize("g_estimator", ["exact", "normalized"])
+def test_observation_flops_measured_on_two_samples_equal_the_full_count(moons, g_estimator):
+    """The event's observation (forward, back-propagated cotangents, factors) is measured on two samples
+    and scaled by the batch: every product has one sample dimension, so this equals a direct count on
+    the whole batch."""
+    from widthlab.methods.expanding import kfac
+    from widthlab.methods.expanding.controller import ExpansionConfig, ExpansionController
+    from widthlab.methods.expanding.model import ExpandableMLP
+
+    model = ExpandableMLP(2, 2, [3, 4], generator=torch.Generator().manual_seed(0)).to(DT)
+    x, y = moons.train.tensors
+    x = x.to(DT)
+    ctrl = ExpansionController(model, ExpansionConfig(g_estimator=g_estimator), "cross_entropy")
+    before = ctrl.flops.total
+    ctrl.flops.run_per_sample(("obs",), len(x), lambda: (2, lambda: kfac.observe(
+        model, x[:2], y[:2], "cross_entropy", g_estimator=g_estimator)), lambda: None)
+    _, direct = cost.counted(kfac.observe, model, x, y, "cross_entropy", g_estimator=g_estimator)
+    assert ctrl.flops.total - before == direct > 0
+
+
+@pytest.mark.parametrize("g_estimator, bias", [("exact", True), ("normalized", False), ("sampled", True)])
+def test_mlp_observation_flops_in_closed_form_equal_a_direct_count(moons, g_estimator, bias):
+    """The MLP's observation (with a second residual, as the depth score back-propagates) counted in
+    closed form by ``linear_observe_flops`` equals FlopCounterMode's count of ``kfac.observe``."""
+    from widthlab.methods.expanding import kfac
+    from widthlab.methods.expanding.model import ExpandableMLP
+
+    model = ExpandableMLP(2, 2, [3, 5, 4], generator=torch.Generator().manual_seed(1)).to(DT)
+    x, y = moons.train.tensors
+    x = x.to(DT)
+    res = {"natural": torch.randn(len(x), 2, dtype=DT)}
+    _, direct = cost.counted(kfac.observe, model, x, y, "cross_entropy", g_estimator=g_estimator, bias=bias,
+                             residuals=res)
+    cot = 2 if g_estimator == "exact" else 1
+    layers = list(kfac.kfac_layers(model).values())
+    assert cost.linear_observe_flops(layers, len(x), 2 + cot, cot, bias) == direct

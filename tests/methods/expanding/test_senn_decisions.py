@@ -231,3 +231,33 @@ def test_default_refinement_finds_high_score_units(moons):
     assert mala.mean() > 0.5 * asc.mean()
     assert mala.mean() > 3 * s0.mean()
     assert flat.mean() < 0.5 * asc.mean()  # the old setting really fails this
+
+
+def test_warm_start_continues_the_chains_of_a_site_within_an_event(moons, monkeypatch):
+    """With warm_start, a site searched again in the same event (after an addition) resumes its MALA
+    chains where they ended, with their adapted step sizes and temperatures, for the warm budget; with
+    warm_start false every search starts from fresh prior draws at the initial step size."""
+    calls = []
+    real = proposals.mala
+
+    def spy(fn, theta, **kw):
+        res = real(fn, theta, **kw)
+        calls.append((theta.clone(), kw["bursts"], torch.as_tensor(kw["step_size"]).clone(), res))
+        return res
+
+    monkeypatch.setattr(proposals, "mala", spy)
+    for warm in (True, False):
+        calls.clear()
+        model, x, y = _net(moons, widths=(2,))
+        ctrl = _ctrl(model, tau=0.0, alpha=0.0, proposals=6, mala_bursts=8, max_widths=(4,), warm_start=warm)
+        _event(model, ctrl, x, y)
+        assert len(calls) >= 2 and model.hidden_widths() == [4]
+        (_, b0, h0, r0), (t1, b1, h1, _) = calls[0], calls[1]
+        assert b0 == 8 and float(h0) == pytest.approx(0.3)
+        if warm:
+            d = r0.theta.shape[1]  # the site's input did not change: same layout
+            torch.testing.assert_close(t1[:, :d], r0.theta)
+            torch.testing.assert_close(h1, r0.step_size)
+            assert b1 == 2  # a quarter of mala_bursts
+        else:
+            assert b1 == 8 and float(h1) == pytest.approx(0.3) and not torch.equal(t1, r0.theta)

@@ -35,6 +35,7 @@ from widthlab.methods.expanding import cost, kfac, proposals, scores, unit_score
 from widthlab.methods.expanding.expansion_config import ExpansionConfig
 from widthlab.methods.expanding.fisher import metric_pinv_norm, named_trainable, output_grad, per_sample_loss
 from widthlab.methods.expanding.insertion import full_rank, insert_layer, insert_units
+from widthlab.methods.expanding.model import ExpandableMLP
 from widthlab.methods.expanding.natural_gradient import cg_dot_flops, conjugate_gradient, metered_operator
 from widthlab.nn.resize import ResizeEvent
 
@@ -106,6 +107,7 @@ class ExpansionController:
         self._epochs_seen = 0  # epochs finished in this fit (tells a resume from a select_best restore)
         self._commits: list[Candidate] = []  # what the last event inserted (broadcast under DDP)
         self._rooms: dict[tuple[str, str], float] = {}  # absolute-score normaliser per site, per event
+        self._warm: dict[tuple[str, int], tuple] = {}
         self.flops = cost.FlopCache()  # FLOPs of the expansion events (observations, solves, scoring)
 
     # ------------------------------------------------------------------------------- hooks
@@ -231,6 +233,7 @@ class ExpansionController:
         record: dict[str, Any] = {"epoch": int(trainer.epoch), "additions": []}
         self._commits = []
         self._rooms = {}
+        self._warm = {}  # (kind, index) -> the site's last MALA chains in this event (warm_start)
         while len(events) < self.cfg.max_additions:
             # The CG solve is needed for the depth (and "natural" width) residual; η_global is logged once.
             natural = not events or self._depth_allowed(model) or self.cfg.width_residual == "natural"
@@ -267,6 +270,7 @@ class ExpansionController:
                 self.layers_added += 1
                 cache.clear()  # layer indices shifted
                 self._rooms = {}  # new sites: their room is measured afresh
+                self._warm = {}
             else:
                 self.neurons_added += 1
                 cache.pop(best.index, None)
@@ -337,9 +341,19 @@ class ExpansionController:
             c = (jx * r).sum() / (jx * jx).sum().clamp_min(1e-30)
             residuals["natural"] = r - c * jx  # what the current natural-gradient step leaves (spec §2.3)
         arch = cost.shapes_key(x, list(model.parameters()), tuple(residuals))
-        obs = self.flops.run(("observe", arch), kfac.observe, model, x, y, self.loss,
-                             metric=cfg.output_metric, g_estimator=cfg.g_estimator, bias=cfg.bias,
-                             residuals=residuals)
+        kw = dict(metric=cfg.output_metric, g_estimator=cfg.g_estimator, bias=cfg.bias)
+        layers = list(kfac.kfac_layers(model).values())
+        if isinstance(model, ExpandableMLP):  # a Linear chain: counted in closed form
+            obs = kfac.observe(model, x, y, self.loss, residuals=residuals, **kw)
+            cot = obs.out.shape[1] if cfg.g_estimator == "exact" else 1
+            self.flops.add(cost.linear_observe_flops(layers, x.shape[0], 1 + len(residuals) + cot, cot,
+                                                     cfg.bias))
+        else:  # measured on two samples, scaled to the batch
+            m = min(2, x.shape[0])
+            probe = lambda: (m, lambda: kfac.observe(model, x[:m], y[:m], self.loss, **kw,  # noqa: E731
+                                                     residuals={k: r[:m] for k, r in residuals.items()}))
+            obs = self.flops.run_per_sample(("observe", arch[1:]), x.shape[0], probe, kfac.observe, model,
+                                            x, y, self.loss, residuals=residuals, **kw)
         return self.flops.run(("statistics", arch), self._statistics, obs, y, eta_global)
 
     def _gradient(self, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
@@ -388,23 +402,47 @@ class ExpansionController:
         return ctx.bound
 
     def _search(self, fn, theta0: torch.Tensor, mask: torch.Tensor | None = None, groups: int = 1,
-                tag: tuple = ()) -> proposals.RefineResult:
+                tag: tuple = (), warm: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> proposals.RefineResult:
         """Refine ``theta0``; every evaluation of ``fn`` is charged to the FLOP meter under ``tag`` (the
-        shapes its cost depends on)."""
+        shapes its cost depends on). ``warm``: (step sizes, temperatures) of MALA chains that ``theta0``
+        continues (``ExpansionConfig.warm_start``), run for the shorter warm budget."""
         cfg = self.cfg
         fn = cost.MeteredScore(fn, self.flops, ("search", *tag))
         temperature: float | torch.Tensor = cfg.temperature
+        step_size: float | torch.Tensor = cfg.mala_step_size
+        bursts = cfg.mala_bursts
         if cfg.refine == "mala":
             temperature = cfg.mala_temperature
-            if temperature is None:
+            if warm is not None:
+                step_size, temperature = warm
+                bursts = cfg.warm_bursts
+            elif temperature is None:
                 s0 = fn(theta0).detach()
                 temperature = proposals.auto_temperature(s0, groups, cfg.mala_temperature_ratio)
         res = proposals.refine(fn, theta0, cfg.refine, generator=self.generator,
-                               mala_variant=cfg.mala_variant, bursts=cfg.mala_bursts, steps=cfg.mala_steps,
-                               step_size=cfg.mala_step_size, temperature=temperature,
+                               mala_variant=cfg.mala_variant, bursts=bursts, steps=cfg.mala_steps,
+                               step_size=step_size, temperature=temperature,
                                ascent_steps=cfg.ascent_steps, ascent_lr=cfg.ascent_lr, mask=mask)
         res.score = torch.where(torch.isfinite(res.score), res.score, torch.zeros_like(res.score))
+        if cfg.refine == "mala":
+            res.temperature = torch.as_tensor(temperature, dtype=theta0.dtype).expand(theta0.shape[0])
         return res
+
+    def _warm_rows(self, key: tuple, layout: proposals.UnitLayout, count: int):
+        """The chains a site's last search in this event ended with, in ``layout`` (a site whose input
+        gained units gets zero weights on them: the same function), or None."""
+        got = self._warm.get(key)
+        if got is None or not self.cfg.warm_start or self.cfg.refine != "mala":
+            return None
+        old, theta, h, temp = got
+        if old.k != layout.k or old.kernel != layout.kernel or old.d > layout.d or theta.shape[0] != count:
+            return None
+        if old.d < layout.d:
+            parts = old.split(theta)
+            parts["W"] = torch.nn.functional.pad(parts["W"], (0, layout.d - old.d))
+            theta = layout.join(parts)
+        return theta, h, temp
 
     def _evaluate_units(self, ctx: _Context, kind: str, places: list[tuple[int, str, torch.Tensor]], k: int,
                         count: int, residual: str) -> list[Candidate]:
@@ -416,14 +454,24 @@ class ExpansionController:
         sites = [self._site(ctx, consumer, h, residual) for _, consumer, h in places]
         fn = unit_score.UnitScore(k, sites, ctx.obs.n, jitter=jitter, dtype=dtype)
         device = sites[0].h.device
-        theta0 = torch.cat([fn.pad_rows(proposals.random_candidates(lay, count, generator=self.generator,
-                                                                    dtype=dtype, device=device), i)
-                            for i, lay in enumerate(fn.layouts)])
+        warm = [self._warm_rows((kind, index), lay, count) for (index, _, _), lay in zip(places, fn.layouts)]
+        if all(w is not None for w in warm):  # every site continues its chains (warm_start)
+            theta0 = torch.cat([fn.pad_rows(w[0].to(dtype=dtype, device=device), i)
+                                for i, w in enumerate(warm)])
+            cont = tuple(torch.cat([w[j] for w in warm]).to(dtype) for j in (1, 2))
+        else:
+            theta0 = torch.cat([fn.pad_rows(proposals.random_candidates(lay, count, generator=self.generator,
+                                                                        dtype=dtype, device=device), i)
+                                for i, lay in enumerate(fn.layouts)])
+            cont = None
         tag = ("units", k, cost.shapes_key(fn.hT, fn.r, fn.G_inv))
-        res = self._search(fn, theta0, fn.mask(theta0.shape[0]), groups=len(places), tag=tag)
+        res = self._search(fn, theta0, fn.mask(theta0.shape[0]), groups=len(places), tag=tag, warm=cont)
         out = []
         for i, ((index, consumer, _), site) in enumerate(zip(places, sites)):
             rows = slice(i * count, (i + 1) * count)
+            if res.step_size is not None:
+                self._warm[(kind, index)] = (fn.layouts[i], fn.unpad_rows(res.theta[rows].detach(), i),
+                                             res.step_size[rows].detach(), res.temperature[rows].detach())
             thetas = fn.unpad_rows(res.theta[rows].detach().to(torch.float64), i)
             one = unit_score.UnitScore(k, [site], ctx.obs.n, jitter=1e-10)
             one_tag = ("rescore", k, cost.shapes_key(one.hT, one.r))

@@ -100,6 +100,25 @@ def counted(fn: Callable[..., Any], *args, **kw) -> tuple[Any, int]:
     return out, int(mode.get_total_flops())
 
 
+def linear_observe_flops(layers: list[torch.nn.Linear], n: int, backprops: int, cotangents: int,
+                         bias: bool = True) -> int:
+    """FLOPs of ``kfac.observe`` on a chain of Linear layers (elementwise activations between them):
+    the forward pass (2·N·d·m per layer), one backward pass per back-propagated output vector down to
+    the first layer's output (2·N·d·m per later layer: input gradients only), A = aᵀa (2·N·(d+1)²) and
+    one eᵀe per G cotangent (2·N·m²). Used for MLPs, where measuring it for every architecture would
+    cost more than the observation itself (a test checks it against a direct count)."""
+    fwd = sum(2 * n * m.in_features * m.out_features for m in layers)
+    back = sum(2 * n * m.in_features * m.out_features for m in layers[1:])
+    a = sum(2 * n * (m.in_features + (1 if bias and m.bias is not None else 0)) ** 2 for m in layers)
+    g = sum(2 * n * m.out_features ** 2 for m in layers)
+    return fwd + backprops * back + a + cotangents * g
+
+
+def _probe(probe: Callable[[], Any]) -> tuple[int, int]:
+    n, fn = probe()
+    return n, counted(fn)[1]
+
+
 def shapes_key(*things: Any) -> tuple:
     """A hashable key of tensors' shapes and dtypes (other values as they are)."""
     out = []
@@ -134,6 +153,21 @@ class FlopCache:
             out = fn(*args, **kw)
         self.total += hit
         return out
+
+    def run_per_sample(self, key: Hashable, n: int, probe: Callable[[], Any], fn: Callable[..., Any], *args,
+                       **kw) -> Any:
+        """Call ``fn(*args, **kw)`` on a batch of ``n`` samples and charge n × the FLOPs per sample that
+        ``probe()`` (the same computation on a small slice) measured, per ``key`` once. For computations
+        whose every product has one sample dimension (forward and backward passes, per-sample
+        Jacobians, sums over samples), so that the count is exactly proportional to the batch: the
+        measurement then costs a few tiny operations instead of a slow pass over the whole batch."""
+        per = self._seen.get(key)
+        if per is None:
+            probe_n, flops = _probe(probe)
+            per = flops / probe_n
+            self._seen[key] = per
+        self.total += per * n
+        return fn(*args, **kw)
 
     def add(self, flops: float) -> None:
         self.total += float(flops)

@@ -53,6 +53,12 @@ class ExpansionConfig:
             softmax(s/T)-weighted mean of all proposals' scores; ``"chosen"`` the kept proposal's own.
         stop_below_cap: stop width growth at max_width − 1 as the official loop does (content <
             capacity − 1); the default grows up to max_width.
+        warm_start: within one event, a site searched again after an addition (the recursive loop)
+            continues its MALA chains from where they ended, with their adapted step sizes and
+            temperature, for ``mala_warm_bursts`` bursts (None: a quarter of ``mala_bursts``) instead of
+            starting over from the prior. An addition changes the target only along the new unit (its
+            feature leaves the residual), so the chains start near their new target; the official code
+            restarts (``warm_start: false``).
     """
 
     tau: float = 1.0
@@ -95,6 +101,12 @@ class ExpansionConfig:
     abs_normalizer: str = "room"
     decision: str = "softmax_mean"
     stop_below_cap: bool = False
+    warm_start: bool = True
+    mala_warm_bursts: int | None = None
+
+    @property
+    def warm_bursts(self) -> int:
+        return self.mala_warm_bursts if self.mala_warm_bursts is not None else max(1, self.mala_bursts // 4)
 
     def __post_init__(self):
         object.__setattr__(self, "max_widths", tuple(int(w) for w in self.max_widths))
@@ -116,6 +128,7 @@ class ExpansionConfig:
             (self.search_dtype in ("float32", "float64"), "search_dtype must be 'float32' or 'float64'"),
             (self.abs_normalizer in ABS_NORMALIZERS, f"abs_normalizer must be one of {ABS_NORMALIZERS}"),
             (self.decision in DECISIONS, f"decision must be one of {DECISIONS}"),
+            (self.mala_warm_bursts is None or self.mala_warm_bursts >= 1, "mala_warm_bursts must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

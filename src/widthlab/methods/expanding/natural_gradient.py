@@ -187,9 +187,13 @@ def metered_operator(meter: FlopCache | None, model: nn.Module, x: torch.Tensor,
     if meter is None:
         op = GaussNewtonOperator(model, x, loss, **kw)
         return op, op
-    key = ("gn-build", kw.get("mode", "auto"), kw.get("output_metric"), loss,
-           shapes_key(x, list((kw.get("params") or named_trainable(model)).values())))
-    op = meter.run(key, GaussNewtonOperator, model, x, loss, **kw)
+    op = GaussNewtonOperator(model, x, loss, **kw)
+    # Its forward pass and per-sample Jacobians are per sample: measured on two samples (same route).
+    small = {**kw, "mode": op.mode}
+    m = min(2, x.shape[0])
+    key = ("gn-build", op.mode, op.metric, loss, shapes_key(x[0], list(op.params.values())))
+    probe = lambda: (m, lambda: GaussNewtonOperator(model, x[:m], loss, **small))  # noqa: E731
+    meter.run_per_sample(key, x.shape[0], probe, lambda: None)
     return op, meter.wrap(("gn-product", _op_key(op)), op)
 
 

@@ -28,13 +28,17 @@ absolute-score normaliser  ``abs_normalizer: room`` (the site's      ``sqnorm`` 
                            largest possible Δη: ≤ 1/α additions)       E[∇ℓᵀH⁺∇ℓ])
 decision score             ``decision: softmax_mean`` (= official)     same (``chosen``: the kept one's)
 width cap                  ``stop_below_cap: false`` (up to the cap)   ``true`` (stops at cap − 1)
+re-search in one event     ``warm_start: true`` (chains continue for   ``false`` (MALA restarts from the
+                           ``mala_warm_bursts``, default 1/4)          prior after every addition)
 inserted layer             ``layer_init: identity`` (exact)            ``basis`` (B⁺ basis change)
 =========================  ==========================================  ====================================
 
-Summary extras after the fit: ``final_widths``, ``final_layers``, ``final_neurons``, ``neurons_added``,
-``layers_added``, ``expansion_events``, ``expansion_seconds`` and ``expansion_share`` (of the fit's wall
-time). Per-epoch records add ``layers``, ``neurons``, ``expansion_seconds``, ``eta_global``,
-``loss_sqnorm``, ``score_bound`` (the absolute score's normaliser) and the last event's scores.
+Summary extras after the fit: ``method_flops`` (= ``solve_flops`` of the optimizer's natural-gradient
+solves + ``expansion_flops`` of the events; ``cost.py``), ``final_widths``, ``final_layers``,
+``final_neurons``, ``neurons_added``, ``layers_added``, ``expansion_events``, ``expansion_seconds`` and
+``expansion_share`` (of the fit's wall time). Per-epoch records add ``layers``, ``neurons``,
+``expansion_seconds``, ``expansion_flops``, ``eta_global``, ``loss_sqnorm``, ``score_bound`` (the
+absolute score's normaliser) and the last event's scores.
 """
 
 from __future__ import annotations
@@ -155,6 +159,8 @@ def build(
     abs_normalizer: str = "room",
     decision: str = "softmax_mean",
     stop_below_cap: bool = False,
+    warm_start: bool = True,
+    mala_warm_bursts: int | None = None,
 ) -> MethodPlan:
     """Build the self-expanding method (specs/senn.md §2): expandable MLP, optimizer hook, controller.
 
@@ -214,6 +220,7 @@ def build(
         score_batch=score_batch, expand_at_start=expand_at_start, expand_at_end=expand_at_end,
         recursive=recursive, max_additions=max_additions, eta_maxiter=eta_maxiter,
         abs_normalizer=abs_normalizer, decision=decision, stop_below_cap=stop_below_cap,
+        warm_start=warm_start, mala_warm_bursts=mala_warm_bursts,
         eta_damping=damping if optimizer == "cg" else 0.1,
         optimizer_mode="reset" if optimizer == "kfac" else "keep")
     summary: dict = {"start_widths": widths, "optimizer": optimizer}

@@ -195,10 +195,12 @@ class RefineResult:
     theta: torch.Tensor
     score: torch.Tensor  # (P,) s(θ) of the returned candidates
     accept_rate: float = float("nan")
+    step_size: torch.Tensor | None = None  # (P,) MALA's adapted h at the end (a warm start resumes it)
+    temperature: torch.Tensor | None = None  # (P,) the T it sampled at (set by the caller)
 
 
 def mala(score_fn: ScoreFn, theta: torch.Tensor, *, bursts: int = 300, steps: int = 10,
-         step_size: float = 0.3,
+         step_size: float | torch.Tensor = 0.3,
          temperature: float | torch.Tensor = 1.0, prior_var: float = 1.0, variant: str = "correct",
          generator: torch.Generator | None = None, mask: torch.Tensor | None = None) -> RefineResult:
     """Refine P candidates by MALA (see the module docstring for the variants).
@@ -207,7 +209,8 @@ def mala(score_fn: ScoreFn, theta: torch.Tensor, *, bursts: int = 300, steps: in
         score_fn: s(θ) -> (P,), differentiable.
         theta: (P, D) starting points.
         bursts, steps: ``bursts`` × ``steps`` MALA steps; the step size adapts after each burst.
-        step_size: initial h (official 0.3).
+        step_size: initial h (official 0.3): a number, or one per candidate (P,), e.g. the adapted h of
+            an earlier run that these chains continue.
         temperature: T of exp(s/T): a number, or one per candidate (P,).
         prior_var: σ² of the Gaussian prior on every coordinate.
         variant: ``"correct"``, ``"official"`` or ``"official_legacy"``.
@@ -217,7 +220,7 @@ def mala(score_fn: ScoreFn, theta: torch.Tensor, *, bursts: int = 300, steps: in
     if variant not in MALA_VARIANTS:
         raise ValueError(f"mala variant must be one of {MALA_VARIANTS}, got {variant!r}")
     step = _official_step if variant != "correct" else _correct_step
-    h = torch.full((theta.shape[0],), float(step_size), dtype=theta.dtype, device=theta.device)
+    h = torch.as_tensor(step_size, dtype=theta.dtype, device=theta.device).expand(theta.shape[0]).clone()
     noise = None if mask is None else mask.to(theta.dtype)
     state = _State(theta.detach().clone(), *_value_and_grad(score_fn, theta, official=variant != "correct"))
     temperature = torch.as_tensor(temperature, dtype=theta.dtype, device=theta.device).expand(theta.shape[0])
@@ -232,7 +235,7 @@ def mala(score_fn: ScoreFn, theta: torch.Tensor, *, bursts: int = 300, steps: in
         total_acc += acc.mean()
         off = (acc - 0.6).abs() > 0.3
         h = torch.where(off, torch.where(acc > 0.6, h * 1.3, h / 1.3), h)
-    return RefineResult(state.theta, state.s, float(total_acc) / max(bursts, 1))
+    return RefineResult(state.theta, state.s, float(total_acc) / max(bursts, 1), h)
 
 
 @dataclass
@@ -326,7 +329,8 @@ def ascent(score_fn: ScoreFn, theta: torch.Tensor, *, steps: int = 300, lr: floa
 
 
 def refine(score_fn: ScoreFn, theta: torch.Tensor, method: str, *, generator: torch.Generator | None = None,
-           mala_variant: str = "correct", bursts: int = 300, steps: int = 10, step_size: float = 0.3,
+           mala_variant: str = "correct", bursts: int = 300, steps: int = 10,
+           step_size: float | torch.Tensor = 0.3,
            temperature: float | torch.Tensor = 1.0, ascent_steps: int = 300, ascent_lr: float = 0.03,
            mask: torch.Tensor | None = None) -> RefineResult:
     """Dispatch to :func:`mala`, :func:`ascent` or nothing (``"none"``)."""
