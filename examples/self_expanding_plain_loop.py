@@ -2,7 +2,7 @@
 
 Self-expanding networks (Mitchell et al., 2023) start small and add a neuron when the natural expansion
 score says the new capacity pays: the increase of the natural-gradient norm eta = g^T F^-1 g that the
-candidate would bring (Section 3), relative to its layer's eta (threshold tau) and to the loss's gradient
+candidate would bring, relative to its layer's eta (threshold tau) and to the loss's gradient
 scale (threshold alpha). Candidates are drawn at random and refined by Langevin (MALA) steps on the
 score; a new neuron enters with zero outgoing weights, so the network computes the same function at the
 moment it grows.

@@ -2,7 +2,7 @@
 
 Self-expanding networks (Mitchell et al., 2023) add a neuron or a layer when the natural expansion
 score says the new capacity pays: the increase of the natural-gradient norm eta = g^T F^-1 g a candidate
-would bring (Section 3), relative to its layer's eta (threshold tau) and to the loss's gradient scale
+would bring, relative to its layer's eta (threshold tau) and to the loss's gradient scale
 (threshold alpha); a new neuron enters with zero outgoing weights, so the function is unchanged.
 
 :class:`SelfExpanding` wraps the same :class:`~widthlab.methods.expanding.controller.ExpansionController`
