@@ -1,0 +1,86 @@
+"""Scores of single input connections (rows of a layer's kernel): thaw, freeze and prune.
+
+In the convolutional variant of self-expanding networks (Mitchell et al. 2023, the CNN experiments)
+the units that switch on and off are the *input rows* of each layer: a convolution kernel is reshaped
+to [C_in, kh·kw·C_out], an inactive row holds zeros and receives no updates, and each row can be thawed
+(switched on at zero: the function is unchanged), frozen (switched off) or pruned (zeroed, with the
+remaining rows compensating). With K-FAC factors F ≈ A ⊗ G (A over the C_in rows, G over the
+kh·kw·C_out columns, and a scalar scale s) and coordinates whitened on the output side,
+g̃ = ĝ·s^{-1/2}·G^{-1/2} and θ̃ = θ·G^{1/2}·s^{1/2}, every score is a closed form in A:
+
+* natural gradient of the active rows: n = A_act⁻¹ g̃_act (0 on inactive rows); η = Σ g̃·n;
+* thaw (inactive row i): Σ_out (g̃ − A n)_i² / A_ii, the lower bound Δη′ of the natural expansion
+  score for the row's feature (the row's own second moment A_ii in place of its Schur complement);
+* freeze (active row i): Σ_out n_i² / (A_act⁻¹)_ii, exactly what η loses when row i is removed;
+* prune (active row i): Σ_out (n − θ̃)_i² / (A_act⁻¹)_ii, the quadratic-model loss change of zeroing row
+  i while the other active rows compensate optimally;
+* compensation: θ_act∖i ← θ_act∖i + A_rr⁻¹ A_{r,i} θ_i, the minimiser of (θ′ − θ)ᵀ A (θ′ − θ) (per
+  column) over θ′ with θ′_i = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ConnectionScores", "connection_scores", "prune_row", "whiten"]
+
+
+@dataclass
+class ConnectionScores:
+    """Per-row scores of one layer (rows: input connections). Inapplicable entries are NaN (thaw on
+    active rows, freeze and prune on inactive ones)."""
+
+    eta: torch.Tensor  # scalar
+    n: torch.Tensor  # (C_in, K) natural gradient of the active rows
+    thaw: torch.Tensor  # (C_in,)
+    freeze: torch.Tensor  # (C_in,)
+    prune: torch.Tensor  # (C_in,)
+
+
+def _inv_sqrt(M: torch.Tensor, power: float) -> torch.Tensor:
+    w, V = torch.linalg.eigh(M)
+    return (V * w.clamp_min(torch.finfo(M.dtype).tiny) ** power) @ V.T
+
+
+def whiten(grad: torch.Tensor, theta: torch.Tensor, G: torch.Tensor, s: float | torch.Tensor = 1.0
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g̃, θ̃) = (ĝ s^{-1/2} G^{-1/2}, θ G^{1/2} s^{1/2}) for (C_in, K) matrices and a (K, K) factor G."""
+    s = torch.as_tensor(s, dtype=grad.dtype)
+    return grad @ _inv_sqrt(G, -0.5) / s.sqrt(), theta @ _inv_sqrt(G, 0.5) * s.sqrt()
+
+
+def connection_scores(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, active: torch.Tensor
+                      ) -> ConnectionScores:
+    """Thaw, freeze and prune scores of every row (module docstring), from whitened g̃ and θ̃ (C_in, K),
+    the input factor A (C_in, C_in) and the boolean mask of active rows."""
+    act = active.nonzero().flatten()
+    nan = torch.full((A.shape[0],), float("nan"), dtype=A.dtype)
+    A_act_inv = torch.linalg.inv(A[act][:, act])
+    n = torch.zeros_like(g)
+    n[act] = A_act_inv @ g[act]
+    eta = (g * n).sum()
+    resid = g - A[:, act] @ n[act]
+    thaw = torch.where(active, nan, (resid * resid).sum(1) / A.diagonal())
+    diag = A_act_inv.diagonal()
+    freeze, prune = nan.clone(), nan.clone()
+    freeze[act] = (n[act] * n[act]).sum(1) / diag
+    d = n[act] - theta[act]
+    prune[act] = (d * d).sum(1) / diag
+    return ConnectionScores(eta, n, thaw, freeze, prune)
+
+
+def prune_row(theta: torch.Tensor, A: torch.Tensor, active: torch.Tensor, i: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero active row ``i`` of θ (C_in, K) and add the compensation A_rr⁻¹ A_{r,i} θ_i to the other
+    active rows r; returns the new θ and the new mask."""
+    if not bool(active[i]):
+        raise ValueError(f"row {i} is not active")
+    keep = active.clone()
+    keep[i] = False
+    r = keep.nonzero().flatten()
+    out = theta.clone()
+    out[r] = theta[r] + torch.linalg.solve(A[r][:, r], A[r, i:i + 1] @ theta[i:i + 1])
+    out[i] = 0
+    return out, keep

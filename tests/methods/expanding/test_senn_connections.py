@@ -1,0 +1,99 @@
+"""Connection-level scores of the convolutional self-expanding network (Mitchell et al. 2023, CNN
+experiments; float64), each against an independent computation on K-FAC statistics of real rows:
+
+* thaw score of an inactive row = the natural expansion lower bound Δη′ = C G⁻¹ Cᵀ / A_f of its feature
+  (C = E[f r_⊥ᵀ] with the residual r_⊥ left by the active rows), computed by ``scores.delta_eta_lb``;
+* freeze score = η(active rows) − η(active rows without i), each η = tr(ḡᵀ A⁻¹ ḡ (sG)⁻¹) recomputed;
+* prune compensation = the argmin of the A-weighted quadratic with the row held at 0 (least squares on
+  the Cholesky factor), and the prune score = twice the quadratic model's rise at that argmin.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from widthlab.methods.expanding import scores
+from widthlab.methods.expanding.connection_scores import connection_scores, prune_row, whiten
+
+DT = torch.float64
+pytestmark = pytest.mark.numerics  # closed forms against other solves of the same systems
+
+
+def _stats(seed=0, n=50, c_in=6, k=4):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, c_in, generator=g, dtype=DT) @ torch.randn(c_in, c_in, generator=g, dtype=DT)
+    e = torch.randn(n, k, generator=g, dtype=DT)
+    A, G = a.T @ a / n, e.T @ e / n + 0.1 * torch.eye(k, dtype=DT)
+    gbar = a.T @ e / n
+    theta = torch.randn(c_in, k, generator=g, dtype=DT)
+    active = torch.tensor([True, True, False, True, False, True])
+    theta[~active] = 0
+    return a, e, A, G, gbar, theta, active
+
+
+def _eta(gbar, A, G_s, rows):
+    gs = gbar[rows]
+    return torch.trace(gs.T @ torch.linalg.inv(A[rows][:, rows]) @ gs @ torch.linalg.inv(G_s))
+
+
+@pytest.mark.parametrize("s", [1.0, 2.5])
+def test_thaw_score_is_the_expansion_lower_bound_of_the_row(s):
+    a, e, A, G, gbar, theta, active = _stats()
+    g_w, t_w = whiten(gbar, theta, G, s)
+    sc = connection_scores(A, g_w, t_w, active)
+    act = active.nonzero().flatten()
+    G_s_inv = torch.linalg.inv(s * G)
+    r_perp = e - a[:, act] @ torch.linalg.solve(A[act][:, act], gbar[act])
+    torch.testing.assert_close(sc.eta, _eta(gbar, A, s * G, act), rtol=1e-10, atol=0)
+    for i in (~active).nonzero().flatten().tolist():
+        f = a[:, i:i + 1]
+        C = f.T @ r_perp / len(a)
+        want = scores.delta_eta_lb(C, f.T @ f / len(a), G_s_inv)
+        torch.testing.assert_close(sc.thaw[i], want, rtol=1e-10, atol=1e-14)
+    assert torch.isnan(sc.thaw[active]).all()
+
+
+def test_freeze_score_is_what_eta_loses_without_the_row():
+    a, e, A, G, gbar, theta, active = _stats(1)
+    s = 1.7
+    sc = connection_scores(A, *whiten(gbar, theta, G, s), active)
+    act = active.nonzero().flatten().tolist()
+    full = _eta(gbar, A, s * G, act)
+    for i in act:
+        rest = [j for j in act if j != i]
+        torch.testing.assert_close(sc.freeze[i], full - _eta(gbar, A, s * G, rest), rtol=1e-9, atol=1e-13)
+    assert torch.isnan(sc.freeze[~active]).all()
+
+
+def test_prune_compensation_is_the_argmin_of_the_a_weighted_quadratic():
+    a, e, A, G, gbar, theta, active = _stats(2)
+    i = 3
+    new, keep = prune_row(theta, A, active, i)
+    assert new[i].abs().max() == 0 and not keep[i] and keep.sum() == active.sum() - 1
+    assert (new[~active] == 0).all()
+    # min over the kept rows of ||R (θ' − θ)||², R the Cholesky factor of A, θ'_i = 0
+    R = torch.linalg.cholesky(A).T
+    r = keep.nonzero().flatten()
+    c = torch.zeros_like(theta)
+    c[i] = -theta[i]
+    x = torch.linalg.lstsq(R[:, r], -R @ c).solution
+    want = theta.clone()
+    want[r] += x
+    want[i] = 0
+    torch.testing.assert_close(new, want, rtol=1e-9, atol=1e-12)
+
+
+def test_prune_score_is_twice_the_rise_of_the_quadratic_model():
+    """q(y) = ⟨g̃, y⟩ + ½ tr(yᵀ A y) over changes y of the active rows (whitened: G = I) has minimum
+    −η/2; with row i held at 0 (y_i = −θ̃_i) its minimum rises by prune_i / 2."""
+    a, e, A, G, gbar, theta, active = _stats(3)
+    g_w, t_w = whiten(gbar, theta, G, 0.8)
+    sc = connection_scores(A, g_w, t_w, active)
+    for i in active.nonzero().flatten().tolist():
+        r = [j for j in active.nonzero().flatten().tolist() if j != i]
+        y = torch.zeros_like(g_w)
+        y[i] = -t_w[i]
+        y[r] = torch.linalg.solve(A[r][:, r], -g_w[r] - A[r][:, [i]] @ y[[i]])
+        q = (g_w * y).sum() + 0.5 * torch.trace(y.T @ A @ y)
+        torch.testing.assert_close(2 * q + sc.eta, sc.prune[i], rtol=1e-9, atol=1e-12)
