@@ -303,10 +303,19 @@ def _yaml_blocks() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("where, text", _yaml_blocks(), ids=[w for w, _ in _yaml_blocks()])
-def test_study_files_shown_in_the_docs_validate(where, text, tmp_path):
-    """Every complete study file the docs show loads, with every run checked (no file is read)."""
+def test_study_files_shown_in_the_docs_validate(where, text, tmp_path, monkeypatch):
+    """Every complete study file the docs show loads, with every run checked (no data file is read; a
+    ``custom`` model's factory file is written here: a small MLP taking ``width``)."""
     from widthlab.studies.load import expand_runs, load_study
 
+    monkeypatch.chdir(tmp_path)
+    for file, fn in re.findall(r'factory: "([^":]+\.py):(\w+)"', text):
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_text(
+            "import math\nfrom torch import nn\n\n\n"
+            f"def {fn}(input_shape, num_outputs, width=16):\n"
+            "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(),\n"
+            "                         nn.Linear(width, num_outputs))\n")
     path = tmp_path / "study.yaml"
     path.write_text(text)
     try:
