@@ -18,9 +18,11 @@ and second moments 1, as the Trainer does). ::
             ...  # the usual step
         se.epoch_end()
 
-The model must be one of the method's expandable networks (:class:`~.model.ExpandableMLP`,
-:class:`~.model.ExpandableCNN`): the candidates' features are those of a neuron with its own rational
-activation, which a model of the user's own does not have.
+The model is one of the method's expandable networks (:class:`~.model.ExpandableMLP`,
+:class:`~.model.ExpandableCNN`: neurons with their own rational activation, and layers, grow), or any
+other ``nn.Module``: then neurons grow at the width sites between two ``nn.Linear`` layers that
+``torch.fx`` discovery finds (:mod:`.any_model`: candidates scored through each site's own activation,
+inserted by width surgery; no layer insertion).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from widthlab.methods.expanding.any_model import SiteController, SiteNetwork
 from widthlab.methods.expanding.controller import ExpansionConfig, ExpansionController
 from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
 from widthlab.nn.resize import ResizeEvent
@@ -69,27 +72,31 @@ class SelfExpanding:
     """Plain-loop controller of the self-expanding method.
 
     Args:
-        model: an :class:`~.model.ExpandableMLP` or :class:`~.model.ExpandableCNN`.
+        model: an :class:`~.model.ExpandableMLP` or :class:`~.model.ExpandableCNN`, or any model with
+            Linear -> Linear width sites (``sites`` names some; ``max_widths`` caps each, in order).
         optimizer: the optimizer training it; remapped after every insertion (None: only the events).
         train_data: ``(x, y)`` tensors the expansion events score candidates on (all of it, or a fixed
             random subset of ``score_batch`` examples).
         loss: ``"cross_entropy"`` (classification) or ``"mse"``.
         epochs: the planned number of epochs (for ``expand_at_end``); None: open-ended.
         seed: seeds the proposals.
+        sites: any other model only: the discovered sites to grow (None: every Linear -> Linear one).
         **config: :class:`~.controller.ExpansionConfig` fields (``tau``, ``alpha``, ``cooldown``,
             ``max_widths``, ``proposals``, ``mala_bursts``...).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  train_data: tuple[torch.Tensor, torch.Tensor], *, loss: str = "cross_entropy",
-                 epochs: int | None = None, seed: int = 0, **config: Any):
-        if not isinstance(model, (ExpandableMLP, ExpandableCNN)):
-            raise TypeError(f"SelfExpanding needs an ExpandableMLP or ExpandableCNN "
-                            f"(widthlab.methods.expanding.model), got {type(model).__name__}: the expansion "
-                            "score's candidates are neurons with their own rational activation")
+                 epochs: int | None = None, seed: int = 0, sites: list[str] | None = None, **config: Any):
         x, y = train_data
         self.config = ExpansionConfig(**config)
-        self.controller = ExpansionController(model, self.config, loss, seed=seed)
+        if isinstance(model, (ExpandableMLP, ExpandableCNN)):
+            if sites is not None:
+                raise ValueError("sites: an expandable network grows all its hidden layers")
+            self.controller = ExpansionController(model, self.config, loss, seed=seed)
+        else:
+            model = SiteNetwork(model, x[:2], sites)  # a view of the same modules, edited in place
+            self.controller = SiteController(model, self.config, loss, seed=seed)
         self.state = _LoopState(model, optimizer, _Data(TensorDataset(x, y)), loss,
                                 _Epochs(epochs if epochs is not None else 2**62), x.device)
         self.started = False
@@ -105,6 +112,7 @@ class SelfExpanding:
     def start(self) -> list[ResizeEvent]:
         """Call once before training: the event before the first epoch (``expand_at_start``)."""
         self.started = True
+        self._sync()
         return self._apply(self.controller.on_fit_start(self.state))
 
     def epoch_end(self) -> list[ResizeEvent]:
@@ -113,16 +121,23 @@ class SelfExpanding:
         if not self.started:
             self.start()
         self.state.epoch += 1
+        self._sync()
         return self._apply(self.controller.on_epoch_end(self.state))
 
     def expand(self) -> list[ResizeEvent]:
         """Run one expansion event now, whatever the schedule."""
+        self._sync()
         return self._apply(self.controller.expand(self.state))
 
     def summary(self) -> dict[str, Any]:
         """The run's totals (events, neurons and layers added, time and FLOPs spent expanding)."""
         self.controller.on_fit_end(self.state)
         return dict(self.controller.summary)
+
+    def _sync(self) -> None:
+        """A view of the user's model takes its train/eval mode (events restore the mode they found)."""
+        if isinstance(self.model, SiteNetwork):
+            self.model.training = self.model.net.training
 
     def _apply(self, events: list[ResizeEvent] | None) -> list[ResizeEvent]:
         events = list(events or [])
