@@ -10,7 +10,10 @@ moment it grows.
 ``SelfExpanding`` drives the method's controller from your own loop: ``start()`` before training,
 ``epoch_end()`` after each epoch (an expansion event every ``cooldown`` epochs), and the optimizer it
 was given is remapped after each insertion: Adam keeps the state of every old weight, and the new
-neurons' moments start at m = 0, v = 1. Sizes are small so that it runs in seconds.
+neurons' moments start at m = 0, v = 1. The same object grows your own model too: at every width
+between two ``nn.Linear`` layers that ``torch.fx`` discovery finds, candidates are scored through that
+width's own activation (here a ReLU) and inserted with zero outgoing weights. Sizes are small so that it
+runs in seconds.
 
 Run: ``python examples/self_expanding_plain_loop.py``.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from widthlab.data.registry import load_dataset
 from widthlab.methods.expanding.model import ExpandableMLP
@@ -32,13 +36,7 @@ def as_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.as_tensor(ys)
 
 
-def main() -> None:
-    data = load_dataset("digits", subset=600)  # 600 training images as 64 features, 10 classes
-    x, y = as_tensors(data.train)
-    x_test, y_test = as_tensors(data.test)
-
-    torch.manual_seed(0)
-    net = ExpandableMLP(64, 10, widths=[4])  # one hidden layer of 4 neurons (rational activations)
+def grow(net: nn.Module, x, y, x_test, y_test) -> None:
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     se = SelfExpanding(net, optimizer, (x, y), epochs=EPOCHS,
                        tau=0.03, alpha=0.0025,  # the expansion thresholds
@@ -62,6 +60,20 @@ def main() -> None:
     s = se.summary()
     print(f"{s['neurons_added']} neurons added in {s['expansion_events']} events "
           f"({s['expansion_seconds']:.1f} s expanding)")
+
+
+def main() -> None:
+    data = load_dataset("digits", subset=600)  # 600 training images as 64 features, 10 classes
+    x, y = as_tensors(data.train)
+    x_test, y_test = as_tensors(data.test)
+
+    print("the method's expandable MLP (a rational activation per neuron):")
+    torch.manual_seed(0)
+    grow(ExpandableMLP(64, 10, widths=[4]), x, y, x_test, y_test)  # one hidden layer of 4 neurons
+
+    print("your own MLP:")
+    torch.manual_seed(0)
+    grow(nn.Sequential(nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 10)), x, y, x_test, y_test)
 
 
 if __name__ == "__main__":

@@ -128,3 +128,13 @@ def test_a_candidates_features_are_what_its_consumer_reads_once_inserted():
     with torch.no_grad():
         model(x)
     torch.testing.assert_close(seen["a"][:, -1:], feats)
+
+
+def test_a_dead_candidate_behind_a_relu_scores_zero():
+    """All features 0 (a ReLU unit that never fires): the score is 0, not a singular solve."""
+    from widthlab.methods.expanding.any_model import _score_fn
+
+    r, G_inv = torch.randn(8, 3), torch.eye(3)
+    dead_and_live = torch.stack([torch.zeros(8, 1), torch.randn(8, 1)])  # (P=2, N, k=1)
+    s = _score_fn(lambda th: dead_and_live, r, G_inv, 8, 1.0, 1e-6)(torch.zeros(2, 10))
+    assert s[0] == 0 and s[1] > 0

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from widthlab.methods.expanding import proposals
+from widthlab.methods.expanding import proposals, scores
 from widthlab.methods.expanding.controller import Candidate, ExpansionController, ExpansionEvent
 from widthlab.methods.expanding.fisher import per_sample_loss
 from widthlab.nn.discovery import DiscoveryError, discover
@@ -78,6 +78,21 @@ def _chain(gm: fx.GraphModule, producer: str, consumer: str) -> Chain:
         return z
 
     return chain
+
+
+def _score_fn(features: Callable[[torch.Tensor], torch.Tensor], r_perp: torch.Tensor, G_inv: torch.Tensor,
+              n: int, norm: float, jitter: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """s(θ) = Δη′(features(θ)) / norm as the controller's, with a floor on A_f: a candidate behind a ReLU
+    may read nothing (all features 0, a dead unit), whose score is then 0 instead of a singular solve."""
+
+    def score(theta: torch.Tensor) -> torch.Tensor:
+        f = features(theta)
+        st = scores.candidate_stats(f, r_perp, n)
+        eye = torch.eye(st.A_f.shape[-1], dtype=f.dtype, device=f.device)
+        A = st.A_f + eye * (torch.finfo(f.dtype).tiny * 1e6)
+        return scores.delta_eta_lb(st.C, A, G_inv, jitter=jitter) / norm
+
+    return score
 
 
 class SiteNetwork(nn.Module):
@@ -165,7 +180,7 @@ class SiteController(ExpansionController):
                     pre = torch.einsum("nd,pkd->pnk", hh, parts["W"]) + parts["b"][:, None, :]
                     return chain(pre)
 
-                return proposals.unit_score_fn(feats, rr, gg, ctx.obs.n, site.norm, jitter=jit)
+                return _score_fn(feats, rr, gg, ctx.obs.n, site.norm, jit)
 
             dtype = getattr(torch, cfg.search_dtype)
             fn = make(dtype, 1e-6 if dtype == torch.float32 else 1e-10)
