@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rounding import assert_equal_up_to_rounding, forward_magnitude
-from user_models import ResNet, sequential_mlp
+from user_models import EncoderBlock, ResNet, TwoTowers, sequential_mlp
 from widthlab.methods.expanding.any_model import SiteNetwork
 from widthlab.methods.expanding.model import ExpandableMLP
 from widthlab.methods.expanding.plain_loop import SelfExpanding
@@ -99,6 +99,10 @@ def test_any_model_grows_its_linear_sites_keeping_function_and_optimizer_state()
 def test_models_without_linear_sites_are_refused_with_the_reason():
     with pytest.raises(DiscoveryError, match="no Linear -> Linear width site"):
         SelfExpanding(nn.Sequential(nn.Linear(5, 3)), None, _blobs())
+    with pytest.raises(DiscoveryError, match=r"tied widths.*'a\+1'"):
+        SelfExpanding(TwoTowers(), None, (torch.randn(4, 6), torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(DiscoveryError, match=r"embed reads \(2, 5, 6\) \(token sequences"):
+        SelfExpanding(EncoderBlock(), None, (torch.randn(4, 5, 6), torch.zeros(4, dtype=torch.long)))
     with pytest.raises(DiscoveryError, match="not between two Linear layers"):
         SelfExpanding(ResNet(), None, (torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)),
                       sites=["layer1.0.conv1"])

@@ -95,6 +95,35 @@ def _score_fn(features: Callable[[torch.Tensor], torch.Tensor], r_perp: torch.Te
     return score
 
 
+def _check_linear_inputs(net: nn.Module, example_inputs: torch.Tensor) -> None:
+    """The controller's K-FAC rows read a Linear layer's input as (batch, features): refuse, with the
+    layer's name, a model whose Linear layers see token sequences."""
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            seen.setdefault(name, tuple(args[0].shape))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in net.named_modules()
+             if isinstance(m, nn.Linear)]
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    bad = {n: shape for n, shape in seen.items() if len(shape) != 2}
+    if bad:
+        name, shape = next(iter(bad.items()))
+        raise DiscoveryError(f"self-expansion reads every Linear layer's input as (batch, features), but "
+                             f"{name} reads {shape} (token sequences are not supported)")
+
+
 class SiteNetwork(nn.Module):
     """A user's model seen as the controller's expandable network: its discovered Linear sites.
 
@@ -106,6 +135,7 @@ class SiteNetwork(nn.Module):
     def __init__(self, net: nn.Module, example_inputs: torch.Tensor, sites: list[str] | None = None):
         super().__init__()
         self.net = net
+        _check_linear_inputs(net, example_inputs)
         found = discover(net, example_inputs)
         gm = fx.GraphModule(net, fx.Tracer().trace(net)) if found.sites else None
         self.sites: list[WidthSite] = []
@@ -129,8 +159,10 @@ class SiteNetwork(nn.Module):
             else:
                 self.skipped[s.name] = why
         if not self.sites:
+            tied = f"; tied widths (residual groups) do not grow: {[g.name for g in found.groups]}" \
+                if found.groups else ""
             raise DiscoveryError(f"{type(net).__name__} has no Linear -> Linear width site to grow "
-                                 f"({self.skipped or 'none found'})")
+                                 f"({self.skipped or 'none found'}{tied})")
 
     def forward(self, *args, **kwargs):
         return self.net(*args, **kwargs)
