@@ -165,9 +165,12 @@ def metric_vs(tasks: dict[str, list[ArmResult]], key: str, member_key: str, xlab
 
 def draw_width(ax, arms: Sequence[ArmResult], epochs: dict[str, list[dict]]) -> bool:
     """Total width per epoch of each chosen run (one line per seed); a star at the selected epoch;
-    a search's chosen widths as dashed constants labelled with their seeds."""
+    a search's chosen widths as dashed constants labelled with their seeds. A fixed retrain control
+    is left out: its width is its arm's selected width (the star)."""
     styles, drawn = _style(arms), False
     for a in arms:
+        if a.retrain_of:
+            continue
         color, _ = styles[a.arm]
         if a.role == SEARCH:
             by_width: dict[float, list] = {}
