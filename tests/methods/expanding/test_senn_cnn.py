@@ -95,3 +95,46 @@ def test_cnn_grows_channels_in_training():
     assert res.status == "done", res.error
     assert plan.model.hidden_widths() == [3, 4]  # grown to the caps by the event at the start
     assert res.history[-1]["neurons"] == 7
+
+
+@pytest.mark.numerics
+def test_inserted_identity_stage_preserves_the_logits():
+    """A stage added in depth (3×3 identity kernel, bias 0, identity rational, no pooling) maps the
+    feature map to itself: logits equal up to the rounding of its 9·c-term sums of exact zeros."""
+    from widthlab.methods.expanding.insertion import insert_conv_stage
+
+    model, x, _ = _setup(3)
+    with torch.no_grad():
+        before, feats = model(x), model.features(x)
+    ev = insert_conv_stage(model)
+    assert model.depth == 3 and model.hidden_widths() == [3, 4, 4] and model.pools == [True, True, False]
+    assert {n for n, _ in ev.added} == {"convs.2.weight", "convs.2.bias", "acts.2.v", "acts.2.c", "acts.2.l"}
+    terms = 9 * 4 + 1
+    with torch.no_grad():
+        assert_equal_up_to_rounding(model.features(x), feats, terms=terms, magnitude=float(feats.abs().max()))
+        assert_equal_up_to_rounding(model(x), before, terms=terms + model.head.in_features + 1,
+                                    magnitude=forward_magnitude(model, x))
+    # the architecture (with the new stage's pooling flag) round-trips through set_architecture
+    fresh, _, _ = _setup(4)
+    fresh.set_architecture(model.architecture())
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_cnn_adds_depth_in_training():
+    """Zero thresholds and a depth cap of 3 stages: the event at the start inserts a stage before the
+    head (after the channel growth), the loss check of every insertion passes, training goes on."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 1, 6, 6, generator=g)
+    y = (x[:, 0, :3].mean((1, 2)) > x[:, 0, 3:].mean((1, 2))).long()
+    ds = torch.utils.data.TensorDataset(x, y)
+    data = TaskData("toy", "classification", ds, ds, ds, (1, 6, 6), 2)
+    plan = build(None, data, seed=0, architecture="cnn", start_widths=[2], max_widths=[3, 3, 3],
+                 optimizer="default", tau=0.0, alpha=0.0, alpha_layer=0.0, proposals=2, layer_proposals=2,
+                 mala_bursts=1, mala_steps=1, cooldown=1, layer_cooldown=1)
+    cfg = TrainConfig(epochs=2, batch_size=16, progress="none", select_best=False, checkpoint_every=0)
+    res = Trainer(plan.model, data, cfg, plan.callbacks).fit()
+    assert res.status == "done", res.error
+    assert plan.summary["layers_added"] >= 1 and plan.model.depth >= 2
+    assert plan.model.pools[0] and not any(plan.model.pools[1:])

@@ -41,3 +41,14 @@ def test_cnn_study_on_cifar_batches(tmp_path):
                  "method.max_widths=[6, 6, 6]", "method.proposals=2", "method.ascent_steps=2",
                  "method.score_batch=16", "method.max_additions=2"], tmp_path)
     assert len(s["final_widths"]) == 3 and all(4 <= w <= 6 for w in s["final_widths"])
+
+
+def test_cnn_digits_study_adds_depth(tmp_path):
+    """The CPU-sized CNN study on bundled digits images, with zero thresholds and a tiny budget: the
+    first event grows channels and inserts stages (identity, no pooling) up to the depth cap."""
+    (s,) = _run("expanding-cnn-digits",
+                ["method.tau=0", "method.alpha=0", "method.alpha_layer=0", "method.layer_cooldown=0",
+                 "method.proposals=2", "method.layer_proposals=2", "method.ascent_steps=2",
+                 "method.score_batch=32", "method.max_additions=4", "method.max_widths=[10, 10, 10]"],
+                tmp_path)
+    assert s["layers_added"] >= 1 and s["final_layers"] == len(s["final_widths"]) >= 2

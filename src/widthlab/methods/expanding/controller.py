@@ -34,7 +34,7 @@ from torch import nn
 from widthlab.methods.expanding import cost, kfac, proposals, scores, unit_score
 from widthlab.methods.expanding.expansion_config import ExpansionConfig
 from widthlab.methods.expanding.fisher import metric_pinv_norm, named_trainable, output_grad, per_sample_loss
-from widthlab.methods.expanding.insertion import full_rank, insert_layer, insert_units
+from widthlab.methods.expanding.insertion import full_rank, insert_conv_stage, insert_layer, insert_units
 from widthlab.methods.expanding.model import ExpandableMLP
 from widthlab.methods.expanding.natural_gradient import cg_dot_flops, conjugate_gradient, metered_operator
 from widthlab.nn.resize import ResizeEvent
@@ -226,6 +226,7 @@ class ExpansionController:
         t0 = time.perf_counter()
         model = trainer.model
         x, y = self._scoring_data(trainer)
+        self._x = x
         was_training = model.training
         model.eval()
         events: list[ResizeEvent] = []
@@ -294,7 +295,7 @@ class ExpansionController:
         layer's fan-in) fits the cap of its position."""
         p = model.depth
         return (getattr(model, "supports_depth", False) and self.layer_cd <= 0
-                and p < len(self.cfg.max_widths) and model.layers[p].in_features <= self._cap(p))
+                and p < len(self.cfg.max_widths) and model.depth_fan_in <= self._cap(p))
 
     def _cap_stop(self) -> int:
         """1 with ``stop_below_cap`` (the official loop proposes width only while content < capacity − 1)."""
@@ -482,12 +483,16 @@ class ExpansionController:
         return out
 
     def _evaluate_channels(self, ctx: _Context, index: int, consumer: str, module: nn.Module, pool: bool,
-                           kernel: tuple[int, ...], h: torch.Tensor) -> Candidate:
+                           kernel: tuple[int, ...], h: torch.Tensor, *, kind: str = "width", k: int = 1,
+                           count: int | None = None, residual: str | None = None) -> Candidate:
         """Channel candidates of a CNN stage (autograd through the convolution features of ``module``, the
-        consumer; ``kernel`` of the producing convolution)."""
+        consumer; ``kernel`` of the producing convolution), ``k`` channels each (a whole stage for
+        ``kind="depth"``)."""
         cfg = self.cfg
-        site = self._site(ctx, consumer, h, cfg.width_residual)
-        layout = proposals.UnitLayout(1, h.shape[1], kernel)
+        residual = residual or cfg.width_residual
+        count = count or cfg.proposals
+        site = self._site(ctx, consumer, h, residual)
+        layout = proposals.UnitLayout(k, h.shape[1], kernel)
 
         def make(dt, jit):
             hh, rr, gg = h.to(dt), site.r_perp.to(dt), site.G_inv.to(dt)
@@ -497,16 +502,16 @@ class ExpansionController:
 
         dtype = getattr(torch, cfg.search_dtype)
         fn = make(dtype, 1e-6 if dtype == torch.float32 else 1e-10)
-        theta0 = proposals.random_candidates(layout, cfg.proposals, generator=self.generator, dtype=dtype,
+        theta0 = proposals.random_candidates(layout, count, generator=self.generator, dtype=dtype,
                                              device=h.device)
-        tag = ("channels", kernel, pool,
+        tag = ("channels", k, kernel, pool,
                cost.shapes_key(h, site.r_perp, site.G_inv, list(module.parameters())))
         res = self._search(fn, theta0, tag=tag)
         thetas = res.theta.detach().to(torch.float64)
         exact = cost.MeteredScore(make(torch.float64, 1e-10), self.flops, ("rescore", *tag))(thetas)
         exact = torch.where(torch.isfinite(exact), exact, res.score.to(torch.float64))
-        return self._candidate(ctx, "width", index, exact, site.norm, thetas, layout,
-                               self._abs_norm(ctx, consumer, cfg.width_residual))
+        return self._candidate(ctx, kind, index, exact, site.norm, thetas, layout,
+                               self._abs_norm(ctx, consumer, residual))
 
     def _candidate(self, ctx: _Context, kind: str, index: int, score: torch.Tensor, eta: float,
                    thetas: torch.Tensor, layout: proposals.UnitLayout, abs_norm: float) -> Candidate:
@@ -540,7 +545,7 @@ class ExpansionController:
             h = ctx.obs.layers[producer].a
             if h.dim() == 4:  # channels of a CNN stage
                 out[i] = self._evaluate_channels(ctx, i, consumer, model.get_submodule(consumer),
-                                                 bool(getattr(model, "pool", False)),
+                                                 bool(model.pools[i]),
                                                  tuple(model.get_submodule(producer).kernel_size), h)
             else:
                 places.append((i, consumer, h))
@@ -551,6 +556,12 @@ class ExpansionController:
 
     def _depth_candidate(self, model: nn.Module, ctx: _Context) -> Candidate:
         p = model.depth
+        if hasattr(model, "convs"):  # a new CNN stage before the head, reading the last feature map
+            with torch.no_grad():
+                h = model.features(self._x)
+            return self._evaluate_channels(ctx, p, "head", model.head, False, (3, 3), h, kind="depth",
+                                           k=model.depth_fan_in, count=self.cfg.layer_proposals,
+                                           residual="natural")
         h = ctx.obs.layers[f"layers.{p}"].a
         k = h[0].numel()
         (cand,) = self._evaluate_units(ctx, "depth", [(p, f"layers.{p}", h)], k, self.cfg.layer_proposals,
@@ -582,6 +593,8 @@ class ExpansionController:
         if cand.kind == "width":
             ev = insert_units(model, cand.index, parts["W"][0], parts["b"][0],
                               {n: parts[n][0] for n in "vcl"})
+        elif hasattr(model, "convs"):
+            ev = insert_conv_stage(model)
         elif self.cfg.layer_init == "basis":
             B = full_rank(parts["W"][0].double()).to(ref.dtype)
             ev = insert_layer(model, cand.index, basis=B, shift=parts["b"][0])

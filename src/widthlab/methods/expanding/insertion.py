@@ -128,3 +128,26 @@ def insert_layer(model: nn.Module, position: int, *, basis: torch.Tensor | None 
                        description=f"layer inserted at {position} (width {k}, "
                                    f"{'identity' if basis is None else 'basis change'})",
                        widths=dict(model.widths()))
+
+
+def insert_conv_stage(model: nn.Module) -> ResizeEvent:
+    """Append an identity stage to an ExpandableCNN, before its head: a 3×3 convolution whose kernel is
+    the identity at the centre tap (zero elsewhere, bias 0), the identity rational activation and no
+    pooling. With padding 1 it maps every feature map to itself, so the logits are unchanged (bitwise
+    up to the convolution's summation of exact zeros)."""
+    p, k = model.depth, model.depth_fan_in
+    ref = model.head.weight
+    kw = {"dtype": ref.dtype, "device": ref.device}
+    conv = nn.Conv2d(k, k, 3, padding=1, **kw)
+    act = RationalActivation(k, init="identity", eps_mode=model.eps_mode, dim=1, **kw)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, 1, 1].copy_(torch.eye(k, **kw))
+        conv.bias.zero_()
+    model.convs.append(conv)
+    model.acts.append(act)
+    model.pools.append(False)
+    added = (f"convs.{p}.weight", conv.weight), (f"convs.{p}.bias", conv.bias), \
+        *((f"acts.{p}.{n}", getattr(act, n)) for n in ("v", "c", "l"))
+    return ResizeEvent(params=(), added=tuple(added), widths=dict(model.widths()),
+                       description=f"stage inserted at {p} ({k} channels, identity)")

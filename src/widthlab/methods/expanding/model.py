@@ -101,6 +101,11 @@ class ExpandableMLP(nn.Module):
 
     supports_depth = True
 
+    @property
+    def depth_fan_in(self) -> int:
+        """Width of a layer added in depth (the output layer's fan-in)."""
+        return int(self.layers[-1].in_features)
+
     def site_layers(self, i: int) -> tuple[str, str]:
         """Qualified names of the producer and the consumer of hidden layer i's units."""
         return f"layers.{i}", f"layers.{i + 1}"
@@ -122,11 +127,14 @@ class ExpandableMLP(nn.Module):
 
 
 class ExpandableCNN(nn.Module):
-    """A small plain CNN whose hidden channel counts can grow (channel growth of spec §3, simplified).
+    """A small plain CNN whose channels and depth can grow.
 
     ``[Conv3x3(pad 1) -> rational -> (max-pool 2)] * L -> global average pool -> Linear``. Each stage's
     channels are a width site (producer ``convs.i``, consumer ``convs.{i+1}`` or the head); new channels
-    get zero outgoing weights, so growth preserves the logits exactly.
+    get zero outgoing weights, so growth preserves the logits exactly. A stage added in depth goes after
+    the last one, before the head: a 3×3 convolution with the identity kernel (centre tap I, bias 0),
+    the identity rational activation and no pooling, so the logits are unchanged (the convolutional
+    counterpart of the MLP's identity layer insertion).
 
     Args:
         input_shape: (C, H, W).
@@ -142,6 +150,7 @@ class ExpandableCNN(nn.Module):
         self.input_shape, self.num_outputs = tuple(input_shape), num_outputs
         self.pool, self.eps_mode = pool, eps_mode
         dims = [c_in, *[int(c) for c in channels]]
+        self.pools = [bool(pool)] * (len(dims) - 1)  # per stage: max-pool after it (inserted stages: no)
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(dims[:-1], dims[1:]))
         self.acts = nn.ModuleList(RationalActivation(c, init="normal", eps_mode=eps_mode, dim=1,
                                                      generator=generator) for c in dims[1:])
@@ -152,11 +161,20 @@ class ExpandableCNN(nn.Module):
         init_linear_(self.head, "torch", generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, act in zip(self.convs, self.acts):
+        return self.head(self.features(x).mean((2, 3)))  # (B, C)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map (B, c, H, W), the input of a stage added in depth."""
+        for conv, act, pool in zip(self.convs, self.acts, self.pools):
             x = act(conv(x))  # (B, c_i, H, W)
-            if self.pool:
+            if pool:
                 x = nn.functional.max_pool2d(x, 2, ceil_mode=True)
-        return self.head(x.mean((2, 3)))  # (B, C)
+        return x
+
+    @property
+    def depth_fan_in(self) -> int:
+        """Channels of a stage added in depth (those of the last stage, or of the input)."""
+        return self.hidden_widths()[-1] if self.depth else int(self.input_shape[0])
 
     @property
     def depth(self) -> int:
@@ -177,19 +195,21 @@ class ExpandableCNN(nn.Module):
                           consumer_name=f"convs.{i + 1}" if i + 1 < self.depth else "head")
                 for i in range(self.depth)]
 
-    supports_depth = False
+    supports_depth = True
 
     def site_layers(self, i: int) -> tuple[str, str]:
         """Qualified names of the producer and the consumer of stage i's channels."""
         return f"convs.{i}", (f"convs.{i + 1}" if i + 1 < self.depth else "head")
 
     def architecture(self) -> dict:
-        return {"kind": "cnn", "widths": self.hidden_widths()}
+        return {"kind": "cnn", "widths": self.hidden_widths(), "pools": list(self.pools)}
 
     def set_architecture(self, arch: dict) -> None:
         widths = [int(w) for w in arch["widths"]]
-        if widths == self.hidden_widths():
+        pools = [bool(p) for p in arch.get("pools", [self.pool] * len(widths))]
+        if widths == self.hidden_widths() and pools == self.pools:
             return
+        self.pools = pools
         ref = self.head.weight
         kw = {"dtype": ref.dtype, "device": ref.device}
         dims = [self.input_shape[0], *widths]
