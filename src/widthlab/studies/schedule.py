@@ -71,8 +71,10 @@ class RetrainSource:
         s = self.arm_run.spec
         model = s.model.model_dump(exclude={"width", "widths", "depth"}, exclude_none=True)
         model.pop("depth", None)
+        from widthlab.models import model_options
+
         activation = s.method.options().get("activation")
-        if activation is not None and "activation" in model:
+        if activation is not None and "activation" in model_options(s.model.name):
             model["activation"] = activation  # the learned net's nonlinearity
         model["widths"] = ordered_widths(widths)
         sub = s.model_copy(update={"model": type(s.model).model_validate(model),
@@ -105,6 +107,8 @@ class RetrainSource:
         r = self._ready(store)
         if isinstance(r, RunSpec):
             self.handed = True
+            if store.status(r.run_id) == "done":  # finished in an earlier session of the study
+                return None
         return r
 
 
