@@ -1,6 +1,6 @@
 """Random crop with padding and horizontal flip on a batch tensor: the CIFAR/SVHN training augmentation.
 
-specs/awnn.md §6 and specs/widesparse.md §6.3 both train with RandomCrop(32, padding=4) and a random
+Errica et al. 2025 and Golubeva et al. 2021 (App. A) both train with RandomCrop(32, padding=4) and a random
 horizontal flip (p = 1/2). Here both are one gather over the padded batch, with no Python loop over
 images, so the transform runs on the batch's device inside the training step. Randomness comes only
 from the ``torch.Generator`` passed in, so a fixed generator state gives the same augmented batch.

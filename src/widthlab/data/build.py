@@ -17,7 +17,8 @@ from widthlab.data.augment import CropFlip
 from widthlab.data.base import Task, TaskData
 from widthlab.data.splits import Standardizer, split_indices, take
 
-# specs/awnn.md §6: 20 % test, then 10 % of the rest for validation (5000 -> 3600 / 400 / 1000).
+# Errica et al. 2025, experimental setup: 20 % test, then 10 % of the rest for validation (5000 -> 3600 / 400
+# / 1000).
 DEFAULT_TEST_FRACTION = 0.2
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -91,7 +92,7 @@ def build_task(name: str, src: Source, *, seed: int, val_fraction: float | None,
             statistics are fitted on the final training split only.
         subset: keep only this many training examples (after the split, before standardising).
         subset_mode: ``"stratified"`` (seeded random, class proportions kept) or ``"first"`` (the first
-            ones in file order, as SENN's MNIST experiment, specs/senn.md §2.4).
+            ones in file order, as SENN's MNIST experiment, Mitchell et al. 2023, experiment settings).
         flatten: reshape inputs to vectors (after standardising, so ``"channel"`` still applies).
         augment: attach :class:`CropFlip` (pad 4); only for (3, 32, 32) images.
         normalize_target: standardise regression targets with training statistics.

@@ -1,4 +1,4 @@
-"""Small real datasets shipped inside scikit-learn (specs/ecosystem.md §A7): no network, no user files.
+"""Small real datasets shipped inside scikit-learn: no network, no user files.
 
 Only the ``load_*`` functions are used; they read files bundled with scikit-learn. The ``fetch_*``
 functions download and must never be called here.

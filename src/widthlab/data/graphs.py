@@ -1,6 +1,7 @@
 """Graph classification data in plain PyTorch: a batched-graph object, the TU text format, a synthetic task.
 
-The adaptive-width GIN experiments (specs/awnn.md §4, §6) use NCI1 and REDDIT-BINARY from the TU
+The adaptive-width GIN experiments (Errica et al. 2025, architectures and experiments) use NCI1 and
+REDDIT-BINARY from the TU
 collection. Here they are read from the user's files in the standard TU text format (no graph library,
 no download): a folder holding ``DS_A.txt`` (one edge ``i, j`` per line, 1-based node ids over the whole
 collection), ``DS_graph_indicator.txt`` (the graph id of every node), ``DS_graph_labels.txt`` (one label

@@ -5,7 +5,8 @@ arrays) and the dataset's default split seed and normalisation. Options shared b
 validated and applied in one place (:func:`widthlab.data.build.build_task`):
 
     seed              seed of the split/subset draws (synthetic SENN sets: of the data draws); default
-                      42 (the AWNN splits, specs/awnn.md §6), 0 for ``moons`` and ``teacher1d``
+                      42 (the AWNN splits, Errica et al. 2025, experimental setup), 0 for ``moons`` and
+                      ``teacher1d``
     val_fraction      share of the non-test data held out for validation (default 0.1); not for
                       ``moons``/``teacher1d``, whose validation set is a separate draw
     test_fraction     share of all data held out for test (default 0.2); only for datasets without an
@@ -168,11 +169,12 @@ def _register(name: str, loader: Callable[..., Source], *, seed: int = 42, norma
 
 
 # ---- the registry -------------------------------------------------------------------------------------
-# Synthetic (specs/awnn.md §6): raw coordinates, stratified 3600/400/1000 (7200/800/2000) with seed 42.
+# Synthetic (Errica et al. 2025, experimental setup): raw coordinates, stratified 3600/400/1000
+# (7200/800/2000) with seed 42.
 _register("doublemoon", synthetic.load_doublemoon)
 _register("spiral", synthetic.load_spiral)
 _register("spiralhard", synthetic.load_spiralhard)
-# specs/senn.md §2.4: separate draws for every split, raw coordinates.
+# Mitchell et al. 2023, experiment settings: separate draws for every split, raw coordinates.
 _register("moons", synthetic.load_moons, seed=0)
 _register("teacher1d", synthetic.load_teacher1d, seed=0)
 # scikit-learn's bundled sets: features on very different scales, so z-scored by default.

@@ -1,4 +1,5 @@
-"""A synthetic sequence-to-sequence task for the encoder-decoder Transformer (specs/awnn.md §4, §6).
+"""A synthetic sequence-to-sequence task for the encoder-decoder Transformer (Errica et al. 2025,
+architectures and experiments).
 
 Multi30K cannot be held here (no download, no tokenizer), so the Transformer experiment runs on a
 task with the same interface: translate a random token sequence into its *reverse*, each token mapped

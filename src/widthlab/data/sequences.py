@@ -1,6 +1,7 @@
 """Sequences from images: an image read row by row, optionally with a fixed pixel permutation.
 
-PMNIST (specs/awnn.md §4, §6) feeds an RNN the 28 rows of a 28 x 28 MNIST image as a 28-step
+PMNIST (Errica et al. 2025, architectures and experiments) feeds an RNN the 28 rows of a 28 x 28 MNIST image
+as a 28-step
 sequence of 28-dim vectors, after permuting the 784 pixels with one fixed permutation (numpy seed 42)
 shared by every image -- so each "row" mixes pixels from all over the image and the task needs memory.
 ``digits_seq`` does the same with scikit-learn's bundled 8 x 8 digits (8 steps of 8), for tests and

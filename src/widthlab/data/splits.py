@@ -1,6 +1,7 @@
 """Seeded (stratified) splits and subsets, and standardisation fitted on the training split only.
 
-Split sizes follow specs/awnn.md §6: the test set is ``round(test_fraction · N)`` of the data, the
+Split sizes follow Errica et al. 2025, experimental setup: the test set is ``round(test_fraction · N)`` of
+the data, the
 validation set ``round(val_fraction · rest)`` of what remains (5000 points with 0.2 / 0.1 give the
 spec's 3600 / 400 / 1000). Splits of classification data are stratified: every class contributes in
 proportion to its size, the rounding left-overs going to the classes with the largest remainders, so
@@ -17,11 +18,13 @@ import torch
 
 # Fixed per-channel constants for pixels in [0, 1] (mean, std).
 PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    # specs/widesparse.md §6.1: the MNIST MLP inputs.
+    # Golubeva et al. 2021, App. A, Fig. 5 MLPs: the MNIST MLP inputs.
     "mnist": ((0.1307,), (0.3081,)),
-    # specs/awnn.md §6: the AWNN CIFAR pipeline (these std values are the widely copied, slightly off ones).
+    # Errica et al. 2025, experimental setup: the AWNN CIFAR pipeline (these std values are the widely
+    # copied, slightly off ones).
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    # specs/widesparse.md §6.3: ResNet-18 on CIFAR-10/100 and SVHN uses the ImageNet statistics.
+    # Golubeva et al. 2021, App. A, ResNet-18: ResNet-18 on CIFAR-10/100 and SVHN uses the ImageNet
+    # statistics.
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 NORMALIZE_MODES = ("none", "feature", "channel", *PRESETS)
@@ -72,7 +75,7 @@ def take(pool: np.ndarray, n: int, rng: np.random.Generator, y: np.ndarray | Non
 
 def split_indices(n: int, *, test_fraction: float | None, val_fraction: float | None, seed: int,
                   y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded train / validation / test indices of ``n`` examples (specs/awnn.md §6 protocol).
+    """Seeded train / validation / test indices of ``n`` examples (Errica et al. 2025, experimental protocol).
 
     Args:
         n: number of examples.
@@ -113,7 +116,8 @@ class Standardizer:
         """Fit on the training inputs ``x`` (N, ...).
 
         ``"feature"`` standardises every input coordinate (pixel-wise for images, as in
-        specs/widesparse.md §6.1); ``"channel"`` every image channel over all its pixels; a preset name
+        Golubeva et al. 2021, App. A, Fig. 5 MLPs); ``"channel"`` every image channel over all its pixels; a
+        preset name
         applies that preset's fixed constants. A zero standard deviation (a constant coordinate, e.g.
         MNIST's border pixels) is replaced by 1, so that coordinate is only centred. Statistics are
         population ones (divide by N).

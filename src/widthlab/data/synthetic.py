@@ -1,4 +1,5 @@
-"""Synthetic tasks of the adaptive-width (specs/awnn.md §6) and self-expanding (specs/senn.md §2.4) papers.
+"""Synthetic tasks of the adaptive-width (Errica et al. 2025, experimental setup) and self-expanding
+(Mitchell et al. 2023, experiment settings) papers.
 
 The AWNN generators draw from numpy's legacy ``RandomState(0)`` in the order of the official code
 (per class: angles, then x-noise, then y-noise), so with the default seed they produce the points of the
@@ -18,11 +19,11 @@ from sklearn.datasets import make_moons
 from widthlab.data.build import Source
 from widthlab.nn.rational import rational
 
-# ---- AWNN generators (specs/awnn.md §6) ----------------------------------------------------------------
+# ---- AWNN generators (Errica et al. 2025, experimental setup) ----------------------------------------------
 
 def double_moon(n_per_class: int = 2500, *, r: float = 10.0, noise: float = 0.3, seed: int = 0
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Two interleaved half circles of radius r (specs/awnn.md §6, DoubleMoon), θ ~ U[0, π).
+    """Two interleaved half circles of radius r (Errica et al. 2025, DoubleMoon), θ ~ U[0, π).
 
     class 0: (r cos θ − r/2 + ε, r sin θ + ε), an upper half circle centred at (−r/2, 0);
     class 1: (−(r cos θ + ε) + r/2, −(r sin θ + ε) + r/2), a lower half circle centred at (r/2, r/2).
@@ -42,7 +43,7 @@ def double_moon(n_per_class: int = 2500, *, r: float = 10.0, noise: float = 0.3,
 
 def spiral(n_per_class: int = 2500, *, rep: int = 1, noise: float = 0.3, seed: int = 0
            ) -> tuple[np.ndarray, np.ndarray]:
-    """Two interleaved spirals (specs/awnn.md §6, Spiral; SpiralHard is rep=2, n=5000).
+    """Two interleaved spirals (Errica et al. 2025, Spiral; SpiralHard is rep=2, n=5000).
 
     t = √U · rep · 4π (√ spreads points evenly along the arm); class 0 is (−t cos t + ε, t sin t + ε),
     class 1 the negation of an independent draw; everything is divided by rep so that more turns do not
@@ -68,7 +69,7 @@ def _awnn_source(x: np.ndarray, y: np.ndarray, **meta) -> Source:
 
 
 def load_doublemoon(n_per_class: int = 2500, noise: float = 0.3, generator_seed: int = 0) -> Source:
-    """DoubleMoon of specs/awnn.md §6: 2 x 2500 points, r = 10, noise 0.3, numpy seed 0.
+    """DoubleMoon of Errica et al. 2025: 2 x 2500 points, r = 10, noise 0.3, numpy seed 0.
 
     Args:
         n_per_class: points per class.
@@ -81,7 +82,7 @@ def load_doublemoon(n_per_class: int = 2500, noise: float = 0.3, generator_seed:
 
 
 def load_spiral(n_per_class: int = 2500, noise: float = 0.3, generator_seed: int = 0) -> Source:
-    """Spiral of specs/awnn.md §6: 2 x 2500 points, rep = 1, noise 0.3, numpy seed 0.
+    """Spiral of Errica et al. 2025: 2 x 2500 points, rep = 1, noise 0.3, numpy seed 0.
 
     Args:
         n_per_class: points per class.
@@ -94,7 +95,7 @@ def load_spiral(n_per_class: int = 2500, noise: float = 0.3, generator_seed: int
 
 
 def load_spiralhard(n_per_class: int = 5000, noise: float = 0.3, generator_seed: int = 0) -> Source:
-    """SpiralHard of specs/awnn.md §6: the Spiral generator with 2 x 5000 points and rep = 2.
+    """SpiralHard of Errica et al. 2025: the Spiral generator with 2 x 5000 points and rep = 2.
 
     Args:
         n_per_class: points per class.
@@ -106,11 +107,12 @@ def load_spiralhard(n_per_class: int = 5000, noise: float = 0.3, generator_seed:
                         generator_seed=generator_seed)
 
 
-# ---- SENN tasks (specs/senn.md §2.4) --------------------------------------------------------------------
+# ---- SENN tasks (Mitchell et al. 2023, experiment settings) ------------------------------------------------
 
 def load_moons(seed: int = 0, n_train: int = 200, n_val: int = 200, n_test: int = 500,
                noise: float = 0.3) -> Source:
-    """Two moons of SENN experiment 2 (specs/senn.md §2.4): sklearn ``make_moons``, noise 0.3.
+    """Two moons of SENN experiment 2 (Mitchell et al. 2023, experiment settings): sklearn ``make_moons``,
+    noise 0.3.
 
     Each split is its own ``make_moons`` draw: train with ``seed`` (N = 200, seed 0 in the paper), test
     with ``seed + 1`` (500 points, seed 1), and -- our addition, the paper has none -- a validation set
@@ -142,7 +144,7 @@ def lecun_normal_(w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def make_teacher(hidden: Sequence[int] = (16, 16, 16, 16), *, d_in: int = 1, d_out: int = 1, seed: int = 0
                  ) -> list[dict[str, torch.Tensor]]:
-    """Random rational-activation MLP teacher of SENN experiment 1 (specs/senn.md §2.1, §2.4).
+    """Random rational-activation MLP teacher of SENN experiment 1 (Mitchell et al. 2023, experiment 1).
 
     Each layer is Dense (lecun_normal kernel, bias ~ N(0, 1)) followed, on hidden layers only, by a
     per-neuron rational activation with (v, c, l) ~ N(0, 1). Parameters are float64, drawn in layer
@@ -176,7 +178,8 @@ def teacher_forward(layers: list[dict[str, torch.Tensor]], x: torch.Tensor) -> t
 def load_teacher1d(seed: int = 0, teacher_seed: int = 0, n_train: int = 50, n_val: int = 200,
                    n_test: int = 1000, hidden: Sequence[int] = (16, 16, 16, 16), noise: float = 0.0
                    ) -> Source:
-    """1-D regression of SENN experiment 1 (specs/senn.md §2.4): y = teacher(x), x ~ N(0, 1).
+    """1-D regression of SENN experiment 1 (Mitchell et al. 2023, experiment settings): y = teacher(x), x ~
+    N(0, 1).
 
     The teacher is :func:`make_teacher` 1 → hidden → 1 seeded with ``teacher_seed``. Inputs of the
     splits are separate draws: train (N = 50) with ``seed``, test (1000) with ``seed + 1`` and -- our

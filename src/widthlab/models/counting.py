@@ -1,4 +1,5 @@
-"""Weight counts as the wide & sparse paper defines them (specs/widesparse.md §1 "Weight count").
+"""Weight counts as the wide & sparse paper defines them (Golubeva et al. 2021, §2: weights of Linear and
+Conv layers, no biases).
 
 The paper's N counts only the ``weight`` tensors of Linear and convolution layers: the stem conv, every
 block conv, 1x1 shortcut convs and the final Linear. Every bias (the classifier's included) and every

@@ -1,4 +1,4 @@
-"""Graph Isomorphism Network for graph classification, in plain PyTorch (specs/awnn.md §4).
+"""Graph Isomorphism Network for graph classification, in plain PyTorch (Errica et al. 2025, architectures).
 
 Reads top to bottom: config -> aggregation helpers -> model -> builder. Layer 0 embeds node features
 with an MLP (F -> width -> E); each further layer is a GIN convolution

@@ -2,7 +2,7 @@
 
 Reads top to bottom: config -> model -> builder + presets. The wide & sparse MNIST network is
 ``mlp(width=n)`` on ``(1, 28, 28)`` inputs: 784 -> n -> 10 with ReLU, ``794 n`` counted weights
-(specs/widesparse.md §2); its NTK-style variant (§6.2) is ``parametrization="ntk"``.
+(Golubeva et al. 2021, §2 and App. A); its NTK-style variant (App. A, Fig. 8) is ``parametrization="ntk"``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class MLPConfig:
         parametrization: ``"standard"`` (PyTorch's default init) or ``"ntk"`` (:class:`NTKLinear`
             everywhere, the output layer included).
         ntk_init: weight distribution under NTK: ``"normal"`` N(0,1) (paper) or ``"uniform"``
-            U(-1,1) (official code; specs/widesparse.md §6.2).
+            U(-1,1) (official code; Golubeva et al. 2021, App. A, Fig. 8 MLPs).
     """
 
     in_features: int
@@ -186,5 +186,6 @@ def mlp_w512_d3(input_shape: tuple[int, ...] = (1, 28, 28), num_outputs: int = 1
 
 
 def mlp_ntk_w8(input_shape: tuple[int, ...] = (1, 28, 28), num_outputs: int = 10) -> MLP:
-    """The base of the wide & sparse NTK-style family (784 -> 8 -> 10, specs/widesparse.md §6.2)."""
+    """The base of the wide & sparse NTK-style family (784 -> 8 -> 10, Golubeva et al. 2021, App. A, Fig. 8
+    MLPs)."""
     return mlp(input_shape, num_outputs, width=8, parametrization="ntk")

@@ -10,7 +10,8 @@ three; they differ only in stem, blocks per stage and shortcut type:
 - ``resnet20``: 3x3 stride-1 stem; stages w, 2w, 4w of 3 blocks; option-A shortcuts (stride-2
   subsampling + zero channel padding, no parameters); Kaiming-normal fan-in init.
 
-Counted weights (specs/widesparse.md §2): ResNet-18 has N(w) = 2724 w^2 + k^2 c_in w + 8 w C with k = 3
+Counted weights (Golubeva et al. 2021, §2 and App. A): ResNet-18 has N(w) = 2724 w^2 + k^2 c_in w + 8 w C
+with k = 3
 (CIFAR stem) or 7 (ImageNet stem). Inits follow each architecture's reference: the kuangliu CIFAR
 ResNet-18 the wide & sparse code uses keeps PyTorch's defaults; torchvision's ResNet-18 (the paper's
 "standard PyTorch ResNet-18") uses Kaiming-normal fan-out convs; the option-A ResNet-20 of AWNN uses
@@ -52,7 +53,7 @@ class ResNetConfig:
         shortcut: ``"conv"`` (1x1 conv + BN, option B) or ``"pad"`` (option A: stride-2 subsampling and
             zero channel padding, no parameters), used where a block changes stride or channels.
         head_width: 0 for a Linear head; D > 0 for a ``Linear -> ReLU -> Linear`` head with D hidden
-            units (AWNN's fixed-width ResNet-20 baselines, specs/awnn.md §6).
+            units (AWNN's fixed-width ResNet-20 baselines, Errica et al. 2025, experimental setup).
         init: ``"default"`` (PyTorch), ``"kaiming_fan_out"`` (convs, torchvision) or
             ``"kaiming_fan_in"`` (convs and Linears, option-A ResNet-20).
     """
@@ -257,7 +258,8 @@ def resnet18_imagenet(input_shape: tuple[int, ...], num_outputs: int, *, width: 
 @MODELS.register("resnet20")
 def resnet20(input_shape: tuple[int, ...], num_outputs: int, *, width: int = 16, head_width: int = 0,
              init: Init = "kaiming_fan_in") -> ResNet:
-    """ResNet-20 (stages w, 2w, 4w of 3 BasicBlocks, option-A shortcuts; specs/awnn.md §4)."""
+    """ResNet-20 (stages w, 2w, 4w of 3 BasicBlocks, option-A shortcuts; Errica et al. 2025,
+    architectures)."""
     return ResNet(ResNetConfig(in_channels=_channels(input_shape), num_classes=num_outputs,
                                width=width, blocks=(3, 3, 3), stem="cifar", shortcut="pad",
                                head_width=head_width, init=init))

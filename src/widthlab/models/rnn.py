@@ -1,4 +1,5 @@
-"""Recurrent classifier whose cells are MLPs (the fixed-width baseline of AWNN's RNN; specs/awnn.md §4).
+"""Recurrent classifier whose cells are MLPs (the fixed-width baseline of AWNN's RNN; Errica et al. 2025,
+architectures).
 
 Reads top to bottom: config -> model -> builder. h_0 = 0, h_t = tanh(MLP_in(x_t) + MLP_hh(h_{t-1})),
 logits = Linear(h_T). The two cell MLPs (F -> width -> H and H -> width -> H) hold the resizable widths;

@@ -1,4 +1,4 @@
-"""Encoder-decoder Transformer for sequence-to-sequence tasks (specs/awnn.md §4, Multi30K setting).
+"""Encoder-decoder Transformer for sequence-to-sequence tasks (Errica et al. 2025, the Multi30K setting).
 
 Reads top to bottom: config -> blocks (feed-forward, encoder layer, decoder layer) -> model -> builder.
 Post-LN layers as in the original Transformer and the paper's model: x <- LN(x + Dropout(sublayer(x))).

@@ -1,6 +1,6 @@
 """CIFAR-10 / CIFAR-100 "python version" batches, from a folder or straight from the .tar.gz.
 
-Format (specs/ecosystem.md §A7): each batch is a Python-2 pickled dict with ``b'data'`` (N x 3072
+Format: each batch is a Python-2 pickled dict with ``b'data'`` (N x 3072
 uint8: the R, G, B planes of 1024 row-major pixels) and ``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` /
 ``b'coarse_labels'`` (CIFAR-100). A pickle can run arbitrary code when loaded, so these files go
 through :class:`RestrictedUnpickler`, which can only rebuild numpy arrays (DESIGN.md, reliability rules).

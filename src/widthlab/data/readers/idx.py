@@ -1,6 +1,6 @@
 """IDX files: MNIST, Fashion-MNIST and KMNIST as distributed (raw or gzipped).
 
-Format (specs/ecosystem.md §A7): a big-endian header -- two zero bytes, a dtype byte (0x08 uint8,
+Format: a big-endian header -- two zero bytes, a dtype byte (0x08 uint8,
 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64), the number of dimensions -- then one
 int32 per dimension, then the data in C order. Images are magic 0x00000803 (uint8, N x rows x cols),
 labels 0x00000801 (uint8, N).

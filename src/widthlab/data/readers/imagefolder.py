@@ -1,7 +1,8 @@
 """Image folders (ImageNet layout): ``path/train/<class>/*.jpg`` and ``path/val/<class>/*.jpg``.
 
 Images are decoded with Pillow when a batch needs them (a map-style ``Dataset``), never held in
-memory as a whole. The transforms of the wide & sparse ImageNet recipe (specs/widesparse.md §6.4)
+memory as a whole. The transforms of the wide & sparse ImageNet recipe (Golubeva et al. 2021, App. A.1,
+ImageNet)
 are written here with PIL and torch, since torchvision is not a dependency:
 
 - train: RandomResizedCrop(224, scale=(0.2, 1), ratio=(3/4, 4/3)), no flip (none is listed);
@@ -175,7 +176,8 @@ def load_imagefolder(*, path: str, image_size: int = 224, resize_size: int = 256
             class; ``val/`` is the test split.
         image_size: side of the square network input (224).
         resize_size: test images are resized to this short side before the centre crop (256).
-        min_scale: smallest crop area fraction of the training RandomResizedCrop (0.2, spec §6.4).
+        min_scale: smallest crop area fraction of the training RandomResizedCrop (0.2, Golubeva et al. 2021,
+        App. A.1).
         normalize: ``"imagenet"`` (default) or another fixed preset (``"cifar"``, ``"mnist"`` need
             matching channels), or ``"none"``; dataset-fitted modes would need a pass over every image.
         val_fraction: share of ``train/`` held out (stratified, seeded) for validation; default 0.

@@ -1,6 +1,6 @@
 """SVHN "cropped digits" MATLAB files: ``train_32x32.mat``, ``test_32x32.mat`` (and ``extra_32x32.mat``).
 
-Format (specs/ecosystem.md §A7): MATLAB v5 files read with ``scipy.io.loadmat`` (which only decodes
+Format: MATLAB v5 files read with ``scipy.io.loadmat`` (which only decodes
 data, it never runs code); ``X`` is (32, 32, 3, N) uint8 and ``y`` is (N, 1) with digits 1..9 and
 **label 10 for the digit 0**, mapped here to 0.
 """
@@ -52,7 +52,7 @@ def load_svhn(path: str, include_extra: bool = False) -> Source:
     Args:
         path: folder holding ``train_32x32.mat`` and ``test_32x32.mat``.
         include_extra: append ``extra_32x32.mat`` (531131 easier images) to the training pool; the
-            wide & sparse paper uses the ``train`` split only (specs/widesparse.md §6.3).
+            wide & sparse paper uses the ``train`` split only (Golubeva et al. 2021, App. A, ResNet-18).
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
