@@ -1,5 +1,5 @@
 """The compiled CPU kernel of the adaptive rescaling (cpu_kernel.cpp) against independent computations:
-the generic autograd path of the importance vector (CDF differences, spec awnn §2), finite differences
+the generic autograd path of the importance vector (CDF differences, Errica et al. 2025), finite differences
 (gradcheck), and the PyTorch path of the same layer; and its loader's fallbacks."""
 
 from pathlib import Path
@@ -13,6 +13,8 @@ from widthlab.methods.adaptive import cpu_kernel
 from widthlab.methods.adaptive.distributions import Exponential, ImportanceDistribution, _host_importance
 from widthlab.methods.adaptive.mlp import adaptive_mlp
 from widthlab.methods.adaptive.resnet import adaptive_resnet20
+
+pytestmark = pytest.mark.numerics  # a compiled kernel against PyTorch operations: other summation orders
 
 # (shape of t, unit axis, support): Linear activations, a weight folded by columns, conv channels.
 CASES = [((64, 232), -1, None), ((3, 40), 1, 57), ((5, 7, 4, 3), 1, None), ((6, 9), 0, 12), ((2, 11), -1, 11)]
