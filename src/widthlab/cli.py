@@ -104,6 +104,27 @@ def cmd_studies(args) -> int:
     return 0
 
 
+def _dynamic_runs(spec) -> list[str]:
+    """What a comparison decides while it runs: search trials, fixed retrain controls."""
+    from widthlab.studies.compare import CompareSpec, arm_studies
+
+    if not isinstance(spec, CompareSpec):
+        return []
+    out = []
+    for a in arm_studies(spec):
+        seeds = len(a.study.seeds)
+        if a.search is not None:
+            budget = f"{a.search.budget_trials} trials" if a.search.flops is None else \
+                f"{a.search.flops:.3g} FLOPs"
+            out.append(f"task={a.task} arm={a.arm}: Optuna {a.search.sampler} + {a.search.pruner}, "
+                       f"width {list(a.search.width)}, {budget} per seed x {seeds} seed(s), asked while "
+                       "it runs")
+        elif a.retrain:
+            out.append(f"task={a.task} arm={a.arm}_retrain: a fixed net of the width {a.arm} finds, "
+                       f"1 per seed x {seeds}, once {a.arm}'s run is done")
+    return out
+
+
 def cmd_show(args) -> int:
     from widthlab.studies.load import dump_yaml, expand_runs, load_study
 
@@ -115,6 +136,8 @@ def cmd_show(args) -> int:
         tags = "".join(f"{k}={r.tags[k]} " for k in ("task", "arm") if k in r.tags)
         axes = " ".join(f"{k}={v}" for k, v in r.axes.items())
         print(f"#   {r.run_id}  {tags}seed={r.seed} {axes}".rstrip())
+    for line in _dynamic_runs(spec):
+        print(f"#   + {line}")
     return 0
 
 
