@@ -7,7 +7,8 @@
    K-FAC/Adam <= 2.
 2. The share of a run's wall time spent in expansion events, from short versions of the CPU studies
    (or from finished study directories with ``--results DIR ...``): ``expansion_seconds`` and
-   ``expansion_share`` are recorded in every expanding run's summary.
+   ``expansion_share`` are recorded in every expanding run's summary, and so is ``method_flops`` (the
+   natural-gradient solves and expansion scoring, next to the trainer's ``train_flops``).
 
     python bench/bench_expanding.py                 # writes bench/results/expanding-cpu.md
     python bench/bench_expanding.py --quick         # fewer rounds, shorter study runs
@@ -95,6 +96,7 @@ QUICK_STUDIES = {
     "expanding-moons": ["train.epochs=60", "seeds=[0]"],
     "expanding-regression1d": ["train.epochs=200", "seeds=[0]"],
     "expanding-digits-datasize": ["train.epochs=20", "seeds=[0]", "sweep.data.subset=[400]"],
+    "expanding-cnn-digits": ["train.epochs=10", "seeds=[0]"],
 }
 
 
@@ -123,10 +125,12 @@ def study_shares(results: list[str], quick: bool) -> str:
             continue
         events, seconds = s.get("expansion_events") or 0, s.get("expansion_seconds")
         per_event = seconds / events if events and seconds is not None else None
+        train, extra = s.get("train_flops"), s.get("method_flops")
         rows.append([s["study"], s.get("label", ""), s["seed"], s.get("final_widths"), s.get("wall_seconds"),
-                     s.get("expansion_seconds"), events, per_event, s.get("expansion_share")])
+                     s.get("expansion_seconds"), events, per_event, s.get("expansion_share"),
+                     extra / train if extra is not None and train else None])
     header = ["study", "run", "seed", "final widths", "wall (s)", "expansion (s)", "events", "s/event",
-              "share"]
+              "share", "method FLOPs / train FLOPs"]
     table = markdown_table(header, rows)
     return f"Source: {source}.\n\n{table}"
 
