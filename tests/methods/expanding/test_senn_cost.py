@@ -185,3 +185,27 @@ def test_mlp_observation_flops_in_closed_form_equal_a_direct_count(moons, g_esti
     cot = 2 if g_estimator == "exact" else 1
     layers = list(kfac.kfac_layers(model).values())
     assert cost.linear_observe_flops(layers, len(x), 2 + cot, cot, bias) == direct
+
+
+@pytest.mark.parametrize("optimizer", ["cg", "kfac"])
+def test_method_flops_resume_exactly(moons, tmp_path, optimizer):
+    """A run stopped after epoch 2 and resumed records the same method_flops as an uninterrupted one
+    (the optimizer's count travels in its param groups, the controller's in its counters)."""
+    from widthlab.train.trainer import seed_everything
+
+    def run(run_dir, resume=False, upto=None):
+        seed_everything(1)
+        plan = build(None, moons, seed=1, optimizer=optimizer, start_widths=[2], max_widths=(4,), tau=0.0,
+                     alpha=0.0, cooldown=2, proposals=4, mala_bursts=1, mala_steps=2, cg_maxiter=10,
+                     eta_maxiter=10, kfac_stat_every=3)
+        cfg = TrainConfig(epochs=4, batch_size=32, progress="none", select_best=False, checkpoint_every=1,
+                          max_steps=upto)
+        res = Trainer(plan.model, moons, cfg, plan.callbacks, run_dir=run_dir).fit(resume=resume)
+        assert res.status == "done", res.error
+        return plan.summary
+
+    full = run(tmp_path / "a")
+    run(tmp_path / "b", upto=2 * 2)
+    resumed = run(tmp_path / "b", resume=True)
+    for key in ("method_flops", "solve_flops", "expansion_flops"):
+        assert resumed[key] == full[key] > 0, key
