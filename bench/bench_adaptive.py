@@ -59,9 +59,9 @@ from widthlab.methods.adaptive.loss import ElboPrior  # noqa: E402
 from widthlab.methods.adaptive.mlp import adaptive_mlp  # noqa: E402
 from widthlab.methods.adaptive.resizing import set_width  # noqa: E402
 from widthlab.models.mlp import MLP, MLPConfig  # noqa: E402
+from widthlab.nn.optim_surgery import remap_optimizer  # noqa: E402
 from widthlab.train.config import OptimConfig  # noqa: E402
 from widthlab.train.optim import build_optimizer  # noqa: E402
-from widthlab.train.optim_surgery import remap_optimizer  # noqa: E402
 
 SIGMA_THETA, N_OBS = 1.0, 1000
 

@@ -15,7 +15,7 @@ from widthlab.methods.expanding.any_model import SiteNetwork
 from widthlab.methods.expanding.model import ExpandableMLP
 from widthlab.methods.expanding.plain_loop import SelfExpanding
 from widthlab.nn.discovery import DiscoveryError
-from widthlab.train.optim_surgery import assert_optimizer_matches
+from widthlab.nn.optim_surgery import assert_optimizer_matches
 
 FAST = dict(tau=0.0, alpha=0.0, cooldown=1, max_widths=[6], proposals=4, mala_bursts=1, mala_steps=2,
             max_additions=2)

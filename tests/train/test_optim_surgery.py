@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from widthlab.nn.optim_surgery import assert_optimizer_matches, remap_optimizer, sync_optimizer
 from widthlab.nn.resize import ParamResize, ResizeEvent, WidthSite
 from widthlab.nn.surgery import resize
-from widthlab.train.optim_surgery import assert_optimizer_matches, remap_optimizer, sync_optimizer
 
 BATCH = 64
 

@@ -2,7 +2,7 @@
 
 Every width change in widthlab (grow, shrink, truncate, insert) is committed by code in ``nn/`` and
 returns a :class:`ResizeEvent`. Optimizer state is then remapped from the event alone by
-``widthlab.train.optim_surgery`` -- no other module edits optimizer state.
+``widthlab.nn.optim_surgery`` -- no other module edits optimizer state.
 
 Convention for one resized parameter along dimension ``dim``::
 

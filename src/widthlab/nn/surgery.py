@@ -4,7 +4,7 @@ A :class:`~widthlab.nn.resize.WidthSite` names the producer (Linear rows / Conv 
 its bias), the per-unit norms in between (BatchNorm, InstanceNorm, LayerNorm/RMSNorm over the unit
 axis) and the consumer (Linear columns / Conv input channels). :func:`resize_site` keeps a chosen subset
 of the units in a chosen order, appends ``n_new`` fresh units, and returns a
-:class:`~widthlab.nn.resize.ResizeEvent` from which ``widthlab.train.optim_surgery`` remaps the optimizer.
+:class:`~widthlab.nn.resize.ResizeEvent` from which ``widthlab.nn.optim_surgery`` remaps the optimizer.
 
 Every changed tensor becomes a *new* ``nn.Parameter`` (so optimizers holding the old object notice),
 but modules are edited in place and never replaced: forwards that read ``weight.shape`` (NTK-style

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from widthlab.data.base import TaskData
+from widthlab.nn.optim_surgery import remap_optimizer
 from widthlab.nn.resize import ResizeEvent
 from widthlab.train import checkpoint as ckpt
 from widthlab.train import distributed
@@ -29,7 +30,6 @@ from widthlab.train.config import TrainConfig
 from widthlab.train.loader import batches, dataset_len, epoch_generator, num_batches
 from widthlab.train.metrics import Accumulator, data_loss
 from widthlab.train.optim import build_optimizer, build_schedule
-from widthlab.train.optim_surgery import remap_optimizer
 from widthlab.train.reporting import MetricsLog, Progress, TensorBoard
 
 CHECKPOINT = "checkpoint.pt"

@@ -21,7 +21,7 @@ from widthlab.methods.adaptive.callback import AdaptiveWidthCallback
 from widthlab.methods.adaptive.distributions import softplus_inv
 from widthlab.methods.adaptive.layer import collect_sites
 from widthlab.nn.discovery import DiscoveryError
-from widthlab.train.optim_surgery import assert_optimizer_matches
+from widthlab.nn.optim_surgery import assert_optimizer_matches
 
 CASES = {
     "sequential": (sequential_mlp, lambda: torch.randn(32, 5), 3, None),

@@ -8,7 +8,7 @@ from widthlab.methods.adaptive.callback import AdaptiveWidthCallback
 from widthlab.methods.adaptive.distributions import softplus_inv
 from widthlab.methods.adaptive.loss import ElboPrior
 from widthlab.methods.adaptive.mlp import adaptive_mlp
-from widthlab.train.optim_surgery import assert_optimizer_matches, remap_optimizer
+from widthlab.nn.optim_surgery import assert_optimizer_matches, remap_optimizer
 
 
 def setup(mode):

@@ -8,9 +8,9 @@ import torch
 from widthlab.data.registry import load_dataset
 from widthlab.methods.expanding.controller import ExpansionConfig
 from widthlab.methods.expanding.plan import build
+from widthlab.nn.optim_surgery import assert_optimizer_matches
 from widthlab.studies.methods import METHODS
 from widthlab.train.config import TrainConfig
-from widthlab.train.optim_surgery import assert_optimizer_matches
 from widthlab.train.trainer import Trainer, seed_everything
 
 # Cheap proposals: the point here is the plumbing, not the quality of the candidates.

@@ -20,8 +20,8 @@ from widthlab.methods.expanding import kfac, scores
 from widthlab.methods.expanding.fisher import per_sample_loss
 from widthlab.methods.expanding.insertion import full_rank, insert_layer, insert_units
 from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
+from widthlab.nn.optim_surgery import assert_optimizer_matches, remap_optimizer
 from widthlab.nn.rational import RationalActivation
-from widthlab.train.optim_surgery import assert_optimizer_matches, remap_optimizer
 
 
 def _mlp(dtype, widths=(5, 4), seed=0):

@@ -34,6 +34,7 @@ from widthlab.methods.adaptive.distributions import make_distribution
 from widthlab.methods.adaptive.layer import ATTACHED, GROW_INITS, AdaptiveScale, AdaptiveSite, attached_sites
 from widthlab.methods.adaptive.resizing import set_width
 from widthlab.nn.discovery import Discovery, DiscoveryError, WidthGroup, discover
+from widthlab.nn.optim_surgery import remap_optimizer
 from widthlab.nn.resize import ResizeEvent, WidthSite
 
 CONSUMER_INITS = ("kaiming_plus", "preserve", "none")
@@ -215,7 +216,6 @@ def add_missing_parameters(optimizer: torch.optim.Optimizer, model: nn.Module) -
     """Put the trainable parameters of ``model`` that ``optimizer`` lacks (lam's, after
     :func:`make_adaptive`) into its first param group with empty state, as the paper trains lam with
     the weights."""
-    from widthlab.train.optim_surgery import remap_optimizer  # the one editor of optimizer state
 
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     added = tuple((n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in held)

@@ -49,6 +49,7 @@ from torch import nn
 from widthlab.methods.adaptive.layer import AdaptiveSite, collect_sites
 from widthlab.methods.adaptive.loss import ElboPrior
 from widthlab.methods.adaptive.resizing import OPTIMIZER_MODES, set_width
+from widthlab.nn.optim_surgery import remap_optimizer
 from widthlab.nn.resize import ResizeEvent
 
 SYNC_MODES = ("step", "async")
@@ -236,7 +237,6 @@ class AdaptiveWidth:
     def _remap(self, events: list[ResizeEvent]) -> None:
         if self.optimizer is None:
             return
-        from widthlab.train.optim_surgery import remap_optimizer  # the one editor of optimizer state
 
         for ev in events:
             if ev:

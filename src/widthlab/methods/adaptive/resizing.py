@@ -11,7 +11,7 @@ A site whose width is tied to others (a :class:`~widthlab.nn.discovery.WidthGrou
 is resized as one: every producer's rows, norm and consumer's columns (``nn.group_surgery.resize_group``).
 
 Every changed tensor becomes a new Parameter (``nn.surgery.resize_site``), and the returned
-:class:`~widthlab.nn.resize.ResizeEvent` carries the optimizer mode for ``train.optim_surgery``:
+:class:`~widthlab.nn.resize.ResizeEvent` carries the optimizer mode for ``nn.optim_surgery``:
 ``"reset"`` (faithful: the official code restarts Adam's state of every replaced tensor, including the
 consumer's bias, which it re-wraps without changing it) or ``"keep"`` (slice surviving moments,
 zero-pad new units, keep the step count).

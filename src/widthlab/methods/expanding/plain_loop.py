@@ -37,6 +37,7 @@ from torch.utils.data import TensorDataset
 from widthlab.methods.expanding.any_model import SiteController, SiteNetwork
 from widthlab.methods.expanding.controller import ExpansionConfig, ExpansionController
 from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
+from widthlab.nn.optim_surgery import remap_optimizer
 from widthlab.nn.resize import ResizeEvent
 
 __all__ = ["SelfExpanding"]
@@ -143,7 +144,6 @@ class SelfExpanding:
         events = list(events or [])
         opt = self.state.optimizer
         if opt is not None:
-            from widthlab.train.optim_surgery import remap_optimizer  # the one editor of optimizer state
 
             for ev in events:
                 if ev:
