@@ -135,7 +135,8 @@ def test_hidden_layer_factors_against_the_exact_block():
     B = []
     for si, yi in zip(s, y):
         J = torch.func.jacrev(tail)(si)  # (C, 4)
-        H = torch.func.hessian(lambda o, t=yi: nn.functional.cross_entropy(o[None], t[None]))(tail(si).detach())
+        ce = lambda o, t=yi: nn.functional.cross_entropy(o[None], t[None])  # noqa: E731
+        H = torch.func.hessian(ce)(tail(si).detach())
         B.append(J.T @ H @ J)
     B = torch.stack(B).detach()
     torch.testing.assert_close(f.A, a.T @ a / len(x), rtol=1e-12, atol=1e-14)
