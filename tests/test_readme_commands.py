@@ -143,3 +143,36 @@ def test_readme_run_commands_run_to_the_end(cmd, tmp_path, monkeypatch):
         # A resume line continues the line before it in the README; run that one first.
         assert main([a for a in argv if a != "--resume"]) == 0, f"README line {line}"
     assert main(argv) == 0, f"README line {line}"
+
+
+def _python_blocks() -> list[tuple[int, str]]:
+    """(first line, code) of every fenced ```python block of the README."""
+    blocks, code, start = [], None, 0
+    for i, line in enumerate(README.read_text().splitlines(), start=1):
+        if code is None and line.strip() == "```python":
+            code, start = [], i + 1
+        elif code is not None and line.startswith("```"):
+            blocks.append((start, "\n".join(code)))
+            code = None
+        elif code is not None:
+            code.append(line)
+    return blocks
+
+
+def test_readme_has_the_three_plain_loop_snippets():
+    text = "\n".join(code for _, code in _python_blocks())
+    for api in ("widthlab.sparsify(", "widthlab.AdaptiveWidth(", "widthlab.SelfExpanding("):
+        assert api in text, api
+
+
+@pytest.mark.parametrize("start, code", [pytest.param(n, c, id=f"line{n}") for n, c in _python_blocks()])
+def test_readme_python_block_runs(start, code, tmp_path):
+    """Each Python snippet runs as a script, as a user would paste it (fresh process, its own folder)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / f"readme_line{start}.py"
+    script.write_text(code + "\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"README line {start}:\n{proc.stderr[-3000:]}"
