@@ -7,6 +7,7 @@ towers, a tied width)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -243,3 +244,27 @@ def test_consumers_get_kaiming_plus_for_the_importances_of_their_width():
     std = math.sqrt(2 / float((p ** 2).sum()))
     assert float(model[2].weight.detach().double().std()) == pytest.approx(std, rel=0.02)
     assert float(model[0].weight.abs().max()) <= 1 / math.sqrt(5)  # the producer keeps its own init
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("case", list(CASES))
+def test_truncating_a_user_model_cuts_every_site_and_group_like_masking_its_tail(case):
+    """Truncation (Errica et al. 2025, Sec. 3.3) of a user model, residual groups included: every site
+    and group keeps its first half, and the function is that of the full model with the tail units'
+    importances zeroed (same p on the survivors: ``renormalize=False``), up to rounding."""
+    from widthlab.methods.adaptive.truncation import kept_width, mask_units, truncate
+
+    build, inputs, _, sites = CASES[case]
+    torch.manual_seed(0)
+    model, x = build().eval(), inputs()
+    AdaptiveWidth(model, None, x, sites=sites)
+    before = {s.name: s.width for s in collect_sites(model)}
+    masked = copy.deepcopy(model)
+    for s in collect_sites(masked):
+        mask_units(s.scale, torch.arange(kept_width(s.width, 0.5)), s.width, renormalize=False)
+    truncate(model, fraction=0.5, renormalize=False)
+    after = {s.name: s.width for s in collect_sites(model)}
+    assert after == {k: kept_width(w, 0.5) for k, w in before.items()}
+    terms = sum(m.weight[0].numel() for m in masked.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    with torch.no_grad():
+        assert_equal_up_to_rounding(model(x), masked(x), terms=terms, magnitude=forward_magnitude(masked, x))

@@ -26,8 +26,8 @@ from torch import nn
 
 from widthlab.methods.adaptive.layer import AdaptiveScale, AdaptiveSite, collect_sites
 from widthlab.methods.adaptive.mlp import AdaptiveMLP, fold_importance
+from widthlab.methods.adaptive.resizing import resize_units
 from widthlab.nn.resize import ResizeEvent
-from widthlab.nn.surgery import resize_site
 
 
 def kept_width(width: int, fraction: float) -> int:
@@ -71,7 +71,7 @@ def truncate(model: nn.Module, widths: dict[str, int] | None = None, *, fraction
             s.scale.support = max(s.scale.support or D, D)
         if s.scale.unit_mask is not None:
             s.scale.unit_mask = s.scale.unit_mask[:new]
-        event = event.merge(resize_site(s.site, keep=torch.arange(new), model=model))
+        event = event.merge(resize_units(s, torch.arange(new), 0, model=model))  # a group: every member
     return event
 
 
