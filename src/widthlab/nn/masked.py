@@ -1,10 +1,11 @@
-"""Linear and convolution layers with a static binary mask on the weight (wide & sparse, spec §3).
+"""Linear and convolution layers with a static binary mask on the weight (wide & sparse, Golubeva et al.
+2021, §2.3).
 
 A masked layer holds a bool buffer ``weight_mask`` with the weight's shape (True = free weight,
 False = removed). The buffer is part of the state dict, so a checkpoint carries its masks.
 
 Design: the forward pass computes with ``W ⊙ M`` *and* the stored ``W`` is kept exactly zero where
-``M`` is False (specs/widesparse.md §3.5 "Recommended").
+``M`` is False (gradients and optimizer state of masked weights are zeroed as well).
 
 * ``W ⊙ M`` in the forward makes the layer's function depend on the mask alone: weights that leak in
   at masked positions (a dense checkpoint loaded by hand, an optimizer whose update does not vanish
@@ -117,7 +118,7 @@ def _remask_after_load(module: nn.Module, incompatible_keys) -> None:
 
 
 class MaskedLinear(MaskedMixin, nn.Linear):
-    """``y = x (W ⊙ M)^T + b`` (spec §3.3); ``mask=None`` starts fully connected."""
+    """``y = x (W ⊙ M)^T + b`` (Golubeva et al. 2021, §2.3); ``mask=None`` starts fully connected."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  mask: torch.Tensor | None = None, device=None, dtype=None):
@@ -152,7 +153,8 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
 class MaskedNTKLinear(MaskedMixin, NTKLinear):
     """NTK-parametrised Linear with a mask: ``y = x (W ⊙ M)^T / sqrt(fan_in) + b``.
 
-    The prefactor keeps the *dense* fan-in, as the wide & sparse NTK-style MLP does (spec §6.2).
+    The prefactor keeps the *dense* fan-in, as the wide & sparse NTK-style MLP does (Golubeva et al. 2021,
+    App. A).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, init="normal",

@@ -3,9 +3,9 @@
 Under the standard parametrisation a layer computes ``W x + b`` with ``W ~ N(0, 1/fan_in)``; under the
 NTK parametrisation (Jacot et al. 2018) it computes ``W x / sqrt(fan_in) + b`` with ``W ~ N(0, 1)``.
 Both give the same pre-activations at init, but the gradient of ``W`` differs by a factor ``fan_in``, so
-learning rates are on another scale (specs/widesparse.md §6.2 uses lr up to 875).
+learning rates are on another scale (Golubeva et al. 2021, App. A, use lr up to 875).
 
-The wide & sparse paper's NTK-style MLP (specs/widesparse.md §6.2) is
+The wide & sparse paper's NTK-style MLP (Golubeva et al. 2021, App. A, Fig. 8 MLPs) is
 
     h = ReLU(W1 x / sqrt(784));   out = W2 h / sqrt(n)
 
@@ -38,7 +38,8 @@ class NTKLinear(nn.Linear):
         bias: whether to learn an additive bias. It starts at zero and is not scaled.
         init: ``"normal"`` draws ``W ~ N(0, 1)``, the paper's and the theory's choice (default).
             ``"uniform"`` draws ``W ~ U(-1, 1)``, what the official wide & sparse code does because its
-            ``init_distrib`` flag is never overridden (variance 1/3; specs/widesparse.md §6.2, §8).
+            ``init_distrib`` flag is never overridden (variance 1/3; Golubeva et al. 2021, App. A, and its
+            official code).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,

@@ -1,4 +1,5 @@
-"""Per-neuron normalised rational activation of self-expanding networks (specs/senn.md §2.1).
+"""Per-neuron normalised rational activation of self-expanding networks (Mitchell et al. 2023, the rational
+activation).
 
     σ(x) = [ l·x + (2v·x + c) / (1 + x²) ] / ‖(v, c, l)‖
 
@@ -12,7 +13,8 @@ How the norm is guarded against (v, c, l) = 0 -- the ``eps_mode`` choice:
   every float format, so the denominator is exactly 1 and σ(x) == x bitwise, in float32 and float64.
   Only coefficient vectors with norm below sqrt(eps) (1e-4) behave differently from the official code.
 * ``"add"`` (official senn_mlp code): ‖·‖ = sqrt(v² + c² + l² + eps). In float32 1 + 1e-8 rounds to 1 so
-  identity is still exact, but in float64 the output is x / sqrt(1 + 1e-8) (spec §2.1 and §7 item 6).
+  identity is still exact, but in float64 the output is x / sqrt(1 + 1e-8) (Mitchell et al. 2023, official
+  code).
 
 Exactness caveat shared by both modes: the bump term adds +0.0, so an input of -0.0 comes back as +0.0
 (equal as floats, different sign bit), and ±inf inputs give NaN (0·inf in 2v·x).
@@ -30,7 +32,8 @@ EpsMode = Literal["floor", "add"]
 
 def rational(x: torch.Tensor, v: torch.Tensor, c: torch.Tensor, l: torch.Tensor, *, eps: float = 1e-8,
              eps_mode: EpsMode = "floor", dim: int = -1) -> torch.Tensor:
-    """Apply σ of specs/senn.md §2.1 with one (v, c, l) triple per unit along ``dim`` of ``x``.
+    """Apply σ (Mitchell et al. 2023, the rational activation) with one (v, c, l) triple per unit along
+    ``dim`` of ``x``.
 
     Args:
         x: pre-activations, any shape with ``x.shape[dim] == len(v)``.
@@ -57,7 +60,8 @@ def rational(x: torch.Tensor, v: torch.Tensor, c: torch.Tensor, l: torch.Tensor,
 
 
 class RationalActivation(nn.Module):
-    """Trainable rational activation with its own (v, c, l) per unit (specs/senn.md §2.1).
+    """Trainable rational activation with its own (v, c, l) per unit (Mitchell et al. 2023, the rational
+    activation).
 
     Args:
         num_units: number of units (neurons or channels), each with its own coefficients.

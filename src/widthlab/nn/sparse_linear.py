@@ -25,7 +25,7 @@ from torch import nn
 # batch 256, float32, grads for x and weights; output in bench/results/sparse-<host>.md) on a shared
 # 2-vCPU Xeon (AVX-512, torch 2.13 + MKL): masked-dense costs the same at every density while CSR
 # grows ~linearly with nnz, and the two crossed at 13-15% in five runs (1 and 2 threads, busy
-# machine); specs/ecosystem.md §C3 saw 18-23% on a quieter machine. Near the crossover both paths
+# machine); 18-23% on a quieter machine. Near the crossover both paths
 # cost the same, and CSR also saves memory (parameters and optimizer state are nnz-sized), so the
 # measured median is used as is. A full training step favours CSR more (the masked path also runs
 # the optimizer over all out * in weights; in the bench's 784-n-10 Adam step CSR still matched masked
@@ -104,7 +104,7 @@ class CSRLinear(nn.Module):
 
     ``values`` is a plain dense 1-D parameter, so every torch optimizer works unchanged, and its state
     (momentum, Adam moments) is nnz-sized: removed weights do not exist at all, so no gradient
-    masking or re-zeroing is ever needed (unlike the masked layer, specs/widesparse.md §3.5), and the
+    masking or re-zeroing is ever needed (unlike the masked layer), and the
     trajectory equals that of a masked layer whose masked gradients are zero. The structure is
     static; changing it means building a new layer (:meth:`from_dense`) and a new optimizer state.
 

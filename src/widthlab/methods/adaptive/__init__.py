@@ -1,4 +1,4 @@
-"""Adaptive width: layers that learn their width by backpropagation (specs/awnn.md).
+"""Adaptive width: layers that learn their width by backpropagation (Errica et al. 2025).
 
 Modules, one concept each: ``distributions`` (importance families, D(lam)), ``layer`` (rescaling by p,
 adaptive sites), ``mlp`` (adaptive MLP, Kaiming+, dense export), ``resnet``, ``rnn``, ``gin``,

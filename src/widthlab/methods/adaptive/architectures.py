@@ -1,4 +1,5 @@
-"""From a plain registered model to its adaptive counterpart (specs/awnn.md §4); see ``plan.py``."""
+"""From a plain registered model to its adaptive counterpart (Errica et al. 2025, architectures); see
+``plan.py``."""
 
 from __future__ import annotations
 

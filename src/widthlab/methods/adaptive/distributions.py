@@ -1,4 +1,5 @@
-"""Importance distributions over neuron indices 0, 1, 2, ... (specs/awnn.md §2).
+"""Importance distributions over neuron indices 0, 1, 2, ... (Errica et al. 2025, the importance
+distribution).
 
 An adaptive layer treats its units as an infinite ordered sequence; a monotonically decreasing
 distribution f over the indices says how much each unit matters. Every family here shares one

@@ -1,4 +1,5 @@
-"""Adaptive GIN (the official DynamicDGN; specs/awnn.md §4): every layer's MLP learns its hidden width.
+"""Adaptive GIN (the official DynamicDGN; Errica et al. 2025, architectures): every layer's MLP learns its
+hidden width.
 
 Layer 0 is an adaptive MLP F -> D_0 -> 64; each GIN convolution's MLP is 64 -> D_l -> 64; the node
 embedding size (64), the (1 + eps) self-weights, the BatchNorms and the summed per-layer readouts are

@@ -1,4 +1,5 @@
-"""The ELBO-derived loss of adaptive-width networks (specs/awnn.md §2 "Loss actually optimised").
+"""The ELBO-derived loss of adaptive-width networks (Errica et al. 2025, the ELBO as optimised by the
+official code).
 
 With the first-order approximation E_q[g(lam, theta)] ≈ g(nu, rho) the ELBO becomes MAP with Gaussian
 priors; per batch of size M out of N observations the official code minimises::

@@ -1,4 +1,4 @@
-"""Adaptive MLP (the official DynamicMLP; specs/awnn.md §2-§4): every hidden layer learns its width.
+"""Adaptive MLP (the official DynamicMLP; Errica et al. 2025): every hidden layer learns its width.
 
 Reads top to bottom: config -> initialisation -> model -> dense export. The same module is the
 standalone MLP of the synthetic and tabular experiments and the building block of the other adaptive
@@ -22,7 +22,7 @@ from widthlab.models.mlp import ACTIVATIONS as MODEL_ACTIVATIONS
 from widthlab.nn.resize import WidthSite
 
 # One activation table for fixed and adaptive models; ReLU6 is the paper's recommended bounded
-# activation (spec awnn §2 "Rescaling"), and the default of AdaptiveMLPConfig.
+# activation (Errica et al. 2025, the rescaling h * p), and the default of AdaptiveMLPConfig.
 ACTIVATIONS = MODEL_ACTIVATIONS
 INITS = ("gaussian", "uniform", "kaiming")
 

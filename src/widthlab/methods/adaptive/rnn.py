@@ -1,4 +1,5 @@
-"""Adaptive RNN (the official DynamicRNN; specs/awnn.md §4): both cell MLPs learn their widths.
+"""Adaptive RNN (the official DynamicRNN; Errica et al. 2025, architectures): both cell MLPs learn their
+widths.
 
 h_0 = 0, h_t = tanh(MLP_in(x_t) + MLP_hh(h_{t-1})), logits = Linear(h_T), with the hidden state size fixed
 (128) and each cell an :class:`~widthlab.methods.adaptive.mlp.AdaptiveMLP` with ``depth`` adaptive hidden

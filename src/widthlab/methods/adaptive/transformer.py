@@ -1,4 +1,5 @@
-"""Adaptive Transformer (specs/awnn.md §4): every position-wise feed-forward block learns its width.
+"""Adaptive Transformer (Errica et al. 2025, architectures): every position-wise feed-forward block learns
+its width.
 
 Each FFN of the encoder and decoder is an adaptive MLP d_model -> D -> d_model (ReLU inside, no inner
 dropout), so a 6 + 6-layer model has 12 lam's; attention, d_model and the embeddings are fixed. The

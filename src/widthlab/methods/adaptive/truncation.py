@@ -1,4 +1,5 @@
-"""Post-training truncation, truncation curves and dense export (specs/awnn.md §5).
+"""Post-training truncation, truncation curves and dense export (Errica et al. 2025, truncation and
+compression).
 
 Because importance decreases with the unit index, cutting the tail of a trained adaptive layer removes
 the units that matter least; no retraining is needed. Two modes (§5, §10):
