@@ -62,3 +62,13 @@ def test_verdict_states_cost_against_the_search_arm_and_names_the_retrain():
     assert v.recommended.arm == "search"
     assert "it is the search arm" in line
     assert "adaptive → fixed retrain 90.00" in line
+
+
+def test_a_fixed_retrain_is_charged_the_run_that_found_its_width():
+    arms = {a.arm: a for a in compare_results(_rows())["t"]}
+    retrain, found = arms["adaptive_retrain"], arms["adaptive"]
+    # Its own 40 MFLOPs plus the adaptive run's 50 MFLOPs, per seed; wall seconds likewise (1 s each).
+    assert [c.flops for c in retrain.choices] == [9e7, 9e7]
+    assert [c.wall for c in retrain.choices] == [2.0, 2.0]
+    assert [c.members for c in retrain.choices] == [2, 2]
+    assert [c.flops for c in found.choices] == [5e7, 5e7]  # the arm itself is unchanged

@@ -9,7 +9,8 @@ records). For each task and compared method and seed:
   pruned ones included: the search is what it costs to find that width;
 * a **single** run (adaptive, self-expanding) is its own choice and cost; its **fixed retrain**
   control (a dense net of the widths it selected, trained from scratch; arm ``<arm>_retrain``) is
-  shown right after it as ``<arm> → fixed retrain``;
+  shown right after it as ``<arm> → fixed retrain`` and charged its own run plus the run that found
+  the width;
 * a **search arm** (Optuna TPE, or random sampling as its control; trials tagged with their sampler
   and pruner) is a search whose members are its trials, pruned trials charged up to their pruning
   epoch and never chosen.
@@ -273,7 +274,28 @@ def compare_results(runs: list[dict], epochs: dict[str, list[dict]] | None = Non
         if e["method"] in UNMETERED and not any(m["has_method_flops"] for m in res.members):
             res.unmetered = UNMETERED[e["method"]]
         out.setdefault(task, []).append(res)
+    for arms in out.values():
+        charge_retrains(arms)
     return out
+
+
+def charge_retrains(arms: list[ArmResult]) -> None:
+    """A fixed retrain control is charged its own run **plus** the run that found its width (per
+    seed): the width was not free. A seed whose finding run has no cost recorded keeps its own."""
+    by_name = {a.arm: a for a in arms}
+    for a in arms:
+        src = by_name.get(a.retrain_of)
+        if src is None:
+            continue
+        found = {c.seed: c for c in src.choices}
+        for c in a.choices:
+            f = found.get(c.seed)
+            if f is None:
+                continue
+            c.flops = None if c.flops is None or f.flops is None else c.flops + f.flops
+            c.wall = None if c.wall is None or f.wall is None else c.wall + f.wall
+            c.cpu = None if c.cpu is None or f.cpu is None else c.cpu + f.cpu
+            c.members += f.members
 
 
 def dense_reference(arms: list[ArmResult]) -> ArmResult | None:
