@@ -1,4 +1,5 @@
-"""The self-expansion controller: a trainer callback that grows neurons and layers (specs/senn.md §2.3).
+"""The self-expansion controller: a trainer callback that grows neurons and layers (Mitchell et al. 2023, the
+expansion loop).
 
 Every ``cooldown`` epochs (and before the first epoch) it runs an *expansion event* on the scoring data
 (the full training set, or a fixed "addition batch" of ``score_batch`` examples):
@@ -340,7 +341,7 @@ class ExpansionController:
             eta_global = float(g @ nat)
             r = output_grad(self.loss, op.out.detach(), y)
             c = (jx * r).sum() / (jx * jx).sum().clamp_min(1e-30)
-            residuals["natural"] = r - c * jx  # what the current natural-gradient step leaves (spec §2.3)
+            residuals["natural"] = r - c * jx  # what the current natural-gradient step leaves
         arch = cost.shapes_key(x, list(model.parameters()), tuple(residuals))
         kw = dict(metric=cfg.output_metric, g_estimator=cfg.g_estimator, bias=cfg.bias)
         layers = list(kfac.kfac_layers(model).values())
@@ -515,7 +516,7 @@ class ExpansionController:
 
     def _candidate(self, ctx: _Context, kind: str, index: int, score: torch.Tensor, eta: float,
                    thetas: torch.Tensor, layout: proposals.UnitLayout, abs_norm: float) -> Candidate:
-        """Choose one of the refined proposals and decide on it (Mitchell et al. 2023, §2.3 of our notes).
+        """Choose one of the refined proposals and decide on it (Mitchell et al. 2023, the expansion loop).
 
         ``score`` (P,) holds every proposal's Δη′/η_layer, re-scored in float64. The proposal kept is the
         best or a softmax(s/T) draw (``selection``); the decision score is, by default

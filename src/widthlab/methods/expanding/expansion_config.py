@@ -1,4 +1,5 @@
-"""Knobs of the self-expansion loop (specs/senn.md §2.3, §2.4), validated on construction."""
+"""Knobs of the self-expansion loop (Mitchell et al. 2023, the expansion loop; the official experiment
+settings), validated on construction."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ DECISIONS = ("softmax_mean", "chosen")
 
 @dataclass(frozen=True)
 class ExpansionConfig:
-    """Knobs of the expansion loop; defaults are experiment 2's (spec §2.4) with the correct sampler.
+    """Knobs of the expansion loop; defaults are experiment 2's (the official experiment settings) with the
+    correct sampler.
 
     Attributes:
         tau, alpha, alpha_layer: relative and absolute thresholds (τ, α, α_layer).

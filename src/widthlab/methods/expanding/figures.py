@@ -1,7 +1,7 @@
 """The 1-D regression figure of SENN experiment 1: the fit, the data and where the neurons sit.
 
 A first-layer neuron computes σ(w x + b); its rational bump is centred where the pre-activation is 0,
-i.e. at x = −b/w, and has a width of about 1/|w| in input units (specs/senn.md §2.1, Fig. 2 of the
+i.e. at x = −b/w, and has a width of about 1/|w| in input units (Mitchell et al. 2023; Fig. 2 of the
 paper plots new neurons over this location/scale plane). Later layers have no position in input space.
 """
 

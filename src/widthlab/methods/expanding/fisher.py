@@ -1,7 +1,7 @@
 """Output-space geometry of the losses, and the exact Gauss-Newton / Fisher matrix as a test oracle.
 
 Everything in the self-expanding method measures progress with the damped Gauss-Newton matrix
-(specs/senn.md §1, §2.2). With the batch-mean loss L = (1/N) Σ_n ℓ(y_n, t_n) and J_n = ∂y_n/∂θ,
+(Mitchell et al. 2023). With the batch-mean loss L = (1/N) Σ_n ℓ(y_n, t_n) and J_n = ∂y_n/∂θ,
 
     g = (1/N) Σ_n J_nᵀ ∇_y ℓ_n,        F = (1/N) Σ_n J_nᵀ H_n J_n,
 
@@ -12,7 +12,7 @@ where H_n is the *output metric*. Two choices (the ``metric`` argument everywher
   categorical likelihood; for the trainer's ``mse`` (mean over the C outputs) it is (2/C)·I; for
   ``half_sse`` it is I.
 * ``"identity"`` (official senn_mlp code): H_n = I for every loss, i.e. F = E[JᵀJ] even for
-  cross-entropy (spec §2.2 and §5 list this as a deviation of the official code).
+  cross-entropy (a deviation of the official code).
 
 Losses are named as in the trainer (``cross_entropy``, ``mse``, ``half_sse``); the per-sample losses here
 average to exactly the trainer's batch loss, so gradients agree with what ``backward`` produces.
@@ -201,12 +201,12 @@ def natural_gradient_dense(F_: torch.Tensor, g: torch.Tensor, damping: float) ->
 
 
 def eta_dense(F_: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
-    """η = gᵀ (F + λI)⁻¹ g (spec §0, §1)."""
+    """η = gᵀ (F + λI)⁻¹ g (Mitchell et al. 2023, the natural expansion score; the score bound)."""
     return g @ natural_gradient_dense(F_, g, damping)
 
 
 def eta_output_space(jac: torch.Tensor, r: torch.Tensor, damping: float) -> torch.Tensor:
-    """η with the identity metric computed in output space (spec §7 item 2, push-through identity).
+    """η with the identity metric computed in output space (push-through identity).
 
     With J stacked over samples (NC × P), E the stacked output gradients, g = JᵀE/N and F = JᵀJ/N:
     gᵀ(F + λI)⁻¹g = (1/N) Eᵀ K (K + λN·I)⁻¹ E with K = JJᵀ.

@@ -1,12 +1,12 @@
 """Commit step of self-expansion: function-preserving insertion of neurons, channels and layers.
 
-* Neurons / channels (specs/senn.md §2.3 "Embed"): the new units' incoming weights, bias and rational
+* Neurons / channels (Mitchell et al. 2023): the new units' incoming weights, bias and rational
   coefficients come from the chosen candidate; their outgoing weights in the consuming layer are zero, so
   the network computes the same function and the old parameters get the same gradients (exactly in
   exact arithmetic; in floating point up to rounding, as the consumer's sums gain exact-zero terms that
   BLAS may block differently, depending on the CPU's instruction set). Built on
   :func:`widthlab.nn.surgery.resize_site` plus :func:`resize_rational` for the per-unit (v, c, l).
-* Layers (spec §2.3 "Insert"): a new hidden layer of width k right before ``layers[position]``, with an
+* Layers (Mitchell et al. 2023): a new hidden layer of width k right before ``layers[position]``, with an
   identity rational activation. ``basis=None`` gives kernel I and bias 0, exact bit for bit (every
   product is x·1 or x·0); a basis B
   (and shift β) gives the official "basis change" z = B h + β with the successor rewritten as

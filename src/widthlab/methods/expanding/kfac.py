@@ -1,7 +1,7 @@
 """K-FAC statistics: per-layer factors A = E[a aᵀ] and G = E[e eᵀ], collected by hooks.
 
 For a Linear layer s = W a + b with per-sample input a and per-sample back-propagated output gradient
-e = ∂ℓ/∂s, K-FAC approximates the layer's Gauss-Newton block by A ⊗ G (specs/senn.md §1). With
+e = ∂ℓ/∂s, K-FAC approximates the layer's Gauss-Newton block by A ⊗ G (Mitchell et al. 2023). With
 ``bias=True`` the input carries the homogeneous coordinate, a = [a; 1], so that the bias shares the
 factorisation (the official code omits it: ``bias=False``).
 
@@ -157,7 +157,7 @@ def set_from_matrix(module: nn.Module, mat: torch.Tensor, bias: bool = True) -> 
 
 @dataclass
 class LayerFactors:
-    """K-FAC factors of one layer from one batch (spec §1); float64 unless the inputs were otherwise.
+    """K-FAC factors of one layer from one batch; float64 unless the inputs were otherwise.
 
     Attributes:
         A: (d, d) input second moment, d including the homogeneous coordinate when ``bias``.
@@ -188,7 +188,7 @@ def gradient_from_rows(a_rows: torch.Tensor, e_rows: torch.Tensor, n: int) -> to
 
 
 class KFACStatistics:
-    """Running (EMA) K-FAC factors per named layer, with damped inverses (spec §1; principle 9).
+    """Running (EMA) K-FAC factors per named layer, with damped inverses (Mitchell et al. 2023).
 
     ``update(name, factors)`` blends a batch's factors in: A ← ρ A + (1 − ρ) A_batch with ρ = ``decay``
     (the first batch, or a batch after the layer changed shape, replaces the factors outright, which is
@@ -289,7 +289,7 @@ class LayerObservation:
 
 @dataclass
 class Observation:
-    """Everything the expansion scores need from one pass over a batch (spec §2.3 ``kfac_observe``).
+    """Everything the expansion scores need from one pass over a batch (the official ``kfac_observe``).
 
     Attributes:
         out: network outputs (N, C), detached.

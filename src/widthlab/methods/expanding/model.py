@@ -1,5 +1,6 @@
 """Expandable networks of the self-expanding method: an MLP with per-neuron rational activations
-(specs/senn.md §2.1) and a small CNN whose channels can grow (§3, channel growth only).
+(Mitchell et al. 2023, the rational activation) and a small CNN whose channels and stages can grow (Mitchell
+et al. 2023, the CNN variant).
 
 Growth is real module surgery (``insertion.py``), not fixed capacity plus masks as in the JAX code:
 a neuron is a new row/column of two weight matrices, a layer is a new module. The model only describes

@@ -1,13 +1,13 @@
 """Damped Gauss-Newton natural gradient by conjugate gradient with Jacobian-vector products.
 
-This is the optimiser of the official MLP code (specs/senn.md §2.2): on each mini-batch solve
+This is the optimiser of the official MLP code (Mitchell et al. 2023): on each mini-batch solve
 
     (F + λI) x = g,     F v = (1/B) Σ_n J_nᵀ H_n J_n v,
 
 with Jacobian-vector products only (explicit per-sample Jacobians for small problems, else two backward
 passes per CG iteration; see :class:`GaussNewtonOperator`), then step
 θ ← θ − lr·t with t = x/(1+wd) + wd·θ/(1+wd). The global natural expansion score of the batch is
-η = gᵀx (spec §0), a by-product of every step.
+η = gᵀx (Mitchell et al. 2023, the natural expansion score), a by-product of every step.
 
 Defaults follow the official code (λ = 0.1 absolute, 100 CG iterations, relative tolerance 1e-5, x₀ = 0,
 lr = 0.1); the output metric H defaults to the loss's Gauss-Newton matrix (``"fisher"``), the official
@@ -78,7 +78,7 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
 
 
 class GaussNewtonOperator:
-    """v ↦ (F + λI) v on a fixed batch (spec §2.2), by one of two equivalent routes.
+    """v ↦ (F + λI) v on a fixed batch (Mitchell et al. 2023), by one of two equivalent routes.
 
     * ``"jacobian"``: the per-sample Jacobians J (N, C, P) are built once (``torch.func`` vmap of
       jacrev); every product is then two small matrix products. Far cheaper per CG iteration when
@@ -206,7 +206,7 @@ def rank_weighted_sum(dist, n_local: int, like: torch.Tensor) -> Callable[[torch
 
 
 class NaturalGradientCG(torch.optim.Optimizer):
-    """The official senn_mlp optimiser as a ``torch.optim.Optimizer`` (spec §2.2).
+    """The official senn_mlp optimiser as a ``torch.optim.Optimizer``.
 
     The trainer's backward leaves g in ``.grad``; the Gauss-Newton products need the batch inputs, which
     the trainer does not pass to ``step``, so a callback hands them over with :meth:`set_batch` between

@@ -15,7 +15,7 @@ Optimisers (``optimizer=``), installed through the trainer's ``make_optimizer`` 
 * ``"kfac"``: :class:`~.kfac_optimizer.KFACOptimizer` with ``lr``, ``damping``, ``kfac_*`` options;
 * ``"default"``: the optimizer of the study's ``train.optimizer`` section (e.g. Adam).
 
-Correct by default, official behaviour by switch (specs/senn.md §2.2, §2.3, §5):
+Correct by default, official behaviour by switch (Mitchell et al. 2023 and its official code):
 
 =========================  ==========================================  ====================================
 what                       default (correct)                           official code
@@ -162,7 +162,7 @@ def build(
     warm_start: bool = True,
     mala_warm_bursts: int | None = None,
 ) -> MethodPlan:
-    """Build the self-expanding method (specs/senn.md §2): expandable MLP, optimizer hook, controller.
+    """Build the self-expanding method (Mitchell et al. 2023): expandable MLP, optimizer hook, controller.
 
     Args:
         model: the runner's plain model; only its hidden widths are read, and only if ``start_widths`` is

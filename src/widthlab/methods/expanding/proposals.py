@@ -1,4 +1,5 @@
-"""Propose step of self-expansion: random candidate units, refined to raise Δη′ (specs/senn.md §2.3).
+"""Propose step of self-expansion: random candidate units, refined to raise Δη′ (Mitchell et al. 2023, the
+expansion loop).
 
 A batch of P candidates is one tensor θ of shape (P, D): each row holds the incoming weights, biases and
 rational coefficients of k new units. A *score function* ``s(θ) -> (P,)`` returns Δη′ normalised by the
@@ -116,7 +117,8 @@ def unit_features(layout: UnitLayout, theta: torch.Tensor, h: torch.Tensor, *, e
 
 def conv_unit_features(layout: UnitLayout, theta: torch.Tensor, h: torch.Tensor, *, pool: bool,
                        consumer: torch.nn.Module, eps: float = 1e-8) -> torch.Tensor:
-    """Rows of candidate *channels* as the consuming layer sees them (channel growth, spec §3).
+    """Rows of candidate *channels* as the consuming layer sees them (channel growth, Mitchell et al. 2023,
+    the CNN variant).
 
     Candidate channels σ(conv3x3(h) + b) (then the stage's 2×2 max-pool) feed either a Conv2d consumer,
     whose K-FAC rows are their k·kh·kw patches at its T output locations (``kfac.input_rows``), or the
@@ -153,7 +155,8 @@ def conv_unit_features(layout: UnitLayout, theta: torch.Tensor, h: torch.Tensor,
 
 def unit_score_fn(features: Callable[[torch.Tensor], torch.Tensor], r_perp: torch.Tensor, G_inv: torch.Tensor,
                   n: int, norm: float | torch.Tensor = 1.0, jitter: float = 1e-8) -> ScoreFn:
-    """s(θ) = Δη′(features(θ)) / norm, batched over candidates (spec §1); gradients by autograd."""
+    """s(θ) = Δη′(features(θ)) / norm, batched over candidates (Mitchell et al. 2023, the score bound);
+    gradients by autograd."""
 
     def score(theta: torch.Tensor) -> torch.Tensor:
         st = scores.candidate_stats(features(theta), r_perp, n)

@@ -1,4 +1,5 @@
-"""Natural expansion scores as pure functions of K-FAC matrices (specs/senn.md §0, §1).
+"""Natural expansion scores as pure functions of K-FAC matrices (Mitchell et al. 2023, the natural expansion
+score; the score bound).
 
 Notation (one consuming layer with K-FAC factors, conventions of ``kfac.py``; T = 1 for Linear):
 
@@ -12,7 +13,8 @@ Notation (one consuming layer with K-FAC factors, conventions of ``kfac.py``; T 
 * Δη′ = tr(Cᵀ A_f⁻¹ C G⁻¹)  the cheap lower bound (A_f ⪰ S), needing no solve against A.
 
 The absolute score Δη′ / E‖∇_y ℓ‖² is scale-free; with the identity output metric η ≤ E‖∇_y ℓ‖², so it
-lies in [0, 1] and at most about 1/α units pass the threshold α per event (spec §1).
+lies in [0, 1] and at most about 1/α units pass the threshold α per event (Mitchell et al. 2023, the score
+bound).
 
 Every function takes and returns tensors and batches over leading dimensions where noted; no state.
 """
@@ -105,7 +107,8 @@ def delta_eta(C: torch.Tensor, S: torch.Tensor, G_inv: torch.Tensor, *, jitter: 
 
 def delta_eta_lb_grad_f(f_rows: torch.Tensor, r_perp: torch.Tensor, G_inv: torch.Tensor, n: int
                         ) -> torch.Tensor:
-    """Closed-form ∂Δη′/∂f_n = (2/N) A_f⁻¹ C G⁻¹ (r_⊥,n − Cᵀ A_f⁻¹ f_n), rows (NT, k) (spec §1; T = 1).
+    """Closed-form ∂Δη′/∂f_n = (2/N) A_f⁻¹ C G⁻¹ (r_⊥,n − Cᵀ A_f⁻¹ f_n), rows (NT, k) (Mitchell et al. 2023,
+    the score bound; T = 1).
 
     The official code back-propagates half of this (its cotangent omits the 2).
     """
@@ -129,10 +132,10 @@ def room(r_perp: torch.Tensor, G_inv: torch.Tensor, n: int, t: int = 1) -> torch
 
 
 def absolute_score(delta: torch.Tensor, loss_sqnorm: torch.Tensor) -> torch.Tensor:
-    """Δη′ / E‖∇_y ℓ‖²: compared with α (spec §1, §2.3)."""
+    """Δη′ / E‖∇_y ℓ‖²: compared with α (Mitchell et al. 2023, the score bound; the expansion loop)."""
     return delta / loss_sqnorm.clamp_min(torch.finfo(loss_sqnorm.dtype).tiny)
 
 
 def relative_score(delta: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-    """Δη′ / η: compared with τ (spec §2.3)."""
+    """Δη′ / η: compared with τ (Mitchell et al. 2023, the expansion loop)."""
     return delta / eta.clamp_min(torch.finfo(eta.dtype).tiny)

@@ -2,7 +2,7 @@
 
 s(θ) = Δη′(θ) / η = tr(Cᵀ A_f⁻¹ C G⁻¹) / η for k candidate units with parameters θ (incoming weights W,
 bias b, rational coefficients v, c, l), features f = σ(h Wᵀ + b) on the inputs h of the layer they would
-join, C = fᵀ r_⊥ / N and A_f = fᵀ f / N (specs/senn.md §1). A proposal search (MALA, ascent) evaluates
+join, C = fᵀ r_⊥ / N and A_f = fᵀ f / N (Mitchell et al. 2023). A proposal search (MALA, ascent) evaluates
 s and ∂s/∂θ thousands of times per expansion event, so this module is the method's inner loop:
 
 * One tensor computation for every candidate of every site. θ holds L·P rows, P candidates per site,
@@ -13,7 +13,7 @@ s and ∂s/∂θ thousands of times per expansion event, so this module is the m
 * Features are laid out (site, candidate·unit, sample): h Wᵀ, fᵀ r_⊥ and the weight gradient are then
   one batched matrix product per site with large matrices, instead of P tiny products (batched
   matmuls over many small matrices are slow on CPUs).
-* Closed-form gradient, no autograd graph (spec §1): with M = A_f⁻¹ C,
+* Closed-form gradient, no autograd graph (Mitchell et al. 2023, the score bound): with M = A_f⁻¹ C,
   ∂s/∂f = (2/N)(r_⊥ − f M) G⁻¹ Mᵀ / η, then the chain rule through σ (``nn/rational.py``):
   σ = (l·x + (2v·x + c)/(1 + x²)) / ‖(v, c, l)‖.
 * For k = 1 (every width candidate) A_f is a scalar and M = C / A_f: no batched solve.
@@ -39,7 +39,7 @@ class Site:
 
     Attributes:
         h: (N, d) inputs of the producing layer.
-        r_perp: (N, m) residual rows at the consuming layer (spec §1).
+        r_perp: (N, m) residual rows at the consuming layer (Mitchell et al. 2023, the score bound).
         G_inv: (m, m) inverse of the (damped) output factor of the consumer.
         norm: the score's normaliser (η of the consumer).
     """
@@ -185,7 +185,7 @@ class UnitScore:
 
 def delta_eta_rows(layout: UnitLayout, theta: torch.Tensor, site: Site, n: int, *, jitter: float = 0.0
                    ) -> torch.Tensor:
-    """Reference: Δη′/η of each candidate row, one at a time with ``scores.delta_eta_lb`` (spec §1)."""
+    """Reference: Δη′/η of each candidate row, one at a time with ``scores.delta_eta_lb``."""
     out = []
     for row in theta:
         f = unit_features(layout, row[None], site.h)[0]  # (N, k)
