@@ -19,6 +19,13 @@ priors; per batch of size M out of N observations the official code minimises::
   uniform control learns nothing and refuses it;
 * N (``n_observations``) scales the priors against the per-example data term.
 
+Where online compression stops (Errica et al. 2025, §5): under Adam the lam prior sets the direction of
+r, not its step, so lam moves until the data term's d CE / d lam balances the prior's pull
+(mu - lam) / (sigma^2 N). A mean far below the wanted width (the paper's mu = 0.05, 48 units) pulls
+everywhere, so the end point is wherever the data term's slope equals a pull that grows as 1/sigma^2:
+a narrow sigma window, seed-dependent. A mean on the target width, mu = ln(1 / (1 - k)) / (D - 1.5)
+for D units, has a pull that vanishes there, and with a small sigma the target is the end point.
+
 :class:`ElboPrior` returns the bracket divided by N, which the trainer adds to its data loss through the
 callback's ``extra_loss``. Both prior terms are device computations: no host synchronisation.
 """
