@@ -1,4 +1,4 @@
-"""GP-kernel theory of wide sparse networks (spec widesparse §5; Golubeva et al. 2021, Theorem 1).
+"""GP-kernel theory of wide sparse networks (Golubeva et al. 2021, §3, Theorem 1).
 
 Pure functions over float64 tensors, one concept per module:
 
@@ -6,7 +6,7 @@ Pure functions over float64 tensors, one concept per module:
 * ``sparse_kernel``: the sparse kernels K~_{l,p} by Monte Carlo over masks, closed form per mask.
 * ``distance``: Theorem 1's D = bias^2 + variance/n, and an independent network Monte Carlo.
 * ``approximations``: the paper's eq. (4), p*, the diagonal case and the variance-only formula
-  (approximations only; eq. (4)'s bias term is not confirmed, spec §5.4).
+  (approximations only; eq. (4)'s bias term is not confirmed by our numerical checks).
 * ``empirical``: Theta of an actual model instance and its distance to Theta_inf on real inputs.
 * ``pairs``: the input pairs everything is evaluated on; ``report``: the ``widthlab kernel`` summary.
 """

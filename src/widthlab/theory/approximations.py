@@ -1,10 +1,12 @@
 """APPROXIMATIONS to the Theorem 1 distance D, for isotropic Gaussian inputs. Not exact results.
 
 Use ``distance.theorem1_distance`` (exact up to Monte-Carlo error) for any number that matters.
-Everything here assumes x, y with i.i.d. N(0, 1) entries and dp >> 1 (spec widesparse §5.3-§5.4);
+Everything here assumes x, y with i.i.d. N(0, 1) entries and dp >> 1 (Golubeva et al. 2021, App. F.1; our
+numerical checks);
 every function works elementwise on Python floats or tensors.
 
-* :func:`eq4_distance`: the paper's eq. (4), App. F.1. **Its bias term is not confirmed** (spec §5.4):
+* :func:`eq4_distance`: the paper's eq. (4), App. F.1. **Its bias term is not confirmed** (our numerical
+checks):
   averaging over masks keeps the linear term in x.y of the dense kernel (E_s[x_s.y_s] = p x.y), so
   the +-1/sqrt(dp) term the paper keeps from one "typical" mask cancels, and the measured bias
   term is 1e-7 to 1e-5 where eq. (4) predicts ~1e-3 at d = 784. Eq. (4) overestimates D for
@@ -13,11 +15,11 @@ every function works elementwise on Python floats or tensors.
 * :func:`p_star` and :func:`eq4_integer_minimiser`: the optimum of eq. (4) at a fixed budget
   N = n p (paper; p* = 0.0505, n* ~ 158 and integer minimiser n = 170 at N = 8, d = 784). They
   inherit eq. (4)'s unconfirmed bias term: p* is the paper's statement, not a consequence of
-  Theorem 1 for isotropic inputs (spec §5.4).
+  Theorem 1 for isotropic inputs (our numerical checks).
 * :func:`diagonal_distance_approx`: the paper's x = y case, (1/n)(5/4 + 3/(dp)). The exact
   value is ``distance.diagonal_distance``; for Gaussian x it averages to
   (1/n)[(5/4)(1 + 2/d) + (9/2)(1 - p)/(dp)], so the approximation is good while dp >> 1.
-* :func:`variance_only_distance`: our approximation (spec §5.4), the variance term alone,
+* :func:`variance_only_distance`: our approximation (our numerical checks), the variance term alone,
   (1/4n)[(1 - 1/pi^2) + 3(1 - p)/(dp)]; it matched the exact D within about 3% for dp >~ 3.
 """
 
@@ -33,7 +35,7 @@ _C = 1.0 - 1.0 / math.pi**2  # (1 - 1/pi^2): variance of the dense last-layer ke
 def eq4_distance(d, width, connectivity):
     """APPROXIMATION, paper eq. (4): D ~ (1/4d) [ (1/4)(p^{-1/2} - 1)^2 + (d/n)(1 - 1/pi^2) ].
 
-    Bias term not confirmed by Theorem 1 (module docstring, spec §5.4).
+    Bias term not confirmed by Theorem 1 (module docstring, our numerical checks).
 
     Args:
         d: input dimension.
@@ -61,7 +63,7 @@ def diagonal_distance_approx(d, width, connectivity):
 
 
 def variance_only_distance(d, width, connectivity):
-    """APPROXIMATION, spec §5.4 (ours): D ~ (1/4n) [ (1 - 1/pi^2) + 3(1 - p)/(dp) ].
+    """APPROXIMATION (ours): D ~ (1/4n) [ (1 - 1/pi^2) + 3(1 - p)/(dp) ].
 
     Drops the bias term of Theorem 1 (measured 1e-7 to 1e-5 at d = 784) and expands the variance
     term for Gaussian inputs; within ~3-5% of the exact D for dp >~ 3. At p = 1 it is the exact
@@ -98,7 +100,7 @@ def p_star(d, budget):
 
 
 def eq4_integer_minimiser(d: int, budget: float, n_max: int | None = None) -> int:
-    """APPROXIMATION, the integer width minimising eq. (4) at fixed N = n p (spec §5.3).
+    """APPROXIMATION, the integer width minimising eq. (4) at fixed N = n p (Golubeva et al. 2021, App. F.1).
 
     Scans n = ceil(N), ..., n_max with p = N/n. The default n_max = floor(N d) keeps dp >= 1,
     i.e. at least one expected connection per hidden unit. N = 8, d = 784 gives n = 170 (p = 0.047).

@@ -1,6 +1,6 @@
 """Arc-cosine kernels K_l of Cho & Saul (2009), the dense infinite-width kernels of a ReLU layer.
 
-Spec widesparse §5.2 (paper App. F, Theorem 1):
+Golubeva et al. 2021, App. F and Theorem 1:
 
     K_l(a, b) = E_{w ~ N(0, I)} [ (w.a)^l (w.b)^l H(w.a) H(w.b) ]
               = (1 / 2pi) |a|^l |b|^l J_l(theta),      theta = arccos( a.b / (|a| |b|) ),
@@ -30,7 +30,8 @@ ORDERS = (0, 1, 2)
 
 
 def arccos_j(theta: Tensor, l: int) -> Tensor:
-    """Angular part J_l(theta) of the arc-cosine kernel (spec §5.2; Cho & Saul 2009, eq. 6).
+    """Angular part J_l(theta) of the arc-cosine kernel (Golubeva et al. 2021, Theorem 1; Cho & Saul 2009,
+    eq. 6).
 
     Args:
         theta: angles in [0, pi], any shape.
@@ -50,7 +51,7 @@ def arccos_j(theta: Tensor, l: int) -> Tensor:
 
 
 def arccos_kernel_from_gram(aa: Tensor, bb: Tensor, ab: Tensor, l: int) -> Tensor:
-    """K_l(a, b) from the Gram entries |a|^2, |b|^2 and a.b (spec §5.2, closed form).
+    """K_l(a, b) from the Gram entries |a|^2, |b|^2 and a.b (Golubeva et al. 2021, Theorem 1, closed form).
 
     K_l = (1/2pi) (|a|^2 |b|^2)^{l/2} J_l(theta), with K_l = 0 where |a| |b| = 0.
 
@@ -75,7 +76,7 @@ def arccos_kernel_from_gram(aa: Tensor, bb: Tensor, ab: Tensor, l: int) -> Tenso
 
 
 def arccos_kernel(a: Tensor, b: Tensor, l: int = 1) -> Tensor:
-    """K_l(a, b) for batches of vectors (spec §5.2, closed form), batched over pairs.
+    """K_l(a, b) for batches of vectors (Golubeva et al. 2021, Theorem 1, closed form), batched over pairs.
 
     Args:
         a: vectors, shape (..., d).
@@ -89,7 +90,7 @@ def arccos_kernel(a: Tensor, b: Tensor, l: int = 1) -> Tensor:
 
 
 def infinite_width_theta(x: Tensor, y: Tensor) -> Tensor:
-    """Dense infinite-width kernel Theta_inf(x, y) = K_1(x, y) / d (spec §5.2).
+    """Dense infinite-width kernel Theta_inf(x, y) = K_1(x, y) / d (Golubeva et al. 2021, Theorem 1).
 
     The last-layer (GP) kernel of f(x) = (n d)^{-1/2} v^T [u x]_+ as n -> infinity with dense
     u ~ N(0, I); it is deterministic.

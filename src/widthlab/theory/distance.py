@@ -14,7 +14,7 @@ Two independent estimators of the pair average D = (1/P) sum_j D(x_j, y_j):
   (``sparse_kernel.py``) and K_1 in closed form. Both squared means in it are biased upward by
   (per-mask variance)/M: E[(k - c)^2] = (K~ - c)^2 + Var/M and E[k^2] = K~^2 + Var/M. By default we
   subtract that term (``debias=True``), which makes both terms unbiased; it matters for the bias
-  term, whose true size (1e-7 to 1e-5 at d = 784, spec §5.4) is comparable to Var/M. A debiased
+  term, whose true size (1e-7 to 1e-5 at d = 784, our numerical checks) is comparable to Var/M. A debiased
   bias term can come out slightly negative when the true one is below MC resolution.
   Standard errors: the estimate is a quadratic function q(k1, k2) of the pair-wise mask means,
   whose covariance C = cov / M is known (masks are shared by the pairs of a block). For a Gaussian
@@ -130,11 +130,12 @@ def theorem1_distance(
     seed: int | torch.Generator = 0,
     debias: bool = True,
 ) -> KernelDistance:
-    """Exact distance of Theorem 1, D = bias^2 + variance/n, averaged over pairs (spec §5.2).
+    """Exact distance of Theorem 1, D = bias^2 + variance/n, averaged over pairs (Golubeva et al. 2021,
+    Theorem 1).
 
     Pairs are processed in blocks of up to 512; each block shares one set of masks, and blocks use
     independent masks, so their errors add in quadrature. This bounds memory (the per-block mask
-    covariance is (2P, 2P)) for the 10^4 pairs of the Fig. 8 protocol (spec §5.5).
+    covariance is (2P, 2P)) for the 10^4 pairs of the Fig. 8 protocol (Golubeva et al. 2021, App. A, Fig. 8).
 
     Args:
         x: inputs, shape (P, d).
@@ -179,7 +180,8 @@ def theorem1_distance(
 
 
 def diagonal_distance(x: Tensor, width: int, connectivity: float) -> Tensor:
-    """Exact D(x, x) of Theorem 1 in closed form: the special case y = x (spec §5.2-§5.3).
+    """Exact D(x, x) of Theorem 1 in closed form: the special case y = x (Golubeva et al. 2021, Theorem 1;
+    App. F.1).
 
     On the diagonal K_l(x_s, x_s) is a function of |x_s|^2 only (K_1 = |x_s|^2/2, K_2 = 3|x_s|^4/2),
     and the mask moments are E_s|x_s|^2 = p|x|^2, E_s|x_s|^4 = p^2|x|^4 + p(1 - p) sum_i x_i^4. So
@@ -251,7 +253,8 @@ def network_distance_mc(
     num_networks: int = DEFAULT_NETWORKS,
     seed: int | torch.Generator = 0,
 ) -> NetworkDistance:
-    """D by sampling whole sparse networks (spec §5.2, "sample whole networks and average").
+    """D by sampling whole sparse networks (Golubeva et al. 2021, Theorem 1, "sample whole networks and
+    average").
 
     Each network draws u (n, d) with entries Bernoulli(p) * N(0, 1/p); Theta is its last-layer
     gradient kernel (``empirical.last_layer_kernel``) and Theta_inf = K_1/d the closed form. Networks

@@ -7,7 +7,8 @@ the GP kernel is the last-layer gradient kernel
 
 which depends on the first-layer weights u (n, d) only (the sparsity of v is irrelevant). Its
 infinite-width dense limit is Theta_inf(x, y) = K_1(x, y) / d (``arccos.py``), and the empirical
-kernel distance of the instance is the pair average of (Theta - Theta_inf)^2 (spec §5.5).
+kernel distance of the instance is the pair average of (Theta - Theta_inf)^2 (Golubeva et al. 2021, App. A,
+Fig. 8).
 
 Normalisation. Theorem 1 takes u_ij = 0 with probability 1 - p and N(0, 1/p) otherwise, so that
 E[u_ij^2] = 1 at every connectivity. A stored first-layer weight W (zeros where masked) is mapped to
@@ -15,7 +16,8 @@ that convention by u = W / weight_std, where weight_std^2 = E[W_ij^2] over *all*
 ones included) under the layer's initialisation law:
 
 * theorem convention (NTK layer storing u, forward divides by sqrt(d)), N(0, 1/p) slab: 1;
-* NTK-style MLP of Fig. 8 (spec §6.2), slab U(+-1/sqrt(c)): E[W^2] = c * 1/(3c) = 1/3, so 3 ** -0.5;
+* NTK-style MLP of Fig. 8 (Golubeva et al. 2021, App. A, Fig. 8), slab U(+-1/sqrt(c)): E[W^2] = c * 1/(3c) =
+1/3, so 3 ** -0.5;
 * standard parametrisation (forward W x) with the fan-in corrected init U(+-1/sqrt(d c)) of spec
   §3.4: E[W^2] = 1 / (3 d), so (3 d) ** -0.5; a N(0, 1/(d p)) slab gives d ** -0.5;
 * ``"rms"``: the instance's own root mean square, sqrt(mean(W^2)); it removes the instance's overall
@@ -38,7 +40,8 @@ from widthlab.theory.pairs import sample_pairs
 
 
 def last_layer_kernel(u: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """Theta(x, y) = (1/(n d)) sum_i [u_i.x]_+ [u_i.y]_+ (spec §5.1), batched over networks and pairs.
+    """Theta(x, y) = (1/(n d)) sum_i [u_i.x]_+ [u_i.y]_+ (Golubeva et al. 2021, §3), batched over networks
+    and pairs.
 
     Args:
         u: first-layer weights in the theorem's convention, shape (..., n, d).
@@ -142,7 +145,7 @@ def empirical_theta(
     weight_std: float | str = 1.0,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """Theta(x_j, y_j) of one instance (spec §5.1), shape (P,); see :func:`theorem_weights`."""
+    """Theta(x_j, y_j) of one instance (Golubeva et al. 2021, §3), shape (P,); see :func:`theorem_weights`."""
     u = theorem_weights(model, weight_std, mask)
     x = torch.as_tensor(x, dtype=torch.float64).reshape(-1, u.shape[1])
     y = torch.as_tensor(y, dtype=torch.float64).reshape(-1, u.shape[1])
@@ -151,7 +154,7 @@ def empirical_theta(
 
 @dataclass(frozen=True)
 class EmpiricalDistance:
-    """Empirical kernel distance of one instance over sampled pairs (spec §5.5).
+    """Empirical kernel distance of one instance over sampled pairs (Golubeva et al. 2021, App. A, Fig. 8).
 
     Attributes:
         D: mean over pairs of (Theta - Theta_inf)^2.
@@ -178,10 +181,12 @@ def empirical_kernel_distance(
     weight_std: float | str = 1.0,
     mask: Tensor | None = None,
 ) -> EmpiricalDistance:
-    """Distance of an actual instance's kernel Theta to the dense Theta_inf = K_1/d (spec §5.5).
+    """Distance of an actual instance's kernel Theta to the dense Theta_inf = K_1/d (Golubeva et al. 2021,
+    App. A, Fig. 8).
 
     Any width and any connectivity: the instance is whatever its weights are. Average over several
-    initialisations (spec §5.5 uses 10) to estimate the Theorem 1 distance of the family.
+    initialisations (Golubeva et al. 2021, App. A, Fig. 8 uses 10) to estimate the Theorem 1 distance of the
+    family.
 
     Args:
         model: first-layer weight (n, d), a layer, or a model (its :func:`first_layer`).

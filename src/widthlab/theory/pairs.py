@@ -1,15 +1,18 @@
 """Input pairs (x_j, y_j) on which kernels and kernel distances are evaluated.
 
-Two sources (spec widesparse §5.3-§5.5):
+Two sources (Golubeva et al. 2021, App. F.1; App. A, Fig. 8):
 
 * Gaussian (default): x and y independent N(0, I_d), the isotropic setting of the paper's App. F
-  and of the numerical checks in spec §5.4.
+  and of our numerical checks
 * Real inputs X of shape (N, ...): each example is flattened to d features, and each pair is an
   ordered pair (i, j) with i != j drawn uniformly among the N (N - 1) such pairs, independently for
   each of the P pairs (so the same pair may repeat; for N >> sqrt(P) repeats are rare). The paper's
-  Fig. 8 protocol does not say how it drew pairs (spec §5.5 [U]); excluding x = y keeps the
-  diagonal, whose distance is ~10x larger (spec §5.3), from leaking into an off-diagonal average.
-  Inputs are used as given: standardise them first where the protocol does (spec §5.5, per pixel).
+  Fig. 8 protocol does not say how it drew pairs (Golubeva et al. 2021, App. A, Fig. 8); excluding x = y
+  keeps the
+  diagonal, whose distance is ~10x larger (Golubeva et al. 2021, App. F.1), from leaking into an off-diagonal
+  average.
+  Inputs are used as given: standardise them first where the protocol does (Golubeva et al. 2021, App. A,
+  Fig. 8, per pixel).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from widthlab.theory.sparse_kernel import DEFAULT_MASKS
 
 APPROX_NOTE = (
     "approx_* and p_star are approximations for Gaussian inputs with dp >> 1; the bias term of eq. (4), "
-    "hence p_star, is not confirmed by Theorem 1 (spec widesparse 5.4). D is exact up to the Monte-Carlo "
+    "hence p_star, is not confirmed by Theorem 1 (our numerical checks). D is exact up to the Monte-Carlo "
     "error D_se (masks, pairs fixed); D_pairs_se is its error as an estimate of the mean over random "
     "input pairs."
 )

@@ -75,7 +75,7 @@ class SparseKernelEstimate:
 
 
 def masked_kernel_samples(x: Tensor, y: Tensor, masks: Tensor, p: float) -> Tensor:
-    """sigma^{2l} K_l(x_s, y_s) for l = 1, 2, every mask s and every pair (spec §5.2).
+    """sigma^{2l} K_l(x_s, y_s) for l = 1, 2, every mask s and every pair (Golubeva et al. 2021, Theorem 1).
 
     Args:
         x: inputs, shape (P, d).
@@ -103,7 +103,8 @@ def sparse_kernel(
     num_masks: int = DEFAULT_MASKS,
     seed: int | torch.Generator = 0,
 ) -> SparseKernelEstimate:
-    """Estimate K~_{1,p} and K~_{2,p} on pairs (x_j, y_j) by Monte Carlo over masks (spec §5.2).
+    """Estimate K~_{1,p} and K~_{2,p} on pairs (x_j, y_j) by Monte Carlo over masks (Golubeva et al. 2021,
+    Theorem 1).
 
     Masks s ~ Bernoulli(p)^d are shared by all pairs (common random numbers). Mean and covariance
     are accumulated chunk by chunk with the pairwise update of Chan et al. (1979), which is exact

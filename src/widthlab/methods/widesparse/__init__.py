@@ -1,4 +1,4 @@
-"""Wide & sparse: wider networks with the same number of weights (specs/widesparse.md).
+"""Wide & sparse: wider networks with the same number of weights (Golubeva et al. 2021).
 
 Library use::
 

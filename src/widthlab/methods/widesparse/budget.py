@@ -1,4 +1,4 @@
-"""How many weights each layer loses: the cap rule and the MLP split (specs/widesparse.md §3.1-§3.2, §3.6).
+"""How many weights each layer loses: the cap rule and the MLP split (Golubeva et al. 2021, App. B; §2.3).
 
 A family member at width w must hold exactly N(w0) weights, so exactly T = N(w) - N(w0) counted
 weights are removed (§3.1). The paper says removals are "proportional to layer size"; the official
@@ -13,7 +13,7 @@ code actually caps every layer at one size c* and sparsifies only the layers abo
 
 So remaining_l = min(N_l, c*) with c* = N_(m) - floor(R/m), except that the largest layer holds
 R mod m fewer. The MLP of Fig. 5/8 instead fixes the classifier's removals and gives the rest to the
-hidden layer (§3.6).
+hidden layer (§2.3).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def lambdas(sorted_sizes: list[int]) -> list[int]:
 
 
 def cap_allocation(sizes: Mapping[str, int], T: int, *, all_layers: bool = False) -> Allocation:
-    """Allocate T removals by the cap rule of spec §3.2.
+    """Allocate T removals by the cap rule of Golubeva et al. 2021, App. B
 
     Args:
         sizes: N_l per layer name, in module order (the order breaks ties).
@@ -115,7 +115,7 @@ def cap_allocation(sizes: Mapping[str, int], T: int, *, all_layers: bool = False
                 f"cannot remove T = {T:,} weights by the cap rule: bringing the {L - 1} largest of "
                 f"{L} layers down to the smallest ({s[-1]:,} weights) removes only Lambda_{L - 1} = "
                 f"{top:,}; use a smaller width, or fix the classifier's removals (fract_cl / "
-                f"classifier_connectivity, spec §3.6)")
+                f"classifier_connectivity, Golubeva et al. 2021, §2.3)")
         m = L
         if sum(s) - L < T:
             raise BudgetError(f"cannot remove T = {T:,} of {sum(s):,} weights and keep one per layer")
@@ -136,7 +136,7 @@ def fixed_allocation(sizes: Mapping[str, int], T: int, fixed: Mapping[str, int],
                      all_layers: bool = True) -> Allocation:
     """Fix the removals of some layers and allocate the rest of T to the others by the cap rule.
 
-    Used for the MLP split (§3.6): fixing the classifier's k leaves T - k_cl to the hidden layer(s).
+    Used for the MLP split (§2.3): fixing the classifier's k leaves T - k_cl to the hidden layer(s).
     With one free layer the cap rule has no smaller layer to stop at, hence ``all_layers=True``.
 
     Raises:
@@ -164,7 +164,8 @@ def fixed_allocation(sizes: Mapping[str, int], T: int, fixed: Mapping[str, int],
 
 
 def mlp_split(n: int, n0: int, *, d: int = 784, C: int = 10, fract_cl: float = 0.0) -> tuple[int, int]:
-    """Removals (k_fc, k_cl) of the one-hidden-layer MLP d -> n -> C at base width n0 (spec §3.6).
+    """Removals (k_fc, k_cl) of the one-hidden-layer MLP d -> n -> C at base width n0 (Golubeva et al. 2021,
+    §2.3).
 
     The classifier loses k_cl = min(T, floor(C n fract_cl)) and the hidden layer the rest,
     T = (n - n0)(d + C). With ``fract_cl=0`` the classifier stays dense and fc keeps
@@ -191,7 +192,7 @@ def mlp_split_grid(n: int, n0: int, *, d: int = 784, C: int = 10, fract_cl: floa
     """The official sweep of classifier removals at one width: k_cl in 0..M by floor(M/steps).
 
     M = min(T, floor(C n fract_cl)); Fig. 5 uses it to sweep the last layer's connectivity from 1.0
-    down to about 0.1 (spec §3.6). Pairs whose fc would lose every weight are dropped.
+    down to about 0.1 (Golubeva et al. 2021, §2.3). Pairs whose fc would lose every weight are dropped.
     """
     T = (n - n0) * (d + C)
     M = min(T, int(C * n * fract_cl))

@@ -1,7 +1,7 @@
 """The trainer callback of the wide & sparse method: masks stay exact, connectivity is recorded.
 
 Masked layers already compute with W ⊙ M and get exactly zero gradients off the mask from autograd
-(:mod:`widthlab.nn.masked`); this callback adds the two cheap guards of spec §3.5 "Recommended":
+(:mod:`widthlab.nn.masked`); this callback adds the two cheap guards of Golubeva et al. 2021, §2.3:
 
 * ``on_after_backward``: zero the gradient off the mask, so that no term added to ``.grad`` by other
   code reaches the optimizer's state (with fp16 AMP this runs on the scaled gradient, before any

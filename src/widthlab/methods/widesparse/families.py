@@ -1,4 +1,4 @@
-"""Families at a fixed weight count: from a base width w0 and widths w > w0 (specs/widesparse.md §1).
+"""Families at a fixed weight count: from a base width w0 and widths w > w0 (Golubeva et al. 2021, §2).
 
 Each wide & sparse member is the dense width-w network with exactly T = N(w) - N(w0) counted
 weights removed, so it holds exactly N(w0) nonzero counted weights; the dense members of the same
@@ -96,7 +96,8 @@ def allocate(model: nn.Module, N0: int, *, fract_cl: float | None = None,
     Args:
         model: the dense member at width w (a meta model is fine).
         N0: N(w0), the base's counted weights.
-        fract_cl: MLP split (spec §3.6): the classifier loses k_cl = min(T, floor(N_cl fract_cl)),
+        fract_cl: MLP split (Golubeva et al. 2021, §2.3): the classifier loses k_cl = min(T, floor(N_cl
+        fract_cl)),
             the other layers share the rest by the cap rule.
         classifier_connectivity: the classifier keeps exactly round(c N_cl) weights (an error if
             that removes more than T); the other layers share the rest.

@@ -1,19 +1,24 @@
 """Record the GP-kernel distance of a run's network: ``method: {name: widesparse, kernel: {...}}``.
 
-For a one-hidden-layer ReLU MLP f(x) = v^T [u x]_+ (NTK-style, spec widesparse §5.1/§6.2) the GP
+For a one-hidden-layer ReLU MLP f(x) = v^T [u x]_+ (NTK-style, Golubeva et al. 2021, §3; App. A, Fig. 8) the
+GP
 kernel Theta depends on the first-layer weights u only. :class:`KernelRecorder` writes into the
 run's summary, on one fixed set of P input pairs drawn from a data split:
 
-* the exact Theorem 1 distance D(n, p) = bias^2 + variance/n (spec §5.2), with p the first layer's
+* the exact Theorem 1 distance D(n, p) = bias^2 + variance/n (Golubeva et al. 2021, Theorem 1), with p the
+first layer's
   connectivity and n its width, by Monte Carlo over masks (``theory.distance.theorem1_distance``);
   this is a property of the family member, not of the instance;
 * the empirical distance mean_j (Theta(x_j, y_j) - Theta_inf(x_j, y_j))^2 of *this instance* at
-  initialisation (spec §5.5; averaging over seeds averages over initialisations) and, with
+  initialisation (Golubeva et al. 2021, App. A, Fig. 8; averaging over seeds averages over initialisations)
+  and, with
   ``after_training``, of the trained instance, measured in the same units (the init law's weight
   scale, not re-normalised), so it shows how far training moved the kernel.
 
-Options (the ``kernel`` mapping): ``pairs`` (10,000 as in spec §5.5), ``masks`` (Monte-Carlo masks
-per block of pairs for D), ``split`` (``test`` as in spec §5.5, or ``train``/``val``), ``pair_seed``
+Options (the ``kernel`` mapping): ``pairs`` (10,000 as in Golubeva et al. 2021, App. A, Fig. 8), ``masks``
+(Monte-Carlo masks
+per block of pairs for D), ``split`` (``test`` as in Golubeva et al. 2021, App. A, Fig. 8, or
+``train``/``val``), ``pair_seed``
 (the same pairs for every width and seed, so widths are compared on identical inputs; the mask
 Monte Carlo uses the run's seed, so seeds give independent estimates of D), ``after_training``.
 
@@ -96,8 +101,8 @@ def check_kernel_model(model: nn.Module) -> None:
     """
     cfg = getattr(model, "config", None)
     if not isinstance(model, MLP) or len(cfg.widths) != 1 or cfg.activation != "relu":
-        raise ValueError("option 'kernel' needs a one-hidden-layer ReLU MLP (Theorem 1, spec widesparse "
-                         "§5.1), e.g. model: {name: mlp, width: 8, parametrization: ntk, bias: false}")
+        raise ValueError("option 'kernel' needs a one-hidden-layer ReLU MLP (Theorem 1 of Golubeva "
+                         "et al. 2021), e.g. model: {name: mlp, width: 8, parametrization: ntk, bias: false}")
 
 
 def first_layer(model: nn.Module) -> nn.Module:
@@ -122,9 +127,11 @@ def init_weight_std(layer: nn.Module, init: str = "fan_in_corrected") -> float:
     """sqrt(E[W_ij^2]) over all entries (masked ones included) under the layer's initialisation law,
     which maps W to Theorem 1's u (E[u_ij^2] = 1; ``theory/empirical.py`` derives the cases).
 
-    * NTK layer, N(0, 1/c) on the mask (``sparsify``'s fan-in correction, spec §3.4/§6.2): 1;
+    * NTK layer, N(0, 1/c) on the mask (``sparsify``'s fan-in correction, the official code's fan-in
+    correction; App. A, Fig. 8): 1;
       U(+-1/sqrt(c)) (official code's uniform): c / (3c) = 1/3.
-    * Standard Linear, U(+-1/sqrt(fan_in c)) (spec §3.4) or PyTorch's default U(+-1/sqrt(fan_in)):
+    * Standard Linear, U(+-1/sqrt(fan_in c)) (the official code's fan-in correction) or PyTorch's default
+    U(+-1/sqrt(fan_in)):
       1 / (3 fan_in).
     * ``init="none"`` masks without the variance correction: c times the dense value.
     """

@@ -1,15 +1,16 @@
-"""Static random masks with an exact number of zeros (specs/widesparse.md §3.3).
+"""Static random masks with an exact number of zeros (Golubeva et al. 2021, §2.3).
 
 A layer with N_l weights loses exactly k_l of them, chosen uniformly without replacement over all
 dimensions of the weight tensor: (out, in, kh, kw) for convolutions, (out, in) for linear layers.
 This is an exact-count random subset, not independent Bernoulli draws.
 
-Variant ``io_only`` (spec §3.3, paper App. C): the subset is drawn over (out, in) channel pairs and
+Variant ``io_only`` (Golubeva et al. 2021, §2.3, paper App. C): the subset is drawn over (out, in) channel
+pairs and
 whole kh x kw kernels are removed, so k_l is rounded to a multiple of the kernel area.
 
 Randomness: each layer draws from its own ``torch.Generator`` seeded by (seed, layer name), so a
 layer's mask does not change when another layer's k changes, and the same seed always gives the same
-masks (the official ResNet code never seeded its masks, spec §8).
+masks (the official ResNet code never seeded its masks, the official code).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def kernel_area(shape: tuple[int, ...]) -> int:
 def io_only_pairs(k: int, shape: tuple[int, ...]) -> int:
     """Number of (out, in) pairs to remove so that ``pairs * kernel_area`` is nearest to ``k``.
 
-    Rounds half up; the removal count then misses k by at most half a kernel area (spec §3.3 allows
+    Rounds half up; the removal count then misses k by at most half a kernel area (Golubeva et al. 2021, §2.3
+    allows
     up to one area).
     """
     area = kernel_area(shape)

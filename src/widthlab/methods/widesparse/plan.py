@@ -2,7 +2,8 @@
 
 The runner builds the dense model at the run's width w (``model.width``) and hands it here with the
 method's options. :func:`build` computes the base count N(w0) from the same architecture at w0,
-removes T = N(w) - N(w0) weights by the cap rule (spec §3.2) or the MLP split (§3.6), draws the masks
+removes T = N(w) - N(w0) weights by the cap rule (Golubeva et al. 2021, App. B) or the MLP split (§2.3),
+draws the masks
 from the run's seed and returns the sparsified model with :class:`MaskCallback`. The bottleneck
 variants (§4) rebuild the network instead of masking it.
 
@@ -17,7 +18,8 @@ Each sweep value replaces the method section, so the dense runs are ordinary ``d
 the report's width fraction (sparse - base)/(dense - base) looks up) and the sparse family shares
 one ``family`` label. The sparse member at w = w0 removes nothing and equals the dense base.
 
-Two options serve the NTK-style family of Fig. 8 (spec §5.5, §6.2): ``lr_preset`` picks the
+Two options serve the NTK-style family of Fig. 8 (Golubeva et al. 2021, App. A, Fig. 8): ``lr_preset`` picks
+the
 per-width learning rate from a named table (:mod:`.lr_presets`), and ``kernel`` records the exact
 and empirical GP-kernel distances of the run's network in its summary (:mod:`.kernel`).
 """
@@ -58,12 +60,14 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
         seed: the run's seed; masks and the fan-in-corrected init draw from it (or ``mask_seed``).
         base_width: w0 <= w, the base whose counted weight count N(w0) every member keeps (required).
         variant: ``"sparse"`` (random static masks, the paper's method), ``"linear_bottleneck"`` or
-            ``"nonlinear_bottleneck"`` (ResNet-18 only, spec §4).
-        fract_cl: MLP split of spec §3.6: the classifier loses min(T, floor(N_cl fract_cl)) weights,
+            ``"nonlinear_bottleneck"`` (ResNet-18 only, Golubeva et al. 2021, §2.2).
+        fract_cl: MLP split of Golubeva et al. 2021, §2.3: the classifier loses min(T, floor(N_cl fract_cl))
+        weights,
             the other layers the rest; None uses the cap rule.
         classifier_connectivity: the classifier keeps exactly this fraction of its weights.
-        io_only: remove whole kernels ((out, in) channel pairs, spec §3.3 variant).
-        init: ``"fan_in_corrected"`` (spec §3.4), ``"rescale"`` (keep the model's init family,
+        io_only: remove whole kernels ((out, in) channel pairs, Golubeva et al. 2021, §2.3 variant).
+        init: ``"fan_in_corrected"`` (the official code's fan-in correction), ``"rescale"`` (keep the model's
+        init family,
             weights x 1/sqrt(c_l)) or ``"none"``.
         sparse_impl: ``"auto"``, ``"masked"`` or ``"csr"`` (see :func:`.sparsify.sparsify`).
         mask_seed: draw the masks from this seed instead of the run's.
@@ -72,7 +76,8 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
             its 3x3 stage-entry convs d_i -> 2 d_i are limited to rank d_i (paper §2.2, Fig. 3a; see
             :mod:`widthlab.models.bottleneck`); ``"dense"`` the dense base N(w0), the sparse family's
             count, which rank-constrains even the w = w0 member. ``target_weights`` stays N(w0).
-        lr_preset: name of a per-width learning-rate table (e.g. ``"ntk-fig8"``, spec §6.2); its
+        lr_preset: name of a per-width learning-rate table (e.g. ``"ntk-fig8"``, Golubeva et al. 2021, App.
+        A, Fig. 8); its
             rate for (w0, w) replaces ``train.optimizer.lr`` (:mod:`.lr_presets`).
         kernel: record the GP-kernel distances (one-hidden-layer ReLU MLPs): a mapping of
             :class:`.kernel.KernelOptions` (``pairs``, ``masks``, ``split``, ``pair_seed``,

@@ -1,8 +1,10 @@
-"""Turn chosen Linear/Conv2d layers of any model into masked (or CSR) layers, in place (spec §3.3-§3.5).
+"""Turn chosen Linear/Conv2d layers of any model into masked (or CSR) layers, in place (Golubeva et al. 2021,
+§2.3).
 
 :func:`sparsify` is the library entry point: it takes a model (one built by widthlab or a user's own
 ``nn.Module``) and the number of weights k_l to remove from each named layer, draws the exact-k
-masks (:mod:`.masks`), re-initialises each sparsified layer with the fan-in correction of spec §3.4,
+masks (:mod:`.masks`), re-initialises each sparsified layer with the fan-in correction of the official code's
+fan-in correction,
 and swaps in :class:`~widthlab.nn.masked.MaskedLinear` / ``MaskedConv2d`` / ``MaskedNTKLinear``. The
 replacements share the original parameter objects, so the model's parameter names and counts
 are unchanged.
@@ -97,7 +99,8 @@ def sparsify(model: nn.Module, removals: Mapping[str, int], *, seed: int, io_onl
             dense and untouched.
         seed: mask and init seed; each layer draws from its own generator seeded by (seed, name),
             so the same seed gives the same masks and weights.
-        io_only: remove whole kernels, drawing over (out, in) channel pairs (spec §3.3 variant).
+        io_only: remove whole kernels, drawing over (out, in) channel pairs (Golubeva et al. 2021, §2.3
+        variant).
         init: ``"fan_in_corrected"`` re-draws each sparsified layer's weight from the law the model
             draws it from (:func:`init_law`), with the dense variance divided by c_l: PyTorch's
             default gives U(+-1/sqrt(fan_in c_l)) for weight and bias (paper App. A), a Kaiming-normal
