@@ -3,7 +3,7 @@
 The wide & sparse method's ``kernel`` option (``methods/widesparse/kernel.py``) records, per run, the
 exact Theorem 1 distance D of its family member, the empirical distance of its own network at
 initialisation and after training, and the run records its test accuracy. The Fig. 8 protocol of
-specs/widesparse.md §5.5 plots the theoretical D, the empirical D and the test error against width
+Golubeva et al. 2021, App. A, Fig. 8 plots the theoretical D, the empirical D and the test error against width
 and asks whether the minimum of D and the maximum of accuracy sit at similar widths. One figure per
 (study, family), three panels sharing a log2 width axis:
 

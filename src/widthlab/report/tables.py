@@ -4,7 +4,7 @@ A *group* is the set of runs that differ only by seed (the summary's ``group`` i
 report mean ± sample standard deviation (``ddof=1``) over its finished runs; a single run has no
 standard deviation and shows ``–``. Failed runs are counted per group and listed with their error.
 
-Width fraction [widesparse spec §7, the paper's Fig. 7 metric]: for a wide & sparse group at width w
+Width fraction [Golubeva et al. 2021, §4, Fig. 7]: for a wide & sparse group at width w
 built from base width w0, ``(sparse - base) / (dense - base)``, where ``dense`` is the dense group at
 width w and ``base`` the dense group at width w0 in the same setting (same study, model, dataset and
 non-width sweep axes). 1 means the sparse net gets all of the dense net's gain from width, at the base
@@ -216,7 +216,7 @@ def _dense_at(groups: list[GroupStats], like: GroupStats, width: int, metric: st
 
 
 def width_fraction(sparse: float, base: float, dense: float) -> float | None:
-    """``(sparse - base) / (dense - base)`` [widesparse spec §7]; None when dense and base tie."""
+    """``(sparse - base) / (dense - base)`` [Golubeva et al. 2021, §4]; None when dense and base tie."""
     denom = dense - base
     if abs(denom) <= 1e-12 * max(1.0, abs(dense), abs(base)):
         return None
