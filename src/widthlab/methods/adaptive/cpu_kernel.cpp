@@ -1,5 +1,5 @@
 // The rescaling t ⊙ p(r) of an adaptive layer whose importance distribution is the discretised
-// exponential (specs/awnn.md §2 "Rescaling"), as one autograd node on the CPU.
+// exponential (Errica et al. 2025, the rescaling h * p), as one autograd node on the CPU.
 //
 // Why compiled: on the paper's small networks a training step costs per graph node and per Python
 // call, not per flop. In PyTorch operations the rescaling is p(r) from its closed form on the host,
