@@ -177,7 +177,7 @@ def load_imagefolder(*, path: str, image_size: int = 224, resize_size: int = 256
         image_size: side of the square network input (224).
         resize_size: test images are resized to this short side before the centre crop (256).
         min_scale: smallest crop area fraction of the training RandomResizedCrop (0.2, Golubeva et al. 2021,
-        App. A.1).
+            App. A.1).
         normalize: ``"imagenet"`` (default) or another fixed preset (``"cifar"``, ``"mnist"`` need
             matching channels), or ``"none"``; dataset-fitted modes would need a pass over every image.
         val_fraction: share of ``train/`` held out (stratified, seeded) for validation; default 0.

@@ -97,8 +97,7 @@ def allocate(model: nn.Module, N0: int, *, fract_cl: float | None = None,
         model: the dense member at width w (a meta model is fine).
         N0: N(w0), the base's counted weights.
         fract_cl: MLP split (Golubeva et al. 2021, §2.3): the classifier loses k_cl = min(T, floor(N_cl
-        fract_cl)),
-            the other layers share the rest by the cap rule.
+            fract_cl)), the other layers share the rest by the cap rule.
         classifier_connectivity: the classifier keeps exactly round(c N_cl) weights (an error if
             that removes more than T); the other layers share the rest.
 

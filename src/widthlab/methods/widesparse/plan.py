@@ -62,13 +62,11 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
         variant: ``"sparse"`` (random static masks, the paper's method), ``"linear_bottleneck"`` or
             ``"nonlinear_bottleneck"`` (ResNet-18 only, Golubeva et al. 2021, §2.2).
         fract_cl: MLP split of Golubeva et al. 2021, §2.3: the classifier loses min(T, floor(N_cl fract_cl))
-        weights,
-            the other layers the rest; None uses the cap rule.
+            weights, the other layers the rest; None uses the cap rule.
         classifier_connectivity: the classifier keeps exactly this fraction of its weights.
         io_only: remove whole kernels ((out, in) channel pairs, Golubeva et al. 2021, §2.3 variant).
         init: ``"fan_in_corrected"`` (the official code's fan-in correction), ``"rescale"`` (keep the model's
-        init family,
-            weights x 1/sqrt(c_l)) or ``"none"``.
+            init family, weights x 1/sqrt(c_l)) or ``"none"``.
         sparse_impl: ``"auto"``, ``"masked"`` or ``"csr"`` (see :func:`.sparsify.sparsify`).
         mask_seed: draw the masks from this seed instead of the run's.
         bottleneck_match: the linear bottleneck's target count: ``"factorized"`` (default) the
@@ -77,8 +75,7 @@ def build(model: nn.Module, data: TaskData, *, seed: int, base_width: int | None
             :mod:`widthlab.models.bottleneck`); ``"dense"`` the dense base N(w0), the sparse family's
             count, which rank-constrains even the w = w0 member. ``target_weights`` stays N(w0).
         lr_preset: name of a per-width learning-rate table (e.g. ``"ntk-fig8"``, Golubeva et al. 2021, App.
-        A, Fig. 8); its
-            rate for (w0, w) replaces ``train.optimizer.lr`` (:mod:`.lr_presets`).
+            A, Fig. 8); its rate for (w0, w) replaces ``train.optimizer.lr`` (:mod:`.lr_presets`).
         kernel: record the GP-kernel distances (one-hidden-layer ReLU MLPs): a mapping of
             :class:`.kernel.KernelOptions` (``pairs``, ``masks``, ``split``, ``pair_seed``,
             ``after_training``), or true for the defaults.

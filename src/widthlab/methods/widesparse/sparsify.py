@@ -100,7 +100,7 @@ def sparsify(model: nn.Module, removals: Mapping[str, int], *, seed: int, io_onl
         seed: mask and init seed; each layer draws from its own generator seeded by (seed, name),
             so the same seed gives the same masks and weights.
         io_only: remove whole kernels, drawing over (out, in) channel pairs (Golubeva et al. 2021, §2.3
-        variant).
+            variant).
         init: ``"fan_in_corrected"`` re-draws each sparsified layer's weight from the law the model
             draws it from (:func:`init_law`), with the dense variance divided by c_l: PyTorch's
             default gives U(+-1/sqrt(fan_in c_l)) for weight and bias (paper App. A), a Kaiming-normal
