@@ -1,9 +1,8 @@
 """Seeded (stratified) splits and subsets, and standardisation fitted on the training split only.
 
 Split sizes follow Errica et al. 2025, experimental setup: the test set is ``round(test_fraction · N)`` of
-the data, the
-validation set ``round(val_fraction · rest)`` of what remains (5000 points with 0.2 / 0.1 give the
-spec's 3600 / 400 / 1000). Splits of classification data are stratified: every class contributes in
+the data, the validation set ``round(val_fraction · rest)`` of what remains (5000 points with 0.2 / 0.1
+give the paper's 3600 / 400 / 1000). Splits of classification data are stratified: every class contributes in
 proportion to its size, the rounding left-overs going to the classes with the largest remainders, so
 the sizes are exact and a class is never over-drawn. Returned index arrays are sorted, so a split keeps
 the order of the source file (``subset_mode="first"`` relies on this).

@@ -25,7 +25,7 @@ Refinement (``refine=``):
   residual part of ∂s/∂f = (2/N)(r_⊥ − f M)G⁻¹Mᵀ/η is √η times too large; both are reproduced for MLP
   units (:meth:`~.unit_score.UnitScore.official_value_and_grad`; autograd score functions get the half
   only).
-* ``"ascent"``: Adam ascent on s(θ) (the spec's suggested replacement), keeping each candidate's best.
+* ``"ascent"``: Adam ascent on s(θ), keeping each candidate's best.
 * ``"none"``: the random draws as they are.
 
 Selection (``select``): ``"argmax"`` (experiment 1) or ``"sample"`` ∝ softmax(s/T) (experiments 2, 4).

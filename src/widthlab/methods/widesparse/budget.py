@@ -68,7 +68,7 @@ class Allocation:
 
 
 def _by_size(sizes: Mapping[str, int]) -> list[str]:
-    # sorted() is stable: equal sizes keep their module order, as the spec's rule requires.
+    # sorted() is stable: equal sizes keep their module order, as the paper's rule (App. B) requires.
     return sorted(sizes, key=lambda n: -sizes[n])
 
 
@@ -88,7 +88,7 @@ def cap_allocation(sizes: Mapping[str, int], T: int, *, all_layers: bool = False
         sizes: N_l per layer name, in module order (the order breaks ties).
         T: removals, N(w) - N(w0) >= 0.
         all_layers: also allow T > Lambda_{L-1} by bringing *every* layer down to one cap (m = L),
-            as long as each keeps at least one weight. The spec's rule (and the official code) stops
+            as long as each keeps at least one weight. The paper's rule (and the official code) stops
             at L - 1 layers and raises instead; the default keeps that.
 
     Raises:
