@@ -1,26 +1,21 @@
 """Record the GP-kernel distance of a run's network: ``method: {name: widesparse, kernel: {...}}``.
 
 For a one-hidden-layer ReLU MLP f(x) = v^T [u x]_+ (NTK-style, Golubeva et al. 2021, §3; App. A, Fig. 8) the
-GP
-kernel Theta depends on the first-layer weights u only. :class:`KernelRecorder` writes into the
+GP kernel Theta depends on the first-layer weights u only. :class:`KernelRecorder` writes into the
 run's summary, on one fixed set of P input pairs drawn from a data split:
 
 * the exact Theorem 1 distance D(n, p) = bias^2 + variance/n (Golubeva et al. 2021, Theorem 1), with p the
-first layer's
-  connectivity and n its width, by Monte Carlo over masks (``theory.distance.theorem1_distance``);
-  this is a property of the family member, not of the instance;
+  first layer's connectivity and n its width, by Monte Carlo over masks
+  (``theory.distance.theorem1_distance``); this is a property of the family member, not of the instance;
 * the empirical distance mean_j (Theta(x_j, y_j) - Theta_inf(x_j, y_j))^2 of *this instance* at
   initialisation (Golubeva et al. 2021, App. A, Fig. 8; averaging over seeds averages over initialisations)
-  and, with
-  ``after_training``, of the trained instance, measured in the same units (the init law's weight
+  and, with ``after_training``, of the trained instance, measured in the same units (the init law's weight
   scale, not re-normalised), so it shows how far training moved the kernel.
 
 Options (the ``kernel`` mapping): ``pairs`` (10,000 as in Golubeva et al. 2021, App. A, Fig. 8), ``masks``
-(Monte-Carlo masks
-per block of pairs for D), ``split`` (``test`` as in Golubeva et al. 2021, App. A, Fig. 8, or
-``train``/``val``), ``pair_seed``
-(the same pairs for every width and seed, so widths are compared on identical inputs; the mask
-Monte Carlo uses the run's seed, so seeds give independent estimates of D), ``after_training``.
+(Monte-Carlo masks per block of pairs for D), ``split`` (``test`` as in the paper, or ``train``/``val``),
+``pair_seed`` (the same pairs for every width and seed, so widths are compared on identical inputs; the
+mask Monte Carlo uses the run's seed, so seeds give independent estimates of D), ``after_training``.
 
 Summary keys (all ``kernel_*``): ``kernel_p``, ``kernel_d``, ``kernel_split``, ``kernel_pairs``,
 ``kernel_masks``, ``kernel_D``, ``kernel_D_se`` (mask Monte Carlo, pairs fixed), ``kernel_D_pairs_se``

@@ -7,8 +7,7 @@ momentum, weight decay and schedule still come from ``train``), and the run's su
 as ``lr`` with ``lr_preset``.
 
 ``ntk-fig8`` is the table of the NTK-style MLP of Fig. 8 (Golubeva et al. 2021, App. A, Fig. 8, from the
-official
-file ``optimized_LR_for_NTK_style_MLP1.pt``, tuned per width by the authors): one table for dense
+official file ``optimized_LR_for_NTK_style_MLP1.pt``, tuned per width by the authors): one table for dense
 nets and one per base width for the sparse family. A family member at w = w0 removes nothing and
 is the dense base, so it gets the dense rate. Widths not in a table are an error, never an
 interpolation: the rates were tuned, not derived.

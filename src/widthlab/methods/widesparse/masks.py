@@ -5,8 +5,7 @@ dimensions of the weight tensor: (out, in, kh, kw) for convolutions, (out, in) f
 This is an exact-count random subset, not independent Bernoulli draws.
 
 Variant ``io_only`` (Golubeva et al. 2021, §2.3, paper App. C): the subset is drawn over (out, in) channel
-pairs and
-whole kh x kw kernels are removed, so k_l is rounded to a multiple of the kernel area.
+pairs and whole kh x kw kernels are removed, so k_l is rounded to a multiple of the kernel area.
 
 Randomness: each layer draws from its own ``torch.Generator`` seeded by (seed, layer name), so a
 layer's mask does not change when another layer's k changes, and the same seed always gives the same
@@ -49,8 +48,7 @@ def io_only_pairs(k: int, shape: tuple[int, ...]) -> int:
     """Number of (out, in) pairs to remove so that ``pairs * kernel_area`` is nearest to ``k``.
 
     Rounds half up; the removal count then misses k by at most half a kernel area (Golubeva et al. 2021, §2.3
-    allows
-    up to one area).
+    allows up to one area).
     """
     area = kernel_area(shape)
     pairs = (2 * k + area) // (2 * area)

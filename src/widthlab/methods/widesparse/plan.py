@@ -3,9 +3,8 @@
 The runner builds the dense model at the run's width w (``model.width``) and hands it here with the
 method's options. :func:`build` computes the base count N(w0) from the same architecture at w0,
 removes T = N(w) - N(w0) weights by the cap rule (Golubeva et al. 2021, App. B) or the MLP split (§2.3),
-draws the masks
-from the run's seed and returns the sparsified model with :class:`MaskCallback`. The bottleneck
-variants (§4) rebuild the network instead of masking it.
+draws the masks from the run's seed and returns the sparsified model with :class:`MaskCallback`. The
+bottleneck variants (Golubeva et al. 2021, §2.2) rebuild the network instead of masking it.
 
 Dense references in the same study file: sweep the whole ``method`` section, e.g. ::
 
@@ -19,8 +18,7 @@ the report's width fraction (sparse - base)/(dense - base) looks up) and the spa
 one ``family`` label. The sparse member at w = w0 removes nothing and equals the dense base.
 
 Two options serve the NTK-style family of Fig. 8 (Golubeva et al. 2021, App. A, Fig. 8): ``lr_preset`` picks
-the
-per-width learning rate from a named table (:mod:`.lr_presets`), and ``kernel`` records the exact
+the per-width learning rate from a named table (:mod:`.lr_presets`), and ``kernel`` records the exact
 and empirical GP-kernel distances of the run's network in its summary (:mod:`.kernel`).
 """
 

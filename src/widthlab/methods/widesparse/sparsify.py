@@ -3,11 +3,10 @@
 
 :func:`sparsify` is the library entry point: it takes a model (one built by widthlab or a user's own
 ``nn.Module``) and the number of weights k_l to remove from each named layer, draws the exact-k
-masks (:mod:`.masks`), re-initialises each sparsified layer with the fan-in correction of the official code's
-fan-in correction,
-and swaps in :class:`~widthlab.nn.masked.MaskedLinear` / ``MaskedConv2d`` / ``MaskedNTKLinear``. The
-replacements share the original parameter objects, so the model's parameter names and counts
-are unchanged.
+masks (:mod:`.masks`), re-initialises each sparsified layer with the fan-in correction of the official
+code, and swaps in :class:`~widthlab.nn.masked.MaskedLinear` / ``MaskedConv2d`` / ``MaskedNTKLinear``.
+The replacements share the original parameter objects, so the model's parameter names and counts are
+unchanged.
 
 Sparse execution: ``sparse_impl="csr"`` (or ``"auto"`` where the measured threshold says it pays)
 stores a plain sparsified Linear as ``widthlab.nn.sparse_linear.CSRLinear``, which keeps only the
