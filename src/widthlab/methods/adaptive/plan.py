@@ -188,17 +188,11 @@ def build(
                 activation=activation, act_outer=act_outer, init=init)
     adaptive = architectures.from_plain(model, data, cell, seed=seed, adaptive_channels=adaptive_channels,
                                         channels_lam0=channels_lambda0)
-    if share_width_distribution:
-        _share(adaptive)
-    if disable_adaptation:
-        for s in collect_sites(adaptive):
-            s.scale.adapt = False
-            s.scale.dist.requires_grad_(False)
     summary: dict[str, Any] = {
         "distribution": distribution, "lambda0": lambda0, "k": k, "optimizer_mode": optimizer_mode,
         "share_width_distribution": bool(share_width_distribution),
-        "initial_widths": {s.name: s.width for s in collect_sites(adaptive)},
     }
+    _controls(adaptive, summary, disable_adaptation, share_width_distribution)
     prior = ElboPrior(sigma_theta=sigma_theta, mu_lambda=mu, sigma_lambda=sigma_lam, n_observations=n_obs)
     callback = AdaptiveWidthCallback(prior, optimizer_mode=optimizer_mode, anneal=anneal_cfg,
                                      check_every=check_every, sync=sync, seed=seed, summary=summary,
