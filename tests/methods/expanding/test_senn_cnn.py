@@ -35,7 +35,7 @@ def _backward_gain(model, stage: int) -> float:
     """How much the back-propagated e at the consumer of ``stage`` can amplify an error in the logits:
     the product of the ℓ1 operator norms |Wᵀ| of the layers after the consumer (rational slopes <= 1
     on the range seen, softmax Jacobian <= 1)."""
-    gain = max(1.0, float(model.head.weight.abs().sum(0).max()))
+    gain = max(1.0, float(model.head.weight.detach().abs().sum(0).max()))
     for conv in model.convs[stage + 2:]:
         gain *= max(1.0, float(conv.weight.abs().sum((0, 2, 3)).max()))
     return gain
