@@ -100,6 +100,26 @@ def remap_optimizer(
     optimizer.state.update(state)
 
 
+def apply_events(optimizer: torch.optim.Optimizer | None, events: ResizeEvent | Iterable[ResizeEvent] | None,
+                 default_mode: Mode = "keep") -> bool:
+    """Remap ``optimizer`` through each non-empty event in order, each in its own ``optimizer_mode``
+    (else ``default_mode``) and with its own ``optimizer_fill`` for new units, if it carries one.
+
+    The one loop every resizer (the Trainer, the plain-loop controllers) runs after a resize. Returns
+    whether any event changed the model; with ``optimizer=None`` nothing is remapped.
+    """
+    if events is None:
+        return False
+    events = [events] if isinstance(events, ResizeEvent) else list(events)
+    changed = False
+    for ev in events:
+        if ev and optimizer is not None:
+            remap_optimizer(optimizer, ev, mode=ev.optimizer_mode or default_mode,
+                            fill=getattr(ev, "optimizer_fill", None))
+        changed = changed or bool(ev)
+    return changed
+
+
 def sync_optimizer(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from widthlab.data.base import TaskData
-from widthlab.nn.optim_surgery import remap_optimizer
+from widthlab.nn.optim_surgery import apply_events
 from widthlab.nn.resize import ResizeEvent
 from widthlab.train import checkpoint as ckpt
 from widthlab.train import distributed
@@ -181,17 +181,7 @@ class Trainer:
 
     def apply_resize(self, events: ResizeEvent | Sequence[ResizeEvent] | None) -> None:
         """Hand structural changes to the optimizer surgery (the only editor of optimizer state)."""
-        if events is None:
-            return
-        if isinstance(events, ResizeEvent):
-            events = [events]
-        changed = False
-        for ev in events:
-            if ev and self.optimizer is not None:
-                remap_optimizer(self.optimizer, ev, mode=ev.optimizer_mode or "keep",
-                                fill=getattr(ev, "optimizer_fill", None))
-            changed = changed or bool(ev)
-        if changed:
+        if apply_events(self.optimizer, events):
             self._rewrap()
 
     def _rewrap(self) -> None:

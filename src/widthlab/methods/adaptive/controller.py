@@ -49,7 +49,7 @@ from torch import nn
 from widthlab.methods.adaptive.layer import AdaptiveSite, collect_sites
 from widthlab.methods.adaptive.loss import ElboPrior
 from widthlab.methods.adaptive.resizing import OPTIMIZER_MODES, set_width
-from widthlab.nn.optim_surgery import remap_optimizer
+from widthlab.nn.optim_surgery import apply_events
 from widthlab.nn.resize import ResizeEvent
 
 SYNC_MODES = ("step", "async")
@@ -235,12 +235,7 @@ class AdaptiveWidth:
         return model
 
     def _remap(self, events: list[ResizeEvent]) -> None:
-        if self.optimizer is None:
-            return
-
-        for ev in events:
-            if ev:
-                remap_optimizer(self.optimizer, ev, mode=ev.optimizer_mode or self.optimizer_mode)
+        apply_events(self.optimizer, events, self.optimizer_mode)
 
     def update_widths(self, model: nn.Module | None = None, targets: list[int] | None = None
                       ) -> list[ResizeEvent]:

@@ -37,7 +37,7 @@ from torch.utils.data import TensorDataset
 from widthlab.methods.expanding.any_model import SiteController, SiteNetwork
 from widthlab.methods.expanding.controller import ExpansionConfig, ExpansionController
 from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
-from widthlab.nn.optim_surgery import remap_optimizer
+from widthlab.nn.optim_surgery import apply_events
 from widthlab.nn.resize import ResizeEvent
 
 __all__ = ["SelfExpanding"]
@@ -142,11 +142,5 @@ class SelfExpanding:
 
     def _apply(self, events: list[ResizeEvent] | None) -> list[ResizeEvent]:
         events = list(events or [])
-        opt = self.state.optimizer
-        if opt is not None:
-
-            for ev in events:
-                if ev:
-                    remap_optimizer(opt, ev, mode=ev.optimizer_mode or "keep",
-                                    fill=getattr(ev, "optimizer_fill", None))
+        apply_events(self.state.optimizer, events)
         return events
