@@ -275,8 +275,8 @@ class ExpansionController:
                 self._warm = {}
             else:
                 self.neurons_added += 1
-                cache.pop(best.index, None)
-                cache.pop(best.index + 1, None)
+                for j in self._changed_by(model, best.index):
+                    cache.pop(j, None)
             if not self.cfg.recursive:
                 break
         # The official loop sets the cooldown when it inserts a layer and counts it down at the end of
@@ -290,6 +290,11 @@ class ExpansionController:
         record.update(seconds=dt, widths=list(model.hidden_widths()))
         self.log.append(record)
         return events
+
+    def _changed_by(self, model: nn.Module, index: int) -> list[int]:
+        """The sites whose candidates a unit added at site ``index`` invalidates: that site (its consumer's
+        A) and, in a chain, the next one (its producer reads the grown layer)."""
+        return [index, index + 1]
 
     def _depth_allowed(self, model: nn.Module) -> bool:
         """A layer may be added after the cooldown, below the depth cap, if its width k (the output
