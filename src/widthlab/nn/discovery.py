@@ -112,6 +112,7 @@ class Discovery:
     sites: list[WidthSite] = field(default_factory=list)
     groups: list[WidthGroup] = field(default_factory=list)
     fixed: list[FixedWidth] = field(default_factory=list)
+    graph: fx.GraphModule | None = field(default=None, repr=False)  # the traced model (shares its modules)
 
     def site(self, name: str) -> WidthSite:
         """The site called ``name`` (its producer's module name); a clear error for groups/fixed ones."""
@@ -435,7 +436,7 @@ def discover(model: nn.Module, example_inputs: torch.Tensor | tuple, *,
     real = dict(model.named_modules())
     shared = _tied_modules(model)
 
-    out = Discovery()
+    out = Discovery(graph=gm)
     seen: set[int] = set()
     order = {name: i for i, name in enumerate(follower.calls)}  # producers in forward order
     for w in follower.widths:

@@ -1,133 +1,157 @@
-"""Neuron insertion by the natural expansion score in a model widthlab did not build (Linear sites).
+"""Neuron insertion by the natural expansion score in a model widthlab did not build.
 
 The self-expanding method (Mitchell et al., 2023) scores a candidate neuron by the increase of the
 natural-gradient norm its features would bring at the consuming layer, with K-FAC statistics of that
-layer, and inserts the best with zero outgoing weights. The controller
-(:class:`~widthlab.methods.expanding.controller.ExpansionController`) does this for its expandable
-networks, whose candidate neurons carry their own rational activation. Here the same controller runs on
-the single width sites ``torch.fx`` discovery finds between two ``nn.Linear`` layers of any model, with
-two differences, both local to this module:
+layer (the lower bound Δη′ of the paper's score), and inserts the best with zero outgoing weights. The
+controller (:class:`~widthlab.methods.expanding.controller.ExpansionController`) does this for its
+expandable networks, whose candidate neurons carry their own rational activation. Here the same
+controller runs on the widths ``torch.fx`` discovery finds in any model (:mod:`widthlab.nn.discovery`):
 
-* a candidate's features are what the site's consumer would read from it: its pre-activation W h + b
-  passed through the site's own per-unit operations (activations, dropout, and a BatchNorm as a new
-  unit's identity-initialised BatchNorm in evaluation mode, z / sqrt(1 + eps)), replayed from the
-  traced graph;
-* insertion is plain width surgery on the site (rows of the producer, its norms, zero columns of the
+* **places**: every width site (one Linear/Conv2d producer, one consumer) and every group of widths that
+  change together (a residual stream written by several convolutions and read by several layers, two
+  towers summed into one mixer);
+* **a candidate** is one new unit: the incoming weights (and bias) of that unit in every producer of the
+  place. Its features are what each consumer would read from it, replayed on the traced graph through
+  the width's own operations (:class:`widthlab.nn.new_units.UnitPath`: activations, dropout,
+  pooling, residual additions; a BatchNorm as a new unit's identity-initialised one in evaluation mode),
+  as K-FAC rows of that consumer: one per sample for (batch, features) inputs, one per sample and token
+  for token sequences, the patches at every output location of a convolution (Grosse & Martens 2016);
+* **its score** is Σ_c Δη′_c over the place's consumers, relative to Σ_c η_c. K-FAC's curvature is
+  block-diagonal over layers, so the natural-gradient norm a unit adds through several consumers is the
+  sum of what it adds at each (Mitchell et al. 2023, eq. for Δη′ per layer); the absolute score's
+  normaliser is the sum of the consumers' rooms (``abs_normalizer="room"``), which keeps the
+  "at most 1/α additions per place and event" bound;
+* **insertion** is plain width surgery on the place (new rows of every producer, zero columns of every
   consumer), so the function is unchanged.
 
-Layers are not inserted (a user's model offers no place for one), and sites whose producer reads more
-than (batch, features) inputs, or whose path holds an operation other than per-unit ones, are skipped
-with the reason. Convolution sites would need the channel features of the controller's CNN path; they
-are not offered here.
+Layers are not inserted (a user's model offers no place for one: ``supports_depth = False``). A width
+whose path holds an operation a new unit cannot pass alone (a LayerNorm over its units, a view with
+the width written into it, a grouped convolution) is skipped with the reason, or refused when named.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+import torch.nn.functional as F
+from torch import nn
 
-from widthlab.methods.expanding import proposals, scores
+from widthlab.methods.expanding import scores
 from widthlab.methods.expanding.controller import Candidate, ExpansionController, ExpansionEvent
 from widthlab.methods.expanding.fisher import per_sample_loss
-from widthlab.nn.discovery import DiscoveryError, discover
+from widthlab.methods.expanding.kfac import conv_padding
+from widthlab.nn.discovery import DiscoveryError, WidthGroup, discover
+from widthlab.nn.group_surgery import resize_group
+from widthlab.nn.new_units import UnitPath, produce, record_values
 from widthlab.nn.resize import ResizeEvent, WidthSite
 from widthlab.nn.surgery import resize_site
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-Chain = Callable[[torch.Tensor], torch.Tensor]
+__all__ = ["Place", "PlaceLayout", "SiteController", "SiteNetwork", "consumer_rows"]
 
 
-def _chain(gm: fx.GraphModule, producer: str, consumer: str) -> Chain:
-    """The per-unit operations between ``producer``'s output and ``consumer``'s input, as a function of a
-    tensor whose last axis holds new units."""
-    modules = dict(gm.named_modules())
-    (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == producer]
-    ops: list[Chain] = []
-    while True:
-        users = list(node.users)
-        if len(users) != 1:
-            raise DiscoveryError(f"site {producer!r}: its units reach {len(users)} operations")
-        u = users[0]
-        if u.op == "call_module" and u.target == consumer:
-            break
-        others = [a for a in (*u.args[1:], *u.kwargs.values()) if isinstance(a, fx.Node)]
-        if u.args[:1] != (node,) or others:
-            raise DiscoveryError(f"site {producer!r}: {u.name} combines its units with another tensor")
-        rest, kwargs = u.args[1:], dict(u.kwargs)
-        if u.op == "call_module":
-            mod = modules[u.target]
-            if isinstance(mod, _NORMS):
-                scale = 1.0 / math.sqrt(1.0 + mod.eps)  # a new unit's norm: weight 1, bias 0, mean 0, var 1
-                ops.append(lambda z, s=scale: z * s)
-            elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
-                raise DiscoveryError(f"site {producer!r}: {u.target} normalises over all units")
-            else:
-                ops.append(lambda z, m=mod: m(z))
-        elif u.op == "call_function":
-            ops.append(lambda z, f=u.target, r=rest, k=kwargs: f(z, *r, **k))
-        else:
-            ops.append(lambda z, f=u.target, r=rest, k=kwargs: getattr(z, f)(*r, **k))
-        node = u
-
-    def chain(z: torch.Tensor) -> torch.Tensor:
-        for op in ops:
-            z = op(z)
-        return z
-
-    return chain
+def consumer_rows(consumer: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """New units ``z`` (the consumer's input with P candidates on its unit axis) as the consumer's K-FAC
+    rows, in the order of :func:`~widthlab.methods.expanding.kfac.input_rows`: (P, N·T, 1) for a Linear
+    (T tokens, 1 for (N, d) inputs), (P, N·T, kh·kw) patches at the T output locations of a Conv2d."""
+    if isinstance(consumer, nn.Linear):
+        p = z.shape[-1]
+        return z.reshape(-1, p).T.unsqueeze(-1)
+    n, p = z.shape[0], z.shape[1]
+    cols = F.unfold(z, consumer.kernel_size, dilation=consumer.dilation, padding=conv_padding(consumer),
+                    stride=consumer.stride)  # (N, P·kh·kw, T), channel-major like the weights
+    t = cols.shape[2]
+    return cols.reshape(n, p, -1, t).permute(1, 0, 3, 2).reshape(p, n * t, -1)
 
 
-def _score_fn(features: Callable[[torch.Tensor], torch.Tensor], r_perp: torch.Tensor, G_inv: torch.Tensor,
-              n: int, norm: float, jitter: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """s(θ) = Δη′(features(θ)) / norm as the controller's, with a floor on A_f: a candidate behind a ReLU
-    may read nothing (all features 0, a dead unit), whose score is then 0 instead of a singular solve."""
+@dataclass(frozen=True)
+class PlaceLayout:
+    """A candidate row θ: for each producer of the place, its new unit's incoming weights (the
+    producer's ``weight.shape[1:]``) and bias (if it has one), in producer order."""
+
+    blocks: tuple[tuple[tuple[int, ...], bool], ...]
+
+    @classmethod
+    def of(cls, producers: list[nn.Module]) -> PlaceLayout:
+        return cls(tuple((tuple(m.weight.shape[1:]), m.bias is not None) for m in producers))
+
+    @property
+    def size(self) -> int:
+        return sum(_numel(shape) + int(bias) for shape, bias in self.blocks)
+
+    def split(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """θ (P, size) -> per producer (W (P, *shape), b (P,) or None)."""
+        out, at = [], 0
+        for shape, bias in self.blocks:
+            k = _numel(shape)
+            W = theta[:, at:at + k].reshape(theta.shape[0], *shape)
+            at += k
+            b = theta[:, at] if bias else None
+            at += int(bias)
+            out.append((W, b))
+        return out
+
+    def random(self, count: int, generator: torch.Generator | None, dtype: torch.dtype, device=None
+               ) -> torch.Tensor:
+        """``count`` candidates as the official code draws new units: LeCun-normal weights (variance
+        1/fan-in), biases N(0, 1); drawn on the CPU so that every device sees the same."""
+        parts = []
+        for shape, bias in self.blocks:
+            k = _numel(shape)
+            parts.append(torch.randn(count, k, generator=generator, dtype=dtype) / k ** 0.5)
+            if bias:
+                parts.append(torch.randn(count, 1, generator=generator, dtype=dtype))
+        return torch.cat(parts, 1).to(device)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@dataclass
+class Place:
+    """A width the controller grows: a discovered site or group, with the replay of its new units."""
+
+    name: str
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    path: UnitPath
+    site: WidthSite | None = None
+    group: WidthGroup | None = None
+
+
+def _score_fn(features: Callable[[torch.Tensor], list[torch.Tensor]], residuals: list[torch.Tensor],
+              G_invs: list[torch.Tensor], n: int, norm: float, jitter: float
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """s(θ) = Σ_c Δη′_c(features_c(θ)) / norm over the place's consumers c, with a floor on A_f: a
+    candidate behind a ReLU may read nothing (all features 0, a dead unit), whose score is then 0
+    instead of a singular solve."""
 
     def score(theta: torch.Tensor) -> torch.Tensor:
-        f = features(theta)
-        st = scores.candidate_stats(f, r_perp, n)
-        eye = torch.eye(st.A_f.shape[-1], dtype=f.dtype, device=f.device)
-        A = st.A_f + eye * (torch.finfo(f.dtype).tiny * 1e6)
-        return scores.delta_eta_lb(st.C, A, G_inv, jitter=jitter) / norm
+        total = 0.0
+        for f, r_perp, G_inv in zip(features(theta), residuals, G_invs):
+            st = scores.candidate_stats(f, r_perp, n)
+            eye = torch.eye(st.A_f.shape[-1], dtype=f.dtype, device=f.device)
+            A = st.A_f + eye * (torch.finfo(f.dtype).tiny * 1e6)
+            total = total + scores.delta_eta_lb(st.C, A, G_inv, jitter=jitter)
+        return total / norm
 
     return score
 
 
-def _check_linear_inputs(net: nn.Module, example_inputs: torch.Tensor) -> None:
-    """The controller's K-FAC rows read a Linear layer's input as (batch, features): refuse, with the
-    layer's name, a model whose Linear layers see token sequences."""
-    seen: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            seen.setdefault(name, tuple(args[0].shape))
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in net.named_modules()
-             if isinstance(m, nn.Linear)]
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        with torch.no_grad():
-            net(example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, training in modes:
-            m.training = training
-    bad = {n: shape for n, shape in seen.items() if len(shape) != 2}
-    if bad:
-        name, shape = next(iter(bad.items()))
-        raise DiscoveryError(f"self-expansion reads every Linear layer's input as (batch, features), but "
-                             f"{name} reads {shape} (token sequences are not supported)")
-
-
 class SiteNetwork(nn.Module):
-    """A user's model seen as the controller's expandable network: its discovered Linear sites.
+    """A user's model seen as the controller's expandable network: its discovered sites and groups.
 
     Module names inside are ``net.<the model's names>``; the model itself is edited in place.
+
+    Args:
+        net: the user's model.
+        example_inputs: a small batch its forward accepts (for tracing and shapes).
+        sites: names of the sites or groups to grow (None: every one new units can be computed for).
     """
 
     supports_depth = False
@@ -135,113 +159,167 @@ class SiteNetwork(nn.Module):
     def __init__(self, net: nn.Module, example_inputs: torch.Tensor, sites: list[str] | None = None):
         super().__init__()
         self.net = net
-        _check_linear_inputs(net, example_inputs)
         found = discover(net, example_inputs)
-        gm = fx.GraphModule(net, fx.Tracer().trace(net)) if found.sites else None
-        self.sites: list[WidthSite] = []
-        self.chains: list[Chain] = []
+        options: dict[str, tuple[WidthSite | None, WidthGroup | None]]
+        options = {s.name: (s, None) for s in found.sites}
+        options.update({g.name: (None, g) for g in found.groups})
+        if sites is not None:
+            for name in sites:
+                if name not in options:
+                    found.site(name)  # raises naming why (tied, fixed, unknown)
+        self.places: list[Place] = []
         self.skipped: dict[str, str] = {}
-        chosen = found.sites if sites is None else [found.site(n) for n in sites]
-        for s in chosen:
-            why = None
-            if not (isinstance(s.producer, nn.Linear) and isinstance(s.consumer, nn.Linear)):
-                why = "not between two Linear layers"
-            else:
-                try:
-                    chain = _chain(gm, s.producer_name, s.consumer_name)
-                except DiscoveryError as e:
-                    why = str(e)
-            if why is None:
-                self.sites.append(s)
-                self.chains.append(chain)
-            elif sites is not None:
-                raise DiscoveryError(f"site {s.name!r} cannot grow by self-expansion: {why}")
-            else:
-                self.skipped[s.name] = why
-        if not self.sites:
-            tied = f"; tied widths (residual groups) do not grow: {[g.name for g in found.groups]}" \
-                if found.groups else ""
-            raise DiscoveryError(f"{type(net).__name__} has no Linear -> Linear width site to grow "
-                                 f"({self.skipped or 'none found'}{tied})")
+        chosen = list(options) if sites is None else list(sites)
+        for name in chosen:
+            site, group = options[name]
+            producers = (site.producer_name,) if site else group.producers
+            consumers = (site.consumer_name,) if site else group.consumers
+            try:
+                path = UnitPath(found.graph, name, producers, consumers)
+                self.places.append(Place(name, tuple(producers), tuple(consumers), path, site, group))
+            except DiscoveryError as e:
+                if sites is not None:
+                    raise DiscoveryError(f"{name!r} cannot grow by self-expansion: {e}") from None
+                self.skipped[name] = str(e)
+        if not self.places:
+            fixed = "; ".join(f"{', '.join(f.producers)}: {'; '.join(f.reasons)}" for f in found.fixed)
+            raise DiscoveryError(f"{type(net).__name__} has no width that self-expansion can grow "
+                                 f"(skipped: {self.skipped or 'none found'}; fixed: {fixed or 'none'})")
+        self._check_runs(example_inputs)
+
+    def _check_runs(self, example_inputs: torch.Tensor) -> None:
+        """Replay two random candidates at every place on the example, so that an operation new units
+        cannot pass alone is reported now, by name, rather than in the middle of training."""
+        modes = [(m, m.training) for m in self.net.modules()]
+        self.net.eval()
+        try:
+            values = self.record(example_inputs)
+            for place in self.places:
+                layout = self.layout(place)
+                theta = layout.random(2, None, torch.float32)
+                self.features(place, values, theta)
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def forward(self, *args, **kwargs):
         return self.net(*args, **kwargs)
 
+    def record(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The values every place's replay reads, from one forward pass on ``x`` (no gradients)."""
+        return record_values(self.places[0].path.graph, set().union(*(p.path.needed for p in self.places)), x)
+
+    def module(self, name: str) -> nn.Module:
+        return self.net.get_submodule(name)
+
+    def layout(self, place: Place) -> PlaceLayout:
+        return PlaceLayout.of([self.module(p) for p in place.producers])
+
+    def features(self, place: Place, values: dict[str, torch.Tensor], theta: torch.Tensor
+                 ) -> list[torch.Tensor]:
+        """Candidates θ (P, D) as rows of each consumer of ``place`` (its order), on recorded values."""
+        new = {}
+        for name, (W, b) in zip(place.producers, self.layout(place).split(theta)):
+            a = place.path.producer_input(name, values).to(theta.dtype)
+            new[name] = produce(self.module(name), a, W, b)
+        reads = place.path(values, new)
+        return [consumer_rows(self.module(c), reads[c]) for c in place.consumers]
+
     @property
     def depth(self) -> int:
-        return len(self.sites)
+        return len(self.places)
+
+    def width(self, place: Place) -> int:
+        return self.module(place.producers[0]).weight.shape[0]
 
     def hidden_widths(self) -> list[int]:
-        return [s.width for s in self.sites]
+        return [self.width(p) for p in self.places]
 
     def widths(self) -> dict[str, int]:
-        return {s.name: s.width for s in self.sites}
+        return {p.name: self.width(p) for p in self.places}
 
     def site_layers(self, i: int) -> tuple[str, str]:
-        s = self.sites[i]
-        return f"net.{s.producer_name}", f"net.{s.consumer_name}"
+        p = self.places[i]
+        return f"net.{p.producers[0]}", f"net.{p.consumers[0]}"
+
+    def grow(self, place: Place, n_new: int, init_in="zeros") -> ResizeEvent:
+        """Append ``n_new`` units to ``place`` (zero outgoing weights); ``init_in`` is called once per
+        producer, in order, with its new rows (or is a named init)."""
+        if place.site is not None:
+            return resize_site(place.site, None, n_new, init_in=init_in, init_out="zeros", model=self.net)
+        return resize_group(self.net, place.group, None, n_new, init_in=init_in, init_out="zeros")
 
     def architecture(self) -> dict:
-        return {"widths": self.hidden_widths()}  # widths come back with the weights (by name)
+        return {"kind": "sites", "widths": self.widths()}
 
     def set_architecture(self, arch: dict) -> None:
-        pass
+        """Grow every place to the widths of ``arch`` (a checkpoint's; its weights are loaded next)."""
+        for place in self.places:
+            extra = int(arch["widths"].get(place.name, self.width(place))) - self.width(place)
+            if extra < 0:
+                raise ValueError(f"checkpoint width {place.name!r} is smaller than the model's "
+                                 "(self-expansion only grows widths)")
+            if extra:
+                self.grow(place, extra)
 
 
 class SiteController(ExpansionController):
-    """The expansion controller on a :class:`SiteNetwork`: candidates scored through each site's own
-    per-unit operations, committed by width surgery."""
+    """The expansion controller on a :class:`SiteNetwork`: candidates scored through each place's own
+    operations at all its consumers, committed by width surgery."""
 
     def _width_candidates(self, model: SiteNetwork, ctx, layers: list[int]) -> dict[int, Candidate]:
         cfg = self.cfg
         out: dict[int, Candidate] = {}
+        values = model.record(self._x)  # one forward pass for every place
         for i in layers:
-            producer, consumer = model.site_layers(i)
-            h = ctx.obs.layers[producer].a
-            if h.dim() != 2:
-                continue  # (batch, tokens, features) inputs: not scored (module docstring)
-            site = self._site(ctx, consumer, h, cfg.width_residual)
-            layout = proposals.UnitLayout(1, h.shape[1])
-            chain = model.chains[i]
+            place = model.places[i]
+            consumers = [f"net.{c}" for c in place.consumers]
+            infos = [self._site(ctx, c, self._x[:1], cfg.width_residual) for c in consumers]
+            norm = sum(s.norm for s in infos)
+            # The rooms add up over consumers; the loss-scale normalisers are one number per event.
+            norms = [self._abs_norm(ctx, c, cfg.width_residual) for c in consumers]
+            abs_norm = sum(norms) if cfg.abs_normalizer == "room" else norms[0]
 
-            def make(dt, jit, hh=h, site=site, layout=layout, chain=chain):
-                hh, rr, gg = hh.to(dt), site.r_perp.to(dt), site.G_inv.to(dt)
-
-                def feats(th: torch.Tensor) -> torch.Tensor:
-                    parts = layout.split(th.to(dt))
-                    pre = torch.einsum("nd,pkd->pnk", hh, parts["W"]) + parts["b"][:, None, :]
-                    return chain(pre)
-
-                return _score_fn(feats, rr, gg, ctx.obs.n, site.norm, jit)
+            def make(dt, jit, place=place, values=values, infos=infos, norm=norm):
+                vals = {k: v.to(dt) for k, v in values.items()}
+                return _score_fn(lambda th: model.features(place, vals, th.to(dt)),
+                                 [s.r_perp.to(dt) for s in infos], [s.G_inv.to(dt) for s in infos],
+                                 ctx.obs.n, norm, jit)
 
             dtype = getattr(torch, cfg.search_dtype)
-            fn = make(dtype, 1e-6 if dtype == torch.float32 else 1e-10)
-            theta0 = proposals.random_candidates(layout, cfg.proposals, generator=self.generator, dtype=dtype,
-                                                 device=h.device)
-            res = self._search(fn, theta0, tag=("site", i, tuple(h.shape)))
+            layout = model.layout(place)
+            theta0 = layout.random(cfg.proposals, self.generator, dtype, self._x.device)
+            shapes = tuple(tuple(values[k].shape) for k in sorted(place.path.needed))
+            res = self._search(make(dtype, 1e-6 if dtype == torch.float32 else 1e-10), theta0,
+                               tag=("place", i, shapes))
             thetas = res.theta.detach().to(torch.float64)
             exact = make(torch.float64, 1e-10)(thetas)
             exact = torch.where(torch.isfinite(exact), exact, res.score.to(torch.float64))
-            out[i] = self._candidate(ctx, "width", i, exact, site.norm, thetas, layout,
-                                     self._abs_norm(ctx, consumer, cfg.width_residual))
+            out[i] = self._candidate(ctx, "width", i, exact, norm, thetas, layout, abs_norm)
         return out
+
+    def _changed_by(self, model: SiteNetwork, index: int) -> list[int]:
+        """The place that grew (its consumers' A) and every place whose producer is one of its consumers
+        (that producer's fan-in grew)."""
+        grown = set(model.places[index].consumers)
+        return [index] + [j for j, p in enumerate(model.places) if grown & set(p.producers)]
 
     def _commit(self, model: SiteNetwork, cand: Candidate, x: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> ResizeEvent:
-        site = model.sites[cand.index]
-        ref = site.producer.weight
-        parts = cand.layout.split(cand.theta[None].to(dtype=ref.dtype, device=ref.device))
-        w, b = parts["W"][0], parts["b"][0]
+        place = model.places[cand.index]
+        ref = model.module(place.producers[0]).weight
+        blocks = iter(cand.layout.split(cand.theta[None].to(dtype=ref.dtype, device=ref.device)))
 
-        def init_in(w_block: torch.Tensor, b_block: torch.Tensor | None) -> None:
-            w_block.copy_(w.reshape(w_block.shape))
+        def init_in(w_block: torch.Tensor, b_block: torch.Tensor | None) -> None:  # once per producer
+            W, b = next(blocks)
+            w_block.copy_(W.reshape(w_block.shape))
             if b_block is not None:
                 b_block.copy_(b)
 
         if x is not None:
             with torch.no_grad():
                 before = per_sample_loss(self.loss, model(x), y).mean()
-        ev = resize_site(site, None, w.shape[0], init_in=init_in, init_out="zeros", model=model.net)
+        ev = model.grow(place, 1, init_in)
         if x is not None:
             with torch.no_grad():
                 after = per_sample_loss(self.loss, model(x), y).mean()

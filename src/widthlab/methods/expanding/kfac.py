@@ -7,7 +7,8 @@ factorisation (the official code omits it: ``bias=False``).
 
 Convolutions use the patch factors of K-FAC for convolutions (Grosse & Martens 2016, "KFC"): with
 patches a_{n,t} (``unfold``, C_in·kh·kw [+1] entries) at the T output locations and e_{n,t} the
-output gradient there,
+output gradient there (a Linear layer applied to each of T tokens, (N, T, d) inputs, is the same weight
+sharing: its rows are the tokens),
 
     A = (1/(N·T)) Σ_{n,t} a aᵀ,      G = (1/N) Σ_{n,t} e eᵀ,      ḡ = (1/N) Σ_{n,t} a eᵀ,
 
@@ -116,15 +117,20 @@ def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
 
 
 def output_rows(e: torch.Tensor) -> torch.Tensor:
-    """Output gradients as rows: (N, m) for Linear, (N·T, m) for Conv2d ((N, m, H, W) channels-last)."""
-    if e.dim() == 2:
-        return e
-    return e.flatten(2).transpose(1, 2).reshape(-1, e.shape[1])
+    """Output gradients as rows, in the order of :func:`input_rows`: (N·T, m) for a Linear layer (units
+    on the last axis; T = 1 for (N, m), the tokens for (N, T, m)) and for a Conv2d ((N, m, H, W),
+    T = H·W locations)."""
+    if e.dim() == 4:
+        return e.flatten(2).transpose(1, 2).reshape(-1, e.shape[1])
+    return e.reshape(-1, e.shape[-1])
 
 
 def locations(module: nn.Module, s: torch.Tensor) -> int:
-    """T, the number of output locations per sample (1 for Linear)."""
-    return 1 if s.dim() == 2 else s.shape[2] * s.shape[3]
+    """T, the number of output locations per sample: H·W for a Conv2d, the tokens (1 for (N, m)) for a
+    Linear layer."""
+    if isinstance(module, nn.Conv2d):
+        return s.shape[2] * s.shape[3]
+    return s[..., 0].numel() // s.shape[0]
 
 
 def weight_gradient_matrix(module: nn.Module, bias: bool = True) -> torch.Tensor | None:
