@@ -1,6 +1,6 @@
 """The user's own model in a study (``model: {name: custom, factory: ...}``): built from a file or an
-importable module, run from the CLI by the dense, wide & sparse and adaptive methods, and refused with
-one clear line when the factory is wrong."""
+importable module, run from the CLI by the dense, wide & sparse, adaptive and self-expanding methods,
+and refused with one clear line when the factory is wrong."""
 
 from __future__ import annotations
 
@@ -99,7 +99,9 @@ def _study(tmp_path, factory: str, extra: str = "") -> str:
         train: {{epochs: 2, batch_size: 32, optimizer: {{name: adam, lr: 0.01}}, checkpoint_every: 0}}
         seeds: [0]
         sweep:
-          method: [{{name: dense}}, {{name: widesparse, base_width: 8}}, {{name: adaptive, sites: ["inp+1"]}}]
+          method: [{{name: dense}}, {{name: widesparse, base_width: 8}}, {{name: adaptive, sites: ["inp+1"]}},
+                   {{name: expanding, architecture: model, optimizer: default, tau: 0.0, alpha: 0.0,
+                     max_widths: [16], proposals: 4, mala_bursts: 2, max_additions: 2}}]
         {extra}"""))
     return str(path)
 
@@ -110,7 +112,7 @@ def test_a_study_runs_the_user_model_under_dense_widesparse_and_adaptive(tmp_pat
     out = tmp_path / "out"
     assert main(["run", _study(tmp_path, "user_model.py:build"), "--out", str(out), "--quiet"]) == 0
     runs = {s["method"]: s for s in json.loads((out / "summary.json").read_text())}
-    assert set(runs) == {"dense", "widesparse", "adaptive"}
+    assert set(runs) == {"dense", "widesparse", "adaptive", "expanding"}
     assert all(s["status"] == "done" for s in runs.values()), {m: s["error"] for m, s in runs.items()}
     # Iris: 4 features, 3 classes. Wide & sparse keeps the width-8 base's weights N(8) at width 12.
     assert runs["widesparse"]["nonzero_weights"] == 4 * 8 + 8 * 8 + 8 * 3
@@ -122,6 +124,10 @@ def test_a_study_runs_the_user_model_under_dense_widesparse_and_adaptive(tmp_pat
     assert set(runs["adaptive"]["adaptive_widths"]) == {"inp+1"} and runs["adaptive"]["resizes"] >= 0
     assert runs["adaptive"]["widths"] == runs["adaptive"]["adaptive_widths"]
     assert runs["dense"]["widths"] == {"width": 12}
+    # Self-expansion grows the same residual width (hid reads and writes it) from the built 12 units.
+    grown = runs["expanding"]
+    assert grown["sites"] == ["inp+1"] and grown["start_widths"] == [12]
+    assert 12 < grown["final_widths"][0] <= 16 and grown["neurons_added"] == grown["final_widths"][0] - 12
 
 
 def test_a_bad_factory_in_a_study_is_one_line_exit_2(tmp_path, factory_file, capsys):

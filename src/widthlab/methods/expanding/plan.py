@@ -2,7 +2,9 @@
 
 The runner first builds the plain model named in ``model:``; this builder replaces it with an
 :class:`~.model.ExpandableMLP` on the task's flattened input (``data.input_shape``, ``data.num_outputs``),
-or with ``architecture: cnn`` an :class:`~.model.ExpandableCNN` whose channels grow.
+or with ``architecture: cnn`` an :class:`~.model.ExpandableCNN` whose channels grow; with
+``architecture: model`` it keeps the plain model (a built-in one or the user's ``model: {name: custom}``)
+and grows the widths discovery finds in it (``sites:`` names some).
 From the plain model it only reads the starting hidden widths when ``start_widths`` is not given (an
 ``mlp`` with ``widths: [...]`` or ``width``/``depth``); everything else of ``model:`` is ignored. To start
 from a linear model (experiment 2) give ``start_widths: []``.
@@ -51,6 +53,7 @@ from torch import nn
 
 from widthlab.data.base import TaskData
 from widthlab.methods.base import MethodPlan
+from widthlab.methods.expanding.any_model import SiteController, SiteNetwork
 from widthlab.methods.expanding.controller import ExpansionConfig, ExpansionController
 from widthlab.methods.expanding.kfac_optimizer import KFACOptimizer
 from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
@@ -110,6 +113,7 @@ def build(
     seed: int,
     architecture: str = "mlp",
     start_widths: Sequence[int] | None = None,
+    sites: Sequence[str] | None = None,
     max_widths: Sequence[int] = (16, 16, 16),
     init: str = "lecun",
     eps_mode: str = "floor",
@@ -172,7 +176,10 @@ def build(
         architecture: ``"mlp"`` (:class:`~.model.ExpandableMLP`, neurons and layers grow) or ``"cnn"``
             (:class:`~.model.ExpandableCNN` on (C, H, W) inputs, channels grow; one stage per entry of
             ``start_widths``).
+            ``"model"``: the study's own model (``model:``, e.g. ``name: custom``) grows at the widths
+            discovery finds in it (:mod:`.any_model`: Linear/Conv2d sites and groups; no layers).
         start_widths: initial hidden widths (``[]``: a linear model) or channels per CNN stage.
+        sites: ``architecture: model`` only: the discovered sites or groups to grow (default: all).
         max_widths: cap per hidden-layer position; its length is the largest number of hidden layers.
         init, eps_mode: Linear init (``lecun`` official, ``torch``) and rational guard (``floor``, ``add``).
         optimizer: ``cg`` (official), ``kfac`` or ``default`` (the study's ``train.optimizer``).
@@ -186,9 +193,19 @@ def build(
         Others: see :class:`~.controller.ExpansionConfig` (``bias_in_factors`` is its ``bias``).
     """
     loss = "cross_entropy" if data.task == "classification" else "mse"
-    widths = _start_widths(model, start_widths)
+    widths = [] if architecture == "model" else _start_widths(model, start_widths)
     gen = torch.Generator().manual_seed(seed)
-    if architecture == "mlp":
+    if sites is not None and architecture != "model":
+        raise ValueError(f"sites: only with architecture 'model' (architecture {architecture!r} grows all "
+                         "its hidden layers)")
+    if architecture == "model":
+        if start_widths is not None:
+            raise ValueError("start_widths: with architecture 'model' the model's own widths are the start "
+                             "(set them in model:)")
+        example = torch.stack([torch.as_tensor(data.train[i][0]) for i in range(min(2, len(data.train)))])
+        net = SiteNetwork(model, example, None if sites is None else list(sites))
+        widths = net.hidden_widths()
+    elif architecture == "mlp":
         net = ExpandableMLP(math.prod(data.input_shape), data.num_outputs, widths, init=init,
                             eps_mode=eps_mode, generator=gen)
     elif architecture == "cnn":
@@ -196,7 +213,7 @@ def build(
             raise ValueError(f"architecture 'cnn' needs (C, H, W) inputs, the data has {data.input_shape}")
         net = ExpandableCNN(data.input_shape, data.num_outputs, widths, eps_mode=eps_mode, generator=gen)
     else:
-        raise ValueError(f"architecture must be 'mlp' or 'cnn', got {architecture!r}")
+        raise ValueError(f"architecture must be 'mlp', 'cnn' or 'model', got {architecture!r}")
     if optimizer == "cg":
         opt_options = {"lr": lr, "damping": damping, "maxiter": cg_maxiter, "tol": cg_tol,
                        "weight_decay": weight_decay, "output_metric": output_metric}
@@ -224,5 +241,9 @@ def build(
         eta_damping=damping if optimizer == "cg" else 0.1,
         optimizer_mode="reset" if optimizer == "kfac" else "keep")
     summary: dict = {"start_widths": widths, "optimizer": optimizer}
-    controller = ExpansionController(net, config, loss, seed=seed, summary=summary)
+    if architecture == "model":
+        summary["sites"] = [p.name for p in net.places]
+        controller: ExpansionController = SiteController(net, config, loss, seed=seed, summary=summary)
+    else:
+        controller = ExpansionController(net, config, loss, seed=seed, summary=summary)
     return MethodPlan(net, [hook, controller], summary)
