@@ -10,10 +10,11 @@ moment it grows.
 ``SelfExpanding`` drives the method's controller from your own loop: ``start()`` before training,
 ``epoch_end()`` after each epoch (an expansion event every ``cooldown`` epochs), and the optimizer it
 was given is remapped after each insertion: Adam keeps the state of every old weight, and the new
-neurons' moments start at m = 0, v = 1. The same object grows your own model too: at every width
-between two ``nn.Linear`` layers that ``torch.fx`` discovery finds, candidates are scored through that
-width's own activation (here a ReLU) and inserted with zero outgoing weights. Sizes are small so that it
-runs in seconds.
+neurons' moments start at m = 0, v = 1. The same object grows your own model too: at every width of
+``nn.Linear``/``nn.Conv2d`` layers that ``torch.fx`` discovery finds (sites, and groups tied by residual
+additions; ``examples/residual_network.py`` grows a ResNet's), candidates are scored through that
+width's own operations (here a ReLU) and inserted with zero outgoing weights. Sizes are small so that
+it runs in seconds.
 
 Run: ``python examples/self_expanding_plain_loop.py``.
 """

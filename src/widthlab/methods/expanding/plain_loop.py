@@ -20,9 +20,9 @@ and second moments 1, as the Trainer does). ::
 
 The model is one of the method's expandable networks (:class:`~.model.ExpandableMLP`,
 :class:`~.model.ExpandableCNN`: neurons with their own rational activation, and layers, grow), or any
-other ``nn.Module``: then neurons grow at the width sites between two ``nn.Linear`` layers that
-``torch.fx`` discovery finds (:mod:`.any_model`: candidates scored through each site's own activation,
-inserted by width surgery; no layer insertion).
+other ``nn.Module``: then units grow at the sites and groups of ``nn.Linear``/``nn.Conv2d`` layers that
+``torch.fx`` discovery finds (:mod:`.any_model`: candidates scored through each width's own operations
+at every consumer, inserted by width surgery; no layer insertion).
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ class SelfExpanding:
 
     Args:
         model: an :class:`~.model.ExpandableMLP` or :class:`~.model.ExpandableCNN`, or any model with
-            Linear -> Linear width sites (``sites`` names some; ``max_widths`` caps each, in order).
+            discoverable Linear/Conv2d widths (``sites`` names some; ``max_widths`` caps each, in order).
         optimizer: the optimizer training it; remapped after every insertion (None: only the events).
         train_data: ``(x, y)`` tensors the expansion events score candidates on (all of it, or a fixed
             random subset of ``score_batch`` examples).
         loss: ``"cross_entropy"`` (classification) or ``"mse"``.
         epochs: the planned number of epochs (for ``expand_at_end``); None: open-ended.
         seed: seeds the proposals.
-        sites: any other model only: the discovered sites to grow (None: every Linear -> Linear one).
+        sites: any other model only: the discovered sites or groups to grow (None: every one).
         **config: :class:`~.controller.ExpansionConfig` fields (``tau``, ``alpha``, ``cooldown``,
             ``max_widths``, ``proposals``, ``mala_bursts``...).
     """
@@ -129,6 +129,11 @@ class SelfExpanding:
         """Run one expansion event now, whatever the schedule."""
         self._sync()
         return self._apply(self.controller.expand(self.state))
+
+    def last_scores(self) -> dict[str, float]:
+        """The last event's η_global and, per place, the chosen candidate's relative score
+        (``score_rel.width<i>``, against τ) and absolute score (``score_abs.width<i>``, against α)."""
+        return dict(self.controller._last)
 
     def summary(self) -> dict[str, Any]:
         """The run's totals (events, neurons and layers added, time and FLOPs spent expanding)."""
