@@ -16,6 +16,7 @@ _API = {
     "allocate": "widthlab.methods.widesparse.families",
     "sparsify": "widthlab.methods.widesparse.sparsify",
     "SelfExpanding": "widthlab.methods.expanding.plain_loop",
+    "LayerSlot": "widthlab.nn.layer_slot",
 }
 __all__ = ["__version__", *_API]
 

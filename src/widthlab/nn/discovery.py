@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from widthlab.nn.rational import RationalActivation
 from widthlab.nn.resize import WidthSite
 
 __all__ = ["Discovery", "DiscoveryError", "FixedWidth", "WidthGroup", "discover", "width_sites"]
@@ -144,7 +145,7 @@ class _Tracer(fx.Tracer):
         self.stack: list[tuple[str, str]] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (RationalActivation, *self.extra_leaves)) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
@@ -315,6 +316,12 @@ class _Follower:
                 self.unit[node] = (w, axis)
             else:
                 w.fixed.append(f"{name} ({type(mod).__name__}) normalises over more than the unit axis")
+        elif isinstance(mod, RationalActivation):
+            if axis == (mod.dim % len(shape) if shape else -1):
+                w.norms.append(name)  # per-unit coefficients: resized with the width, like a norm
+                self.unit[node] = (w, axis)
+            else:
+                w.fixed.append(f"{name} (RationalActivation) has its units on another axis")
         elif isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
             w.fixed.append(f"{name} (PReLU) has one slope per unit, which resizing does not edit")
         elif isinstance(mod, _ELEMENTWISE_MODULES):

@@ -13,6 +13,7 @@ producers and its consumers, on new units only:
 * per-unit operations (activations, dropout, pooling, reductions and flattens that keep the unit axis,
   arithmetic between the width's tensors, with scalars or with broadcasts): applied to the new units
   as the graph applies them to the old ones;
+* a rational activation (Mitchell et al. 2023): a new unit's own, at its identity coefficients;
 * a BatchNorm, or an InstanceNorm that tracks running statistics: a new unit's own, in evaluation
   mode (weight 1, bias 0, running mean 0, variance 1: z / √(1 + eps)); an InstanceNorm without running
   statistics normalises the new unit over its own positions;
@@ -35,6 +36,7 @@ from torch import fx, nn
 from torch.fx.node import map_arg
 
 from widthlab.nn.discovery import DiscoveryError
+from widthlab.nn.rational import RationalActivation
 
 __all__ = ["UnitPath", "produce", "record_values"]
 
@@ -144,6 +146,8 @@ class UnitPath:
     def _step(self, node: fx.Node, modules: Mapping[str, nn.Module]) -> tuple[str, object]:
         if node.op == "call_module":
             m = modules[node.target]
+            if isinstance(m, RationalActivation):
+                return "scale", 1.0  # a new unit's coefficients start at the identity (v = c = 0, l = 1)
             if isinstance(m, _RUNNING_NORMS) or (isinstance(m, _INSTANCE_NORMS) and m.track_running_stats):
                 return "scale", 1.0 / math.sqrt(1.0 + m.eps)
             if isinstance(m, _INSTANCE_NORMS):

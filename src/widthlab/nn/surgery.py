@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from widthlab.nn.rational import RationalActivation
 from widthlab.nn.resize import ParamResize, ResizeEvent, WidthSite
 
 # Incoming init: fills the new producer rows (n_new, fan_in, *kernel) and bias (n_new,) or None in place.
@@ -55,6 +56,8 @@ _CHANNEL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNo
 _UNIT_AXIS_NORMS = (nn.LayerNorm, nn.RMSNorm)
 # Values that make a new unit's norm an identity map on a standardised input.
 _NORM_FILL = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+# A rational activation's new units start at the identity (v = c = 0, l = 1: σ(x) = x).
+_RATIONAL_FILL = {"v": 0.0, "c": 0.0, "l": 1.0}
 
 
 def resize_site(
@@ -172,7 +175,9 @@ def _check_site(site: WidthSite, model: nn.Module | None) -> int:
         raise ValueError(f"site {site.name!r}: the consumer takes {consumer_in} inputs but the producer "
                          f"makes {width} units (a flatten between them is not supported)")
     for norm in site.norms:
-        if isinstance(norm, _CHANNEL_NORMS):
+        if isinstance(norm, RationalActivation):
+            size = norm.num_units
+        elif isinstance(norm, _CHANNEL_NORMS):
             size = norm.num_features
         elif isinstance(norm, _UNIT_AXIS_NORMS):
             shape = tuple(norm.normalized_shape)
@@ -186,7 +191,7 @@ def _check_site(site: WidthSite, model: nn.Module | None) -> int:
         if size != width:
             raise ValueError(f"site {site.name!r}: {type(norm).__name__} has {size} features, "
                              f"width is {width}")
-        for attr in ("weight", "bias"):
+        for attr in ("v", "c", "l") if isinstance(norm, RationalActivation) else ("weight", "bias"):
             _check_plain_param(site, "norm", norm, attr)
     if model is not None:
         _check_not_shared(site, model)
@@ -327,12 +332,12 @@ Edit = tuple[nn.Module, str, str, int, "torch.Tensor | None"]
 
 def _norm_edits(norm: nn.Module, name: str, n_new: int) -> list[Edit]:
     """A per-unit norm's parameters and running statistics, new units filled to act as identities."""
+    fill = _RATIONAL_FILL if isinstance(norm, RationalActivation) else _NORM_FILL
     edits = []
-    for attr in ("weight", "bias", "running_mean", "running_var"):
+    for attr, value in fill.items():
         t = getattr(norm, attr, None)
         if t is not None:
-            edits.append((norm, attr, name, 0, torch.full((n_new,), _NORM_FILL[attr], dtype=t.dtype,
-                                                          device=t.device)))
+            edits.append((norm, attr, name, 0, torch.full((n_new,), value, dtype=t.dtype, device=t.device)))
     return edits
 
 
@@ -382,7 +387,9 @@ def _set_width_attributes(site: WidthSite, new_width: int) -> None:
     else:
         c.in_channels = new_width
     for norm in site.norms:
-        if isinstance(norm, _CHANNEL_NORMS):
+        if isinstance(norm, RationalActivation):
+            norm.num_units = new_width
+        elif isinstance(norm, _CHANNEL_NORMS):
             norm.num_features = new_width
         else:
             norm.normalized_shape = (new_width,)

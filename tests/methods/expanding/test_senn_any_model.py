@@ -20,6 +20,7 @@ from widthlab.methods.expanding.any_model import SiteNetwork, _score_fn
 from widthlab.methods.expanding.fisher import per_sample_loss
 from widthlab.methods.expanding.plain_loop import SelfExpanding
 from widthlab.nn.discovery import DiscoveryError
+from widthlab.nn.layer_slot import LayerSlot
 from widthlab.nn.optim_surgery import assert_optimizer_matches
 
 FAST = dict(tau=0.0, alpha=0.0, cooldown=1, proposals=4, mala_bursts=1, mala_steps=2, max_additions=2)
@@ -224,3 +225,92 @@ def test_what_cannot_grow_is_one_clear_error():
     with pytest.raises(DiscoveryError, match=r"1 \(Gate\).*data-dependent control flow"):
         SelfExpanding(nn.Sequential(nn.Linear(4, 8), Gate(), nn.Linear(8, 2)), None,
                       (torch.randn(2, 4), torch.zeros(2).long()))
+
+
+class SlotNet(nn.Module):
+    """A user's MLP that offers a place for new layers between its hidden layer and its head."""
+
+    def __init__(self, max_layers=2):
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.grow_here = LayerSlot(6, max_layers=max_layers)
+
+    def forward(self, x):
+        return self.out(self.grow_here(torch.relu(self.inp(x))))
+
+
+def _blobs(n=96):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return (3 * torch.randn(3, 5, generator=g))[y] + torch.randn(n, 5, generator=g), y
+
+
+def test_a_layer_slot_inserts_bitwise_identity_layers_whose_width_is_a_site():
+    torch.manual_seed(0)
+    model, (x, _) = SlotNet(), _blobs()
+    with torch.no_grad():
+        before = model(x)
+    ev = model.grow_here.insert("grow_here")
+    assert [n for n, _ in ev.added] == ["grow_here.layers.0.linear.weight", "grow_here.layers.0.linear.bias",
+                                        "grow_here.layers.0.act.v", "grow_here.layers.0.act.c",
+                                        "grow_here.layers.0.act.l"]
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # W = I, b = 0, σ = identity: every product is x·1 or x·0
+    net = SiteNetwork(model, x[:2])
+    assert [p.name for p in net.places] == ["inp", "grow_here.layers.0.linear"]
+    assert net.places[1].site.norm_names == ("grow_here.layers.0.act",)
+    net.grow(net.places[1], 2, "kaiming")  # the inserted layer's width grows with its rational units
+    act = model.grow_here.layers[0].act
+    assert act.num_units == 8 and act.v[6:].eq(0).all() and act.c[6:].eq(0).all() and act.l[6:].eq(1).all()
+    with torch.no_grad():
+        assert_equal_up_to_rounding(model(x), before, terms=6 + 8 + 8,
+                                    magnitude=forward_magnitude(model, x))
+    with pytest.raises(ValueError, match="'grow_here' is full"):
+        model.grow_here.insert("grow_here"), model.grow_here.insert("grow_here")
+
+
+@pytest.mark.numerics
+def test_plain_loop_inserts_layers_into_slots_and_grows_them():
+    torch.manual_seed(0)
+    model, (x, y) = SlotNet(), _blobs()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    se = SelfExpanding(model, opt, (x, y), expand_at_start=False, alpha_layer=0.0, layer_cost_mul=1e-9,
+                       layer_cooldown=1, max_widths=[12], layer_proposals=4,
+                       **{**FAST, "max_additions": 3})
+    for _ in range(2):
+        for _ in range(3):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            before = model(x)
+        assert se.epoch_end()
+        assert_optimizer_matches(opt, model)  # new layers' parameters joined, with empty state
+        with torch.no_grad():
+            terms = sum(m.weight[0].numel() for m in _layers(model))
+            assert_equal_up_to_rounding(model(x), before, terms=terms, magnitude=forward_magnitude(model, x))
+        model.train()
+    assert se.model.layers() == {"grow_here": 2} and se.summary()["layers_added"] == 2
+    assert se.model.widths()["grow_here.layers.0.linear"] > 6  # an inserted layer's width grew too
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    arch, state = se.model.architecture(), copy.deepcopy(se.model.state_dict())  # resume
+    fresh = SiteNetwork(SlotNet(), x[:2])
+    fresh.set_architecture(arch)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), se.model.eval()(x))
+
+
+def test_a_slot_must_feed_one_linear_layer():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.slot, self.out = nn.Linear(5, 6), LayerSlot(6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.slot(self.inp(x))))
+
+    with pytest.raises(DiscoveryError, match="layer slot 'slot' must feed exactly one nn.Linear"):
+        SiteNetwork(Bad(), torch.randn(2, 5))

@@ -24,9 +24,16 @@ controller runs on the widths ``torch.fx`` discovery finds in any model (:mod:`w
 * **insertion** is plain width surgery on the place (new rows of every producer, zero columns of every
   consumer), so the function is unchanged.
 
-Layers are not inserted (a user's model offers no place for one: ``supports_depth = False``). A width
-whose path holds an operation a new unit cannot pass alone (a LayerNorm over its units, a view with
-the width written into it, a grouped convolution) is skipped with the reason, or refused when named.
+* **layers** are inserted where the model offers a place: a :class:`~widthlab.nn.layer_slot.LayerSlot`
+  feeding a Linear layer. The layer candidate is scored as the paper's are (k = d units reading what
+  the slot's consumer reads, at that consumer, with the natural-gradient residual, divided by
+  ``layer_cost_mul`` against τ and α_layer) and inserted as the identity (weight I, a rational
+  activation at its identity coefficients: bitwise the same function); its width is then a site like
+  any other. A model without slots grows widths only.
+
+A width whose path holds an operation a new unit cannot pass alone (a LayerNorm over its units, a view
+with the width written into it, a grouped convolution) is skipped with the reason, or refused when
+named.
 """
 
 from __future__ import annotations
@@ -44,11 +51,12 @@ from widthlab.methods.expanding.fisher import per_sample_loss
 from widthlab.methods.expanding.kfac import conv_padding
 from widthlab.nn.discovery import DiscoveryError, WidthGroup, discover
 from widthlab.nn.group_surgery import resize_group
+from widthlab.nn.layer_slot import LayerSlot
 from widthlab.nn.new_units import UnitPath, produce, record_values
 from widthlab.nn.resize import ResizeEvent, WidthSite
 from widthlab.nn.surgery import resize_site
 
-__all__ = ["Place", "PlaceLayout", "SiteController", "SiteNetwork", "consumer_rows"]
+__all__ = ["Place", "PlaceLayout", "SiteController", "SiteNetwork", "Slot", "consumer_rows"]
 
 
 def consumer_rows(consumer: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -143,33 +151,77 @@ def _score_fn(features: Callable[[torch.Tensor], list[torch.Tensor]], residuals:
     return score
 
 
+@dataclass
+class Slot:
+    """A :class:`~widthlab.nn.layer_slot.LayerSlot` of the model and the Linear layer that reads it."""
+
+    name: str
+    module: LayerSlot
+    consumer: str
+
+
 class SiteNetwork(nn.Module):
-    """A user's model seen as the controller's expandable network: its discovered sites and groups.
+    """A user's model seen as the controller's expandable network: its discovered sites and groups, and
+    the :class:`~widthlab.nn.layer_slot.LayerSlot` s where layers may be inserted.
 
     Module names inside are ``net.<the model's names>``; the model itself is edited in place.
 
     Args:
         net: the user's model.
         example_inputs: a small batch its forward accepts (for tracing and shapes).
-        sites: names of the sites or groups to grow (None: every one new units can be computed for).
+        sites: names of the sites or groups to grow (None: every one new units can be computed for;
+            the widths of layers inserted later are always grown).
     """
-
-    supports_depth = False
 
     def __init__(self, net: nn.Module, example_inputs: torch.Tensor, sites: list[str] | None = None):
         super().__init__()
         self.net = net
-        found = discover(net, example_inputs)
+        self._example = example_inputs[:2].detach()
+        self._named = None if sites is None else list(sites)
+        self.slots = self._find_slots()
+        self.refresh()
+        self._check_runs(self._example)
+
+    @property
+    def supports_depth(self) -> bool:
+        return bool(self.slots)
+
+    def _find_slots(self) -> list[Slot]:
+        """Every LayerSlot, with the Linear layer that reads its output (the consumer a new layer's
+        units are scored at); a slot that does not feed one Linear on (batch, features) is refused."""
+        names = [n for n, m in self.net.named_modules() if isinstance(m, LayerSlot)]
+        if not names:
+            return []
+        graph = discover(self.net, self._example, leaf_modules=(LayerSlot,)).graph
+        modules = dict(self.net.named_modules())
+        slots = []
+        for node in graph.graph.nodes:
+            if node.op != "call_module" or node.target not in names:
+                continue
+            users = list(node.users)
+            meta = node.args[0].meta.get("tensor_meta") if node.args else None
+            if len(users) != 1 or users[0].op != "call_module" or \
+                    not isinstance(modules.get(users[0].target), nn.Linear):
+                raise DiscoveryError(f"layer slot {node.target!r} must feed exactly one nn.Linear layer")
+            if meta is None or len(meta.shape) != 2:
+                raise DiscoveryError(f"layer slot {node.target!r} must see (batch, features) inputs")
+            slots.append(Slot(node.target, modules[node.target], users[0].target))
+        return slots
+
+    def refresh(self) -> None:
+        """Discover the places again (after a layer insertion: the new layer's width is a new site)."""
+        found = discover(self.net, self._example)
         options: dict[str, tuple[WidthSite | None, WidthGroup | None]]
         options = {s.name: (s, None) for s in found.sites}
         options.update({g.name: (None, g) for g in found.groups})
-        if sites is not None:
-            for name in sites:
+        inserted = [n for n in options if any(n.startswith(f"{s.name}.layers.") for s in self.slots)]
+        if self._named is not None:
+            for name in self._named:
                 if name not in options:
                     found.site(name)  # raises naming why (tied, fixed, unknown)
         self.places: list[Place] = []
         self.skipped: dict[str, str] = {}
-        chosen = list(options) if sites is None else list(sites)
+        chosen = list(options) if self._named is None else list(dict.fromkeys(self._named + inserted))
         for name in chosen:
             site, group = options[name]
             producers = (site.producer_name,) if site else group.producers
@@ -178,14 +230,25 @@ class SiteNetwork(nn.Module):
                 path = UnitPath(found.graph, name, producers, consumers)
                 self.places.append(Place(name, tuple(producers), tuple(consumers), path, site, group))
             except DiscoveryError as e:
-                if sites is not None:
+                if self._named is not None and name in self._named:
                     raise DiscoveryError(f"{name!r} cannot grow by self-expansion: {e}") from None
                 self.skipped[name] = str(e)
-        if not self.places:
+        if not self.places and not self.slots:
             fixed = "; ".join(f"{', '.join(f.producers)}: {'; '.join(f.reasons)}" for f in found.fixed)
-            raise DiscoveryError(f"{type(net).__name__} has no width that self-expansion can grow "
+            raise DiscoveryError(f"{type(self.net).__name__} has no width that self-expansion can grow "
                                  f"(skipped: {self.skipped or 'none found'}; fixed: {fixed or 'none'})")
-        self._check_runs(example_inputs)
+
+    def insert_layer(self, index: int) -> ResizeEvent:
+        """Insert an identity layer at the end of slot ``index`` (bitwise the same function) and
+        discover the places again."""
+        slot = self.slots[index]
+        ev = slot.module.insert(prefix=slot.name)
+        self.refresh()
+        return ev
+
+    def layers(self) -> dict[str, int]:
+        """Layers inserted so far, per slot."""
+        return {s.name: len(s.module.layers) for s in self.slots}
 
     def _check_runs(self, example_inputs: torch.Tensor) -> None:
         """Replay two random candidates at every place on the example, so that an operation new units
@@ -193,7 +256,7 @@ class SiteNetwork(nn.Module):
         modes = [(m, m.training) for m in self.net.modules()]
         self.net.eval()
         try:
-            values = self.record(example_inputs)
+            values = self.record(example_inputs) if self.places else {}
             for place in self.places:
                 layout = self.layout(place)
                 theta = layout.random(2, None, torch.float32)
@@ -250,10 +313,14 @@ class SiteNetwork(nn.Module):
         return resize_group(self.net, place.group, None, n_new, init_in=init_in, init_out="zeros")
 
     def architecture(self) -> dict:
-        return {"kind": "sites", "widths": self.widths()}
+        return {"kind": "sites", "widths": self.widths(), "layers": self.layers()}
 
     def set_architecture(self, arch: dict) -> None:
-        """Grow every place to the widths of ``arch`` (a checkpoint's; its weights are loaded next)."""
+        """Insert the layers and grow every place to the widths of ``arch`` (a checkpoint's; its weights
+        are loaded next)."""
+        for i, slot in enumerate(self.slots):
+            for _ in range(int(arch.get("layers", {}).get(slot.name, 0)) - len(slot.module.layers)):
+                self.insert_layer(i)
         for place in self.places:
             extra = int(arch["widths"].get(place.name, self.width(place))) - self.width(place)
             if extra < 0:
@@ -298,6 +365,25 @@ class SiteController(ExpansionController):
             out[i] = self._candidate(ctx, "width", i, exact, norm, thetas, layout, abs_norm)
         return out
 
+    def _depth_allowed(self, model: SiteNetwork) -> bool:
+        """A layer may be inserted after the layer cooldown into a slot with room."""
+        return self.layer_cd <= 0 and any(s.module.room > 0 for s in model.slots)
+
+    def _depth_candidate(self, model: SiteNetwork, ctx) -> Candidate:
+        """The best new layer over the slots with room: k = d units reading what the slot's consumer
+        reads now, scored at that consumer with the natural-gradient residual, as the paper's layer
+        candidates (then inserted as the identity)."""
+        best = None
+        for i, slot in enumerate(model.slots):
+            if slot.module.room <= 0:
+                continue
+            h = ctx.obs.layers[f"net.{slot.consumer}"].a
+            (cand,) = self._evaluate_units(ctx, "depth", [(i, f"net.{slot.consumer}", h)], h.shape[1],
+                                           self.cfg.layer_proposals, "natural")
+            if best is None or cand.delta > best.delta:
+                best = cand
+        return best
+
     def _changed_by(self, model: SiteNetwork, index: int) -> list[int]:
         """The place that grew (its consumers' A) and every place whose producer is one of its consumers
         (that producer's fan-in grew)."""
@@ -306,6 +392,10 @@ class SiteController(ExpansionController):
 
     def _commit(self, model: SiteNetwork, cand: Candidate, x: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> ResizeEvent:
+        if cand.kind == "depth":
+            ev = model.insert_layer(cand.index)
+            return ExpansionEvent(ev.params, ev.added, ev.removed, ev.description, dict(model.widths()),
+                                  optimizer_mode=self.cfg.optimizer_mode)
         place = model.places[cand.index]
         ref = model.module(place.producers[0]).weight
         blocks = iter(cand.layout.split(cand.theta[None].to(dtype=ref.dtype, device=ref.device)))
