@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def sequential_mlp():
-    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 12), nn.BatchNorm1d(12), nn.Tanh(),
-                         nn.Dropout(0.1), nn.Linear(12, 3))
+def sequential_mlp(widths=(16, 12)):
+    a, b = widths
+    return nn.Sequential(nn.Linear(5, a), nn.ReLU(), nn.Linear(a, b), nn.BatchNorm1d(b), nn.Tanh(),
+                         nn.Dropout(0.1), nn.Linear(b, 3))
 
 
 class Block(nn.Module):
@@ -74,10 +75,10 @@ class EncoderBlock(nn.Module):
 class TwoTowers(nn.Module):
     """A user-written forward: two towers summed, a mixer, and a concatenation feeding the head."""
 
-    def __init__(self):
+    def __init__(self, width=10):
         super().__init__()
-        self.a, self.b = nn.Linear(6, 10), nn.Linear(6, 10)
-        self.mix = nn.Linear(10, 8)
+        self.a, self.b = nn.Linear(6, width), nn.Linear(6, width)
+        self.mix = nn.Linear(width, 8)
         self.side = nn.Linear(6, 4)
         self.out = nn.Linear(12, 2)
 
