@@ -181,11 +181,15 @@ def test_a_group_is_scored_at_every_consumer():
     assert net.layout(stream).size == 27 + 72 + 72
 
 
-def test_resume_grows_a_fresh_model_to_the_checkpoint_widths():
+def test_resume_grows_a_fresh_model_to_the_checkpoint_widths_and_best_epoch_restores_shrink():
     model, x, y = _data("resnet")
     se = SelfExpanding(model, None, (x, y), expand_at_start=False, max_widths=[64], **FAST)
+    early_arch, early_state = se.model.architecture(), copy.deepcopy(se.model.state_dict())
+    with torch.no_grad():
+        early_out = se.model.eval()(x)
     se.expand()
     arch, state = se.model.architecture(), copy.deepcopy(se.model.state_dict())
+    assert arch["widths"] != early_arch["widths"]
     torch.manual_seed(1)
     fresh = SiteNetwork(ResNet(), x[:2])
     fresh.set_architecture(arch)
@@ -193,6 +197,12 @@ def test_resume_grows_a_fresh_model_to_the_checkpoint_widths():
     assert fresh.widths() == se.model.widths()
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), se.model.eval()(x))
+    # Restoring an earlier (best-epoch) checkpoint: its units are a prefix of today's.
+    se.model.set_architecture(early_arch)
+    se.model.load_state_dict(early_state)
+    assert se.model.widths() == early_arch["widths"]
+    with torch.no_grad():
+        assert torch.equal(se.model.eval()(x), early_out)
 
 
 def test_a_dead_candidate_behind_a_relu_scores_zero():
@@ -301,6 +311,9 @@ def test_plain_loop_inserts_layers_into_slots_and_grows_them():
     fresh.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), se.model.eval()(x))
+    fresh.set_architecture({"widths": {"inp": 6}, "layers": {"grow_here": 0}})  # back to the start
+    assert fresh.widths() == {"inp": 6} and fresh.layers() == {"grow_here": 0}
+    assert fresh.net.inp.weight.shape == (6, 5) and fresh.net.out.weight.shape == (3, 6)
 
 
 def test_a_slot_must_feed_one_linear_layer():

@@ -316,18 +316,37 @@ class SiteNetwork(nn.Module):
         return {"kind": "sites", "widths": self.widths(), "layers": self.layers()}
 
     def set_architecture(self, arch: dict) -> None:
-        """Insert the layers and grow every place to the widths of ``arch`` (a checkpoint's; its weights
-        are loaded next)."""
+        """Take the layers and widths of ``arch`` (a checkpoint's, whose weights are loaded next: a later
+        one when resuming, an earlier one when the best epoch is restored). Growth only appends, so an
+        earlier state's units and layers are a prefix of the present ones: widths shrink to that prefix
+        and layers beyond it are dropped."""
         for i, slot in enumerate(self.slots):
-            for _ in range(int(arch.get("layers", {}).get(slot.name, 0)) - len(slot.module.layers)):
+            n = int(arch.get("layers", {}).get(slot.name, 0))
+            if n < len(slot.module.layers):
+                # The consumer then reads what entered layer n: give it that many input columns (a
+                # prefix, zero-padded; the checkpoint's weights replace them).
+                d = slot.module.layers[n].linear.in_features
+                del slot.module.layers[n:]
+                consumer = self.module(slot.consumer)
+                w = consumer.weight.detach()
+                new = w.new_zeros(w.shape[0], d)
+                new[:, :min(d, w.shape[1])] = w[:, :d]
+                consumer.weight = nn.Parameter(new, requires_grad=consumer.weight.requires_grad)
+                consumer.in_features = d
+                self.refresh()
+            while len(slot.module.layers) < n:
                 self.insert_layer(i)
         for place in self.places:
-            extra = int(arch["widths"].get(place.name, self.width(place))) - self.width(place)
-            if extra < 0:
-                raise ValueError(f"checkpoint width {place.name!r} is smaller than the model's "
-                                 "(self-expansion only grows widths)")
-            if extra:
-                self.grow(place, extra)
+            target = int(arch["widths"].get(place.name, self.width(place)))
+            now = self.width(place)
+            if target > now:
+                self.grow(place, target - now)
+            elif target < now:
+                keep = torch.arange(target)
+                if place.site is not None:
+                    resize_site(place.site, keep, 0, model=self.net)
+                else:
+                    resize_group(self.net, place.group, keep, 0)
 
 
 class SiteController(ExpansionController):
