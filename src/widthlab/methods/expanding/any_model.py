@@ -176,7 +176,9 @@ class SiteNetwork(nn.Module):
     def __init__(self, net: nn.Module, example_inputs: torch.Tensor, sites: list[str] | None = None):
         super().__init__()
         self.net = net
-        self._example = example_inputs[:2].detach()
+        # A buffer, so that it follows the model to another device (discovery runs it again after a
+        # layer insertion); not saved with the weights.
+        self.register_buffer("_example", example_inputs[:2].detach().clone(), persistent=False)
         self._named = None if sites is None else list(sites)
         self.slots = self._find_slots()
         self.refresh()
@@ -256,7 +258,7 @@ class SiteNetwork(nn.Module):
         modes = [(m, m.training) for m in self.net.modules()]
         self.net.eval()
         try:
-            values = self.record(example_inputs) if self.places else {}
+            values = self.record(example_inputs)
             for place in self.places:
                 layout = self.layout(place)
                 theta = layout.random(2, None, torch.float32)
@@ -270,6 +272,8 @@ class SiteNetwork(nn.Module):
 
     def record(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The values every place's replay reads, from one forward pass on ``x`` (no gradients)."""
+        if not self.places:
+            return {}
         return record_values(self.places[0].path.graph, set().union(*(p.path.needed for p in self.places)), x)
 
     def module(self, name: str) -> nn.Module:
