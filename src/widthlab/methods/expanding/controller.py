@@ -491,20 +491,19 @@ class ExpansionController:
     def _evaluate_channels(self, ctx: _Context, index: int, consumer: str, module: nn.Module, pool: bool,
                            kernel: tuple[int, ...], h: torch.Tensor, *, kind: str = "width", k: int = 1,
                            count: int | None = None, residual: str | None = None) -> Candidate:
-        """Channel candidates of a CNN stage (autograd through the convolution features of ``module``, the
-        consumer; ``kernel`` of the producing convolution), ``k`` channels each (a whole stage for
-        ``kind="depth"``)."""
+        """Channel candidates of a CNN stage (``unit_score.ChannelScore``: the convolution features as
+        ``module``, the consumer, reads them; ``kernel`` of the producing convolution), ``k`` channels
+        each (a whole stage for ``kind="depth"``)."""
         cfg = self.cfg
         residual = residual or cfg.width_residual
         count = count or cfg.proposals
         site = self._site(ctx, consumer, h, residual)
         layout = proposals.UnitLayout(k, h.shape[1], kernel)
 
-        def make(dt, jit):
-            hh, rr, gg = h.to(dt), site.r_perp.to(dt), site.G_inv.to(dt)
-            feats = lambda th: proposals.conv_unit_features(layout, th.to(dt), hh, pool=pool,  # noqa: E731
-                                                            consumer=module)
-            return proposals.unit_score_fn(feats, rr, gg, ctx.obs.n, site.norm, jitter=jit)
+        def make(dt, jit):  # closed-form gradient (unit_score.ChannelScore: the same score as
+            # proposals.unit_score_fn over proposals.conv_unit_features, without autograd)
+            return unit_score.ChannelScore(layout, h, module, pool, site.r_perp, site.G_inv, ctx.obs.n,
+                                           site.norm, jitter=jit, dtype=dt)
 
         dtype = getattr(torch, cfg.search_dtype)
         fn = make(dtype, 1e-6 if dtype == torch.float32 else 1e-10)

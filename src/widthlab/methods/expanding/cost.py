@@ -26,6 +26,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["FlopCache", "MeteredScore", "counted", "shapes_key"]
@@ -93,11 +94,65 @@ EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {
 }
 
 
+_SHAPE_OPS = {aten.sym_is_contiguous.default, aten.is_contiguous.default, aten.is_contiguous.memory_format,
+              aten.is_strides_like_format.default, aten.is_non_overlapping_and_dense.default,
+              aten.size.default, aten.sym_size.default, aten.stride.default, aten.sym_stride.default,
+              aten.storage_offset.default, aten.sym_storage_offset.default, aten.numel.default,
+              aten.sym_numel.default, aten.dim.default, torch.ops.prim.layout.default}
+
+
+class _Counter(TorchDispatchMode):
+    """The total of ``FlopCounterMode`` (same formulas, same decompositions) without its per-module
+    attribution, whose module hooks and bookkeeping cost tens of microseconds per operation: the meter
+    only needs the total, and expansion events measure thousands of small operations."""
+
+    def __init__(self, registry: dict[Any, Callable[..., int]]):
+        super().__init__()
+        self.registry, self.total = registry, 0
+        self._composite: dict[Any, bool] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SHAPE_OPS:
+            return NotImplemented
+        if isinstance(func, torch._ops.HigherOrderOperator):  # not used by the method; count it exactly
+            with FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as mode:
+                out = func(*args, **kwargs)
+            self.total += int(mode.get_total_flops())
+            return out
+        comp = self._composite.get(func)
+        if comp is None:
+            comp = self._composite[func] = func is not torch.ops.prim.device.default and \
+                torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+        if comp:  # as FlopCounterMode: count what a composite operation decomposes into
+            with self:
+                r = func.decompose(*args, **kwargs)
+            if r is not NotImplemented:
+                return r
+        out = func(*args, **kwargs)
+        formula = self.registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+_REGISTRY: dict[Any, Callable[..., int]] | None = None
+
+
+def _registry() -> dict[Any, Callable[..., int]]:
+    global _REGISTRY
+    if _REGISTRY is None:  # FlopCounterMode's own table with our formulas, wrapped as it wraps them
+        _REGISTRY = dict(FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS).flop_registry)
+    return _REGISTRY
+
+
 def counted(fn: Callable[..., Any], *args, **kw) -> tuple[Any, int]:
-    """Run ``fn(*args, **kw)`` and return its result and the FLOPs of its products and decompositions."""
-    with FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as mode:
+    """Run ``fn(*args, **kw)`` and return its result and the FLOPs of its products and decompositions
+    (the total ``FlopCounterMode`` with :data:`EXTRA_FORMULAS` reports, see :class:`_Counter`)."""
+    mode = _Counter(_registry())
+    with mode:
         out = fn(*args, **kw)
-    return out, int(mode.get_total_flops())
+    return out, int(mode.total)
 
 
 def linear_observe_flops(layers: list[torch.nn.Linear], n: int, backprops: int, cotangents: int,

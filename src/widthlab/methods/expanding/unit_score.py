@@ -192,3 +192,156 @@ def delta_eta_rows(layout: UnitLayout, theta: torch.Tensor, site: Site, n: int, 
         st = scores.candidate_stats(f, site.r_perp, n)
         out.append(scores.delta_eta_lb(st.C, st.A_f, site.G_inv, jitter=jitter) / site.norm)
     return torch.stack(out)
+
+
+class ChannelScore:
+    """s(θ) and ∂s/∂θ for k-channel candidates of a CNN stage, in closed form (no autograd graph).
+
+    The same score as ``proposals.unit_score_fn`` over ``proposals.conv_unit_features``: candidate
+    channels σ(conv(h, W) + b) (rational σ), then the stage's 2×2 max-pool, read by the consumer as its
+    K-FAC rows, patches of a Conv2d (f (N·T, k·kh·kw)) or global averages for the Linear head
+    (f (N, k)); s = tr(Cᵀ A_f⁻¹ C G⁻¹)/η with C = fᵀ r_⊥/N and A_f = fᵀ f/(N·T) (Mitchell et al.
+    2023, the score bound and its CNN variant). Its gradient with M = A_f⁻¹ C is
+    ∂s/∂f = (2/N)(r_⊥ − f M/T) G⁻¹ Mᵀ/η; it goes back through the patches (``fold``, the adjoint of
+    ``unfold``), the pooling (to the arg-max of each window), σ and the convolution, which is one
+    matrix product with the producer's input patches, taken once per search instead of at every
+    evaluation. Like :class:`UnitScore` the jitter of A_f is treated as a constant in the gradient.
+
+    Args:
+        layout: the candidates' layout (k channels, C_in inputs, the producer's kernel).
+        h: (N, C_in, H, W) input of the producing convolution.
+        consumer: the consuming Conv2d or Linear head.
+        pool: whether the stage max-pools (2×2, ceil mode) before the consumer.
+        r_perp, G_inv, n, norm: the consumer's residual rows, damped G⁻¹, N and η.
+    """
+
+    def __init__(self, layout: UnitLayout, h: torch.Tensor, consumer: torch.nn.Module, pool: bool,
+                 r_perp: torch.Tensor, G_inv: torch.Tensor, n: int, norm: float = 1.0, *,
+                 jitter: float = 1e-8, dtype: torch.dtype = torch.float64, eps: float = 1e-8):
+        import torch.nn.functional as F
+
+        from widthlab.methods.expanding.kfac import conv_padding
+
+        self.layout, self.consumer, self.pool = layout, consumer, bool(pool)
+        self.n, self.norm, self.jitter, self.eps, self.dtype = int(n), float(norm), jitter, eps, dtype
+        self.conv = isinstance(consumer, torch.nn.Conv2d)
+        if not self.conv and not isinstance(consumer, torch.nn.Linear):
+            raise TypeError(f"channel candidates feed a Conv2d or Linear, got {type(consumer).__name__}")
+        N, _, H, W = h.shape
+        self.N, self.H, self.W = N, H, W
+        pad = tuple(s // 2 for s in layout.kernel)
+        cols = F.unfold(h.to(dtype), layout.kernel, padding=pad)  # (N, C_in·kh·kw, H·W)
+        self.hcols = cols.transpose(0, 1).reshape(cols.shape[1], -1).contiguous()  # (C_in·kh·kw, N·H·W)
+        self.hcolsT = self.hcols.T.contiguous()
+        if self.conv:
+            self.unfold_kw = dict(kernel_size=consumer.kernel_size, dilation=consumer.dilation,
+                                  padding=conv_padding(consumer), stride=consumer.stride)
+        self.r = r_perp.to(dtype)
+        self.G_inv = G_inv.to(dtype)
+        self.rG = self.r @ self.G_inv  # r_⊥ G⁻¹, (N·T, m)
+
+    def _shifts(self) -> bool:
+        kw = self.unfold_kw
+        return tuple(kw["stride"]) == (1, 1) and tuple(kw["dilation"]) == (1, 1)
+
+    def _unfold(self, x4: torch.Tensor) -> torch.Tensor:
+        """(B, N, h, w) maps -> (B, N, kh·kw, T) patches as ``F.unfold`` of each (h, w) map orders them
+        (kernel row-major); for stride 1 by kh·kw shifted slices (``F.unfold`` loops over the B·N maps)."""
+        import torch.nn.functional as F
+
+        B, N, hp, wp = x4.shape
+        kw = self.unfold_kw
+        if not self._shifts():
+            cols = F.unfold(x4.reshape(B * N, 1, hp, wp), **kw)
+            return cols.view(B, N, cols.shape[1], cols.shape[2])
+        (kh, kw_), (ph, pw) = kw["kernel_size"], kw["padding"]
+        xp = F.pad(x4, (pw, pw, ph, ph))
+        ho, wo = hp + 2 * ph - kh + 1, wp + 2 * pw - kw_ + 1
+        return torch.stack([xp[:, :, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw_)], 2
+                           ).reshape(B, N, kh * kw_, ho * wo)
+
+    def _fold(self, cols: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+        """The adjoint of :meth:`_unfold`: (B, N, kh·kw, T) -> (B, N, h, w)."""
+        import torch.nn.functional as F
+
+        B, N, kk, t = cols.shape
+        kw = self.unfold_kw
+        if not self._shifts():
+            return F.fold(cols.reshape(B * N, kk, t), (hp, wp), **kw).view(B, N, hp, wp)
+        (kh, kw_), (ph, pw) = kw["kernel_size"], kw["padding"]
+        ho, wo = hp + 2 * ph - kh + 1, wp + 2 * pw - kw_ + 1
+        c = cols.view(B, N, kh, kw_, ho, wo)
+        out = cols.new_zeros(B, N, hp + 2 * ph, wp + 2 * pw)
+        for i in range(kh):
+            for j in range(kw_):
+                out[:, :, i:i + ho, j:j + wo] += c[:, :, i, j]
+        return out[:, :, ph:ph + hp, pw:pw + wp]
+
+    def _features(self, theta: torch.Tensor):
+        import torch.nn.functional as F
+
+        P, k = theta.shape[0], self.layout.k
+        p = self.layout.split(theta.to(self.dtype))
+        Wm = p["W"].reshape(P * k, -1)
+        v, c, l = (p[x].reshape(P * k, 1) for x in "vcl")
+        q = v * v + c * c + l * l
+        nrm = q.clamp_min(self.eps).sqrt()
+        a, b, e = l / nrm, 2 * v / nrm, c / nrm
+        pre = torch.addmm(p["b"].reshape(P * k, 1), Wm, self.hcols)  # (P·k, N·H·W)
+        den = (pre * pre).add_(1).reciprocal_()
+        pd = pre * den
+        x = (a * pre).addcmul_(b, pd).addcmul_(e, den)
+        x4 = x.view(P * k, self.N, self.H, self.W)
+        idx = None
+        if self.pool:
+            x4, idx = F.max_pool2d(x4, 2, ceil_mode=True, return_indices=True)
+        hp, wp = x4.shape[2], x4.shape[3]
+        if self.conv:
+            cols = self._unfold(x4)  # (P·k, N, kk, T)
+            kk, t = cols.shape[2], cols.shape[3]
+            f = cols.view(P, k, self.N, kk, t).permute(0, 2, 4, 1, 3).reshape(P, self.N * t, k * kk)
+        else:
+            kk, t = 1, 1
+            f = x4.mean((2, 3)).view(P, k, self.N).transpose(1, 2)  # (P, N, k)
+        C = f.transpose(1, 2) @ self.r / self.n  # (P, K, m)
+        A_f = f.transpose(1, 2) @ f / f.shape[1]
+        if f.shape[2] == 1:
+            M = C / (A_f * (1 + self.jitter))
+        else:
+            M = torch.linalg.solve(scores.damp(A_f, self.jitter), C)
+        MG = M @ self.G_inv
+        s = (C * MG).sum((1, 2)) / self.norm
+        return s, (P, k, kk, t, hp, wp, idx, f, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l)
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        return self._features(theta)[0]
+
+    @torch.no_grad()
+    def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, cache = self._features(theta)
+        P, k, kk, t, hp, wp, idx, f, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l = cache
+        scale = 2.0 / (self.n * self.norm)
+        # ∂s/∂f = (2/N)(r_⊥ G⁻¹ Mᵀ − f M G⁻¹ Mᵀ / T)/η, (P, N·T, K)
+        gf = torch.baddbmm(self.rG.expand(P, -1, -1) @ M.transpose(1, 2), f, MG @ M.transpose(1, 2),
+                           alpha=-1.0 / t).mul_(scale)
+        if self.conv:
+            gcols = gf.view(P, self.N, t, k, kk).permute(0, 3, 1, 4, 2).reshape(P * k, self.N, kk, t)
+            gx4 = self._fold(gcols, hp, wp)
+        else:
+            gx4 = (gf.transpose(1, 2).reshape(P * k, self.N, 1, 1) / (hp * wp)).expand(P * k, self.N, hp, wp)
+        if self.pool:
+            gx = torch.zeros(P * k, self.N, self.H * self.W, dtype=gx4.dtype, device=gx4.device)
+            gx.scatter_add_(2, idx.flatten(2), gx4.reshape(P * k, self.N, -1))
+            gx = gx.view(P * k, -1)
+        else:
+            gx = gx4.reshape(P * k, -1)
+        # chain rule through σ (as UnitScore): ∂σ/∂x = a + den·(b − 2·pd·(b·x + e))
+        dpre = (b * pre).add_(e).mul_(pd).mul_(-2).add_(b).mul_(den).add_(a).mul_(gx)
+        s_pre, s_pd, s_den = ((gx * u).sum(-1, keepdim=True) for u in (pre, pd, den))
+        gff = (a * s_pre + b * s_pd + e * s_den) * (q > self.eps).to(pre.dtype) / nrm
+        grads = {"W": (dpre @ self.hcolsT).reshape(P, k, -1),
+                 "b": dpre.sum(-1).reshape(P, k),
+                 "v": ((2 * s_pd - gff * v) / nrm).reshape(P, k),
+                 "c": ((s_den - gff * c) / nrm).reshape(P, k),
+                 "l": ((s_pre - gff * l) / nrm).reshape(P, k)}
+        return s, self.layout.join(grads).to(theta.dtype)
