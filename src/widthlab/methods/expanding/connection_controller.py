@@ -167,11 +167,11 @@ class ConnectionController:
         return events or None
 
     def on_fit_end(self, trainer=None) -> None:
-        self.summary.update(final_widths=self.model.widths(), final_layers=self.model.depth,
+        self.summary.update(final_widths=self.model.block_widths(), final_layers=self.model.depth,
                             active_connections=self.model.active_connections(), **self.counts)
 
     def metrics(self, trainer=None) -> dict[str, Any]:
-        return {"layers": self.model.depth, "widths": self.model.widths(),
+        return {"layers": self.model.depth, "block_widths": self.model.block_widths(),
                 "active_connections": self.model.active_connections(), "eta_global": self.eta_global,
                 **self.counts}
 

@@ -36,7 +36,10 @@ __all__ = ["Chunk", "ConnLayer", "ExpandableDense"]
 
 
 class Chunk(nn.Module):
-    """The part of a kernel that reads one input source: weight (C_out, C_in, k, k), row mask (C_in,)."""
+    """The part of a kernel that reads one input source: weight (C_out, C_in, k, k), row mask (C_in,).
+    Counted in the run's weight count (``counted_weights``; buds included: they are computed)."""
+
+    counted_weight = True
 
     def __init__(self, c_out: int, c_in: int, k: int, active: torch.Tensor | None = None,
                  frozen: bool = False):
@@ -183,19 +186,24 @@ class ExpandableDense(nn.Module):
             c.mask.fill_(True)  # buds: every row active (random candidate features)
         return out
 
-    def widths(self) -> list[list[int]]:
+    def block_widths(self) -> list[list[int]]:
+        """Channels per layer, per block."""
         return [[layer.c_out for layer in b] for b in self.blocks]
 
+    def widths(self) -> dict[str, int]:
+        """Channels of every layer by name (``blocks.<block>.<layer>``)."""
+        return {f"blocks.{i}.{j}": w for i, b in enumerate(self.block_widths()) for j, w in enumerate(b)}
+
     def architecture(self) -> dict:
-        return {"widths": self.widths()}
+        return {"widths": self.block_widths()}
 
     def set_architecture(self, arch: dict) -> None:
         """Rebuild modules of the shapes in ``arch`` (zeros; a checkpoint's weights and masks load next)."""
-        if arch["widths"] != self.widths():
+        if arch["widths"] != self.block_widths():
             self._build([list(b) for b in arch["widths"]])
 
     def hidden_widths(self) -> list[int]:
-        return [w for b in self.widths() for w in b]
+        return [w for b in self.block_widths() for w in b]
 
     @property
     def depth(self) -> int:

@@ -99,6 +99,51 @@ class OptimizerHook:
         return {} if eta is None else {"eta_batch": float(eta)}
 
 
+DENSE_MODEL_OPTIONS = {"widths": [[128], [128], [128]], "bud_width": 64, "init_active": 8}
+
+
+def build_dense(data: TaskData, *, seed: int, options: dict) -> MethodPlan:
+    """``architecture: dense_cnn``: the official CNN method of Mitchell et al. (2023):
+    :class:`~.dense_cnn.ExpandableDense` trained by the study's ``train.optimizer`` with the
+    :class:`~.connection_controller.ConnectionController` (thaw/freeze/prune of input connections every
+    step, re-initialisation, channel addition and bud promotion every epoch).
+
+    ``options`` (the study's ``method.dense`` mapping): ``widths`` (channels per layer per block, default
+    ``[[128], [128], [128]]``), ``bud_width`` (64), ``init_active`` (8) and every field of
+    :class:`~.connection_controller.ConnectionConfig` (``max_width`` caps both). Unknown keys are errors.
+    """
+    from widthlab.methods.expanding.connection_controller import ConnectionConfig, ConnectionController
+    from widthlab.methods.expanding.dense_cnn import ExpandableDense
+
+    if not isinstance(options, dict):
+        raise ValueError(f"dense: must be a mapping of options, got {options!r}")
+    if len(data.input_shape) != 3:
+        raise ValueError(f"architecture 'dense_cnn' needs (C, H, W) inputs (e.g. data.as_image: true), "
+                         f"the data has {data.input_shape}")
+    if data.task != "classification":
+        raise ValueError("architecture 'dense_cnn' is for classification tasks")
+    model_opts = {k: options.get(k, v) for k, v in DENSE_MODEL_OPTIONS.items()}
+    ctl_opts = {k: v for k, v in options.items() if k not in DENSE_MODEL_OPTIONS}
+    try:
+        cfg = ConnectionConfig.from_options(ctl_opts)
+    except (TypeError, ValueError) as e:
+        known = sorted([*DENSE_MODEL_OPTIONS, *ConnectionConfig.__dataclass_fields__])
+        raise ValueError(f"dense: {e}".split("; known")[0] + f"; known: {', '.join(known)}") from None
+    widths = model_opts["widths"]
+    if (not isinstance(widths, list) or not widths
+            or not all(isinstance(b, list) and b and all(isinstance(w, int) and w > 0 for w in b)
+                       for b in widths)):
+        raise ValueError(f"dense.widths: a list of blocks, each a list of positive channel counts, "
+                         f"got {widths!r}")
+    gen = torch.Generator().manual_seed(seed)
+    net = ExpandableDense(data.input_shape, data.num_outputs, widths, bud_width=int(model_opts["bud_width"]),
+                          init_active=int(model_opts["init_active"]), max_width=cfg.max_width, generator=gen)
+    summary: dict = {"start_widths": net.block_widths(), "architecture": "dense_cnn",
+                     "start_active_connections": net.active_connections()}
+    controller = ConnectionController(net, cfg, seed=seed, summary=summary)
+    return MethodPlan(net, [controller], summary)
+
+
 def _start_widths(model: nn.Module, start_widths: Sequence[int] | None) -> list[int]:
     if start_widths is not None:
         return [int(w) for w in start_widths]
@@ -165,6 +210,7 @@ def build(
     stop_below_cap: bool = False,
     warm_start: bool = True,
     mala_warm_bursts: int | None = None,
+    dense: dict | None = None,
 ) -> MethodPlan:
     """Build the self-expanding method (Mitchell et al. 2023): expandable MLP, optimizer hook, controller.
 
@@ -190,8 +236,14 @@ def build(
         output_metric: ``fisher`` (the loss's Gauss-Newton, default) or ``identity`` (official) for the
             optimiser, η and the G factors.
         eta_maxiter: CG iterations for the global η and the natural-gradient residual of the scores.
+        dense: ``architecture: dense_cnn`` only: options of the densely connected CNN with buds and
+            connection decisions (:func:`build_dense`).
         Others: see :class:`~.controller.ExpansionConfig` (``bias_in_factors`` is its ``bias``).
     """
+    if architecture == "dense_cnn":
+        return build_dense(data, seed=seed, options=dense or {})
+    if dense is not None:
+        raise ValueError(f"dense: only with architecture 'dense_cnn', not {architecture!r}")
     loss = "cross_entropy" if data.task == "classification" else "mse"
     widths = [] if architecture == "model" else _start_widths(model, start_widths)
     gen = torch.Generator().manual_seed(seed)
@@ -213,7 +265,7 @@ def build(
             raise ValueError(f"architecture 'cnn' needs (C, H, W) inputs, the data has {data.input_shape}")
         net = ExpandableCNN(data.input_shape, data.num_outputs, widths, eps_mode=eps_mode, generator=gen)
     else:
-        raise ValueError(f"architecture must be 'mlp', 'cnn' or 'model', got {architecture!r}")
+        raise ValueError(f"architecture must be 'mlp', 'cnn', 'dense_cnn' or 'model', got {architecture!r}")
     if optimizer == "cg":
         opt_options = {"lr": lr, "damping": damping, "maxiter": cg_maxiter, "tol": cg_tol,
                        "weight_decay": weight_decay, "output_metric": output_metric}
