@@ -66,6 +66,7 @@ class ConnLayer(nn.Module):
         self.bud_rows = Chunk(c_out, bud_width, k, frozen=True) if bud_width else None
         self.record = False
         self.last_input: torch.Tensor | None = None
+        self.activation_hook = None  # callable(z) -> swish(z), e.g. the curvature sampler's probe
 
     def all_chunks(self) -> list[Chunk]:
         """The chunks in row order (sources, then the bud rows)."""
@@ -84,7 +85,9 @@ class ConnLayer(nn.Module):
             z = z + F.conv2d(b, self.bud_rows.weight, padding=pad)
         if self.record:
             self.last_input = torch.cat([t.detach() for t in inputs], 1)
-        return F.silu(z) if self.act else z
+        if not self.act:
+            return z
+        return F.silu(z) if self.activation_hook is None else self.activation_hook(z)
 
     def mask(self) -> torch.Tensor:
         return torch.cat([c.mask for c in self.all_chunks()])
@@ -200,7 +203,9 @@ class ExpandableDense(nn.Module):
     def set_architecture(self, arch: dict) -> None:
         """Rebuild modules of the shapes in ``arch`` (zeros; a checkpoint's weights and masks load next)."""
         if arch["widths"] != self.block_widths():
+            ref = self.head.chunks[0].weight
             self._build([list(b) for b in arch["widths"]])
+            self.to(device=ref.device, dtype=ref.dtype)
 
     def hidden_widths(self) -> list[int]:
         return [w for b in self.block_widths() for w in b]
@@ -292,7 +297,9 @@ class ExpandableDense(nn.Module):
         block = self.blocks[b]
         old = block[j]
         bud = old.bud
+        ref = old.chunks[0].weight
         new = ConnLayer([c.weight.shape[1] for c in bud.chunks], bud.c_out, 3, True, self.bud_width)
+        new.to(device=ref.device, dtype=ref.dtype)
         new.chunks = bud.chunks  # same Parameter objects: the optimizer keeps their state
         for c in new.chunks:
             c.mask.fill_(True)
@@ -305,11 +312,14 @@ class ExpandableDense(nn.Module):
         in_sizes = [c.weight.shape[1] for c in old.chunks]
         old.bud = ConnLayer(in_sizes, self.bud_width, 3, True, None)
         old.bud_rows = Chunk(old.c_out, self.bud_width, 3, frozen=True)
+        old.bud.to(device=ref.device, dtype=ref.dtype)
+        old.bud_rows.to(device=ref.device, dtype=ref.dtype)
         _fresh_bud(old, generator)
         added += list(old.bud.parameters()) + [old.bud_rows.weight]
         for k in range(j + 1, len(block)):
             for cons in (block[k], block[k].bud):
                 c = Chunk(cons.c_out, new.c_out, 3, active=torch.zeros(new.c_out, dtype=torch.bool))
+                c.to(device=ref.device, dtype=ref.dtype)
                 cons.chunks.insert(j + 1, c)
                 added.append(c.weight)
         block.insert(j, new)
@@ -338,5 +348,5 @@ def _grow(c: Chunk, dim: int, n: int, name: str, active: bool = False) -> ParamR
     new = nn.Parameter(torch.cat([old.detach(), old.new_zeros(shape)], dim))
     c.weight = new
     if dim == 1:
-        c.mask = torch.cat([c.mask, torch.full((n,), active, dtype=torch.bool)])
+        c.mask = torch.cat([c.mask, torch.full((n,), active, dtype=torch.bool, device=c.mask.device)])
     return ParamResize(name, old, new, dim, torch.arange(old.shape[dim]), n)
