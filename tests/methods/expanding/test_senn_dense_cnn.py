@@ -281,3 +281,36 @@ def test_unknown_dense_option_is_an_error():
         build_dense(D(), seed=0, options={"frobnicate": 1})
     with pytest.raises(ValueError, match="dense.widths"):
         build_dense(D(), seed=0, options={"widths": [8, 8]})
+
+
+def test_trainer_resume_is_exact_across_growth(tmp_path):
+    """A digits run stopped after epoch 2 and resumed ends with the same architecture, masks and
+    bit-identical weights as an uninterrupted one (controller statistics and RNG travel in checkpoints)."""
+    from widthlab.data.registry import load_dataset
+    from widthlab.methods.expanding.plan import build
+    from widthlab.train.config import TrainConfig
+    from widthlab.train.trainer import Trainer, seed_everything
+
+    data = load_dataset("digits", as_image=True, subset=96)
+    dense = {"widths": [[4], [4]], "bud_width": 2, "max_width": 16, "ema_rate": 0.2, "thaw_prob": 0.2,
+             "freeze_prob": 0.05, "depth_threshold": 0.0, "min_active": 2}
+
+    def run(run_dir, resume=False, upto=None):
+        seed_everything(3)
+        plan = build(None, data, seed=3, architecture="dense_cnn", dense=dense)
+        cfg = TrainConfig(epochs=4, batch_size=32, progress="none", select_best=False, checkpoint_every=1,
+                          max_steps=upto)
+        res = Trainer(plan.model, data, cfg, plan.callbacks, run_dir=run_dir).fit(resume=resume)
+        assert res.status == "done", res.error
+        return plan.model, plan.summary
+
+    full, s_full = run(tmp_path / "a")
+    steps = -(-len(data.train) // 32)
+    run(tmp_path / "b", upto=2 * steps)
+    resumed, s_res = run(tmp_path / "b", resume=True)
+    assert resumed.block_widths() == full.block_widths()
+    assert s_full["layers_added"] + s_full["channels_added"] > 0
+    for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), n
+    assert {k: s_res[k] for k in ("thawed", "pruned", "reinit")} == \
+        {k: s_full[k] for k in ("thawed", "pruned", "reinit")}
