@@ -94,11 +94,12 @@ class ConnectionConfig:
 class _Stats:
     def __init__(self, layer: ConnLayer):
         n, k = layer.mask().numel(), layer.k * layer.k * layer.c_out
-        self.A = torch.eye(n, dtype=torch.float64)
-        self.G = torch.ones(k, dtype=torch.float64)
-        self.g = torch.zeros(n, k, dtype=torch.float64)
+        dev = layer.chunks[0].weight.device  # statistics live where the model does
+        self.A = torch.eye(n, dtype=torch.float64, device=dev)
+        self.G = torch.ones(k, dtype=torch.float64, device=dev)
+        self.g = torch.zeros(n, k, dtype=torch.float64, device=dev)
         self.g_mass = 0.0
-        self.dead = torch.zeros(layer.c_out, dtype=torch.long)
+        self.dead = torch.zeros(layer.c_out, dtype=torch.long, device=dev)
         self.layout, o = [], 0
         for c in layer.all_chunks():
             self.layout.append((id(c), o, c.weight.shape[1]))
@@ -136,14 +137,15 @@ class ConnectionController:
             st = self._stat(layer)
             grad = layer.rows("grad").double()
             if layer.last_input is not None:
-                x = layer.last_input.double()
+                x = layer.last_input
                 x = x.transpose(0, 1).reshape(x.shape[1], -1)
-                st.A.mul_(1 - r).add_(x @ x.T / x.shape[1], alpha=r)
+                # the batch moment in the model's precision, accumulated in float64
+                st.A.mul_(1 - r).add_((x @ x.T).double() / x.shape[1], alpha=r)
             st.G.mul_(1 - r).add_((grad * grad).mean(0), alpha=r)
             st.g.mul_(1 - r).add_(grad, alpha=r)
             st.g_mass = st.g_mass * (1 - r) + r
             col_zero = torch.stack([c.weight.grad.flatten(1).eq(0).all(1) if c.weight.grad is not None
-                                    else torch.ones(layer.c_out, dtype=torch.bool)
+                                    else torch.ones(layer.c_out, dtype=torch.bool, device=st.dead.device)
                                     for c in layer.all_chunks()]).all(0)
             st.dead = torch.where(col_zero, st.dead + 1, torch.zeros_like(st.dead))
         self._mask_grads()
@@ -188,6 +190,10 @@ class ConnectionController:
             for layer in self.model.kernels():
                 for c in layer.all_chunks():
                     c.weight.mul_(c.mask.view(1, -1, 1, 1).to(c.weight.dtype))
+
+    def _rand(self, n: int, device) -> torch.Tensor:
+        """Uniform draws from the controller's own (CPU) generator, so decisions replay exactly."""
+        return torch.rand(n, generator=self.generator, dtype=torch.float64).to(device)
 
     def _stat(self, layer: ConnLayer) -> _Stats:
         st = self.stats.get(id(layer))
@@ -254,14 +260,14 @@ class ConnectionController:
             changed = False
             if n_inact > 0:
                 p = min(1.0, cfg.thaw_prob * mask.numel() / n_inact * cfg.decide_every)
-                draw = torch.rand(mask.numel(), generator=self.generator, dtype=torch.float64) < p
+                draw = self._rand(mask.numel(), mask.device) < p
                 thaw = thawable & draw & (torch.nan_to_num(sc.thaw, nan=-1.0) > thr)
                 if bool(thaw.any()):
                     mask |= thaw
                     self.counts["thawed"] += int(thaw.sum())
                     changed = True
             p = min(1.0, cfg.freeze_prob * cfg.decide_every)
-            draw = torch.rand(mask.numel(), generator=self.generator, dtype=torch.float64) < p
+            draw = self._rand(mask.numel(), mask.device) < p
             low = (torch.nan_to_num(sc.freeze, nan=float("inf")) < thr) & \
                 (torch.nan_to_num(sc.prune, nan=float("inf")) < thr)
             st = self._stat(layer)
@@ -281,14 +287,14 @@ class ConnectionController:
         for layer in self.model.kernels()[:-1]:
             st = self._stat(layer)
             dead = (st.dead >= self.cfg.dead_steps)
-            draw = torch.rand(layer.c_out, generator=self.generator) < self.cfg.reinit_prob
+            draw = self._rand(layer.c_out, dead.device) < self.cfg.reinit_prob
             cols = (dead & draw).nonzero().flatten()
             if cols.numel() == 0:
                 continue
             for c in layer.chunks:
                 _init_rows(c.weight, c.mask, self.generator, cols)
             kk = layer.k * layer.k
-            idx = (cols.view(-1, 1) * kk + torch.arange(kk)).flatten()
+            idx = (cols.view(-1, 1) * kk + torch.arange(kk, device=cols.device)).flatten()
             st.g[:, idx] = 0
             st.dead[cols] = 0
             self.counts["reinit"] += int(cols.numel())

@@ -56,7 +56,7 @@ def connection_scores(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, act
     """Thaw, freeze and prune scores of every row (module docstring), from whitened g̃ and θ̃ (C_in, K),
     the input factor A (C_in, C_in) and the boolean mask of active rows."""
     act = active.nonzero().flatten()
-    nan = torch.full((A.shape[0],), float("nan"), dtype=A.dtype)
+    nan = torch.full((A.shape[0],), float("nan"), dtype=A.dtype, device=A.device)
     A_act_inv = torch.linalg.inv(A[act][:, act])
     n = torch.zeros_like(g)
     n[act] = A_act_inv @ g[act]

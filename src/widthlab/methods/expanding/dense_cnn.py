@@ -120,12 +120,13 @@ def _init_rows(weight: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, c
     with fan_in = k·k·(number of active rows), the LeCun-normal init of the official code's flax convs."""
     n_act = max(int(mask.sum()), 1)
     std = 1.0 / math.sqrt(n_act * weight.shape[2] * weight.shape[3])
-    w = torch.randn(weight.shape, generator=gen, dtype=weight.dtype) * std
+    w = (torch.randn(weight.shape, generator=gen, dtype=weight.dtype) * std).to(weight.device)
     w = w * mask.view(1, -1, 1, 1).to(w.dtype)
     with torch.no_grad():
         if cols is None:
             weight.copy_(w)
         else:
+            cols = torch.as_tensor(cols, device=weight.device)
             weight[cols] = w[cols]
 
 
@@ -229,9 +230,11 @@ class ExpandableDense(nn.Module):
         return list(zip(names + ["head"], self.kernels()))
 
     def set_record(self, on: bool) -> None:
+        """Keep (or stop keeping) every kernel's concatenated input for the input factors (buds: never)."""
+        kernels = {id(k) for k in self.kernels()}
         for layer in self.kernels(with_buds=True):
-            layer.record = on
-            if not on:
+            layer.record = on and id(layer) in kernels
+            if not layer.record:
                 layer.last_input = None
 
     def active_connections(self) -> int:
@@ -269,7 +272,7 @@ class ExpandableDense(nn.Module):
 
     def used_channels(self, b: int, j: int) -> torch.Tensor:
         """Which output channels of layer (b, j) some consumer (not a bud) reads through an active row."""
-        used = torch.zeros(self.blocks[b][j].c_out, dtype=torch.bool)
+        used = torch.zeros(self.blocks[b][j].c_out, dtype=torch.bool, device=self.head.chunks[0].mask.device)
         for layer, ci in self.consumers(b, j):
             if layer.bud_rows is not None or layer is self.head:
                 used |= layer.chunks[ci].mask
