@@ -5,6 +5,9 @@ The runner first builds the plain model named in ``model:``; this builder replac
 or with ``architecture: cnn`` an :class:`~.model.ExpandableCNN` whose channels grow; with
 ``architecture: model`` it keeps the plain model (a built-in one or the user's ``model: {name: custom}``)
 and grows the widths discovery finds in it (``sites:`` names some).
+With ``architecture: dense_cnn`` it builds the official CNN method instead (:func:`build_dense`: a
+densely connected CNN whose input connections are thawed, frozen and pruned every step and which adds
+channels and layers from buds every epoch; options under ``dense:``).
 From the plain model it only reads the starting hidden widths when ``start_widths`` is not given (an
 ``mlp`` with ``widths: [...]`` or ``width``/``depth``); everything else of ``model:`` is ignored. To start
 from a linear model (experiment 2) give ``start_widths: []``.
