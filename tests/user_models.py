@@ -86,3 +86,19 @@ class TwoTowers(nn.Module):
         h = F.relu(self.a(x)) * 0.5 + torch.tanh(self.b(x))
         h = F.silu(self.mix(h))
         return self.out(torch.cat([h, self.side(x)], dim=1))
+
+
+class Gate(nn.Module):
+    """A forward that branches on tensor values: ``torch.fx`` cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -x
+
+
+def gated_mlp():
+    """An MLP whose module "1" is a :class:`Gate` (data-dependent control flow)."""
+    return nn.Sequential(nn.Linear(4, 8), Gate(), nn.Linear(8, 2))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rounding import assert_equal_up_to_rounding, forward_magnitude
-from user_models import EncoderBlock, ResNet, TwoTowers, sequential_mlp
+from user_models import EncoderBlock, ResNet, TwoTowers, gated_mlp, sequential_mlp
 from widthlab import AdaptiveWidth, fold_adaptive
 from widthlab.methods.adaptive.callback import AdaptiveWidthCallback
 from widthlab.methods.adaptive.distributions import softplus_inv
@@ -197,16 +197,8 @@ def test_what_cannot_be_adapted_is_one_clear_error():
     with pytest.raises(DiscoveryError, match="example input"):
         AdaptiveWidth(TwoTowers(), None)
 
-    class Gate(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.fc(x) if x.sum() > 0 else -x
-
     with pytest.raises(DiscoveryError, match=r"1 \(Gate\).*data-dependent control flow"):
-        AdaptiveWidth(nn.Sequential(nn.Linear(4, 8), Gate(), nn.Linear(8, 2)), None, torch.randn(2, 4))
+        AdaptiveWidth(gated_mlp(), None, torch.randn(2, 4))
     model = sequential_mlp()
     AdaptiveWidth(model, None, torch.randn(2, 5))
     with pytest.raises(ValueError, match="already adaptive"):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rounding import assert_equal_up_to_rounding, forward_magnitude
-from user_models import EncoderBlock, ResNet, TwoTowers, sequential_mlp
+from user_models import EncoderBlock, ResNet, TwoTowers, gated_mlp, sequential_mlp
 from widthlab.methods.expanding import kfac
 from widthlab.methods.expanding.any_model import SiteNetwork, _score_fn
 from widthlab.methods.expanding.fisher import per_sample_loss
@@ -224,16 +224,8 @@ def test_what_cannot_grow_is_one_clear_error():
     with pytest.raises(DiscoveryError, match="tied to"):
         SiteNetwork(ResNet(), torch.randn(2, 3, 8, 8), sites=["layer1.0.conv2"])
 
-    class Gate(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.fc(x) if x.sum() > 0 else -x
-
     with pytest.raises(DiscoveryError, match=r"1 \(Gate\).*data-dependent control flow"):
-        SelfExpanding(nn.Sequential(nn.Linear(4, 8), Gate(), nn.Linear(8, 2)), None,
+        SelfExpanding(gated_mlp(), None,
                       (torch.randn(2, 4), torch.zeros(2).long()))
 
 
