@@ -527,12 +527,14 @@ class ExpansionController:
         (``decision="softmax_mean"``, as the official code does for every selection rule), the
         softmax(s/T)-weighted mean of all proposals' scores, else (``"chosen"``) the kept one's own.
         It passes if Δη′/η_layer > τ and Δη′/N > α, N the absolute normaliser (depth: Δη′/layer_cost_mul
-        against τ and α_layer).
+        against τ and α_layer); with ``chance_correction`` Δη′ first loses its chance level k·ρ/N.
         """
         cfg = self.cfg
         j = proposals.select(score, cfg.selection, cfg.temperature, self.generator)
         s = proposals.decision_score(score, cfg.temperature) if cfg.decision == "softmax_mean" else score[j]
         delta = float(s) * eta
+        if cfg.chance_correction:  # E[Δη′] of k units unrelated to the residual: k·ρ/N (ρ = abs_norm)
+            delta -= getattr(layout, "k", 1) * abs_norm / ctx.obs.n
         if kind == "depth":
             delta /= cfg.layer_cost_mul
         alpha = cfg.alpha_layer if kind == "depth" else cfg.alpha

@@ -53,6 +53,11 @@ class ExpansionConfig:
             ``"metric"``: E[∇ℓᵀH⁺∇ℓ], the bound of the exact η under ``output_metric``.
         decision: the score compared with τ and α: ``"softmax_mean"`` (default, official) the
             softmax(s/T)-weighted mean of all proposals' scores; ``"chosen"`` the kept proposal's own.
+        chance_correction: subtract from every candidate's Δη′ what k new units whose features are
+            unrelated to the residual score on average on the N scoring examples, k·ρ/N (ρ the
+            consumer's room; exact for (N, d) inputs, an under-estimate where rows are correlated,
+            e.g. patches). Without it a random unit's absolute score is k/N on average, so α below
+            1/N passes by chance and small scoring sets grow more. Needs ``abs_normalizer="room"``.
         stop_below_cap: stop width growth at max_width − 1 as the official loop does (content <
             capacity − 1); the default grows up to max_width.
         warm_start: within one event, a site searched again after an addition (the recursive loop)
@@ -105,6 +110,7 @@ class ExpansionConfig:
     stop_below_cap: bool = False
     warm_start: bool = True
     mala_warm_bursts: int | None = None
+    chance_correction: bool = False
 
     @property
     def warm_bursts(self) -> int:
@@ -131,6 +137,8 @@ class ExpansionConfig:
             (self.abs_normalizer in ABS_NORMALIZERS, f"abs_normalizer must be one of {ABS_NORMALIZERS}"),
             (self.decision in DECISIONS, f"decision must be one of {DECISIONS}"),
             (self.mala_warm_bursts is None or self.mala_warm_bursts >= 1, "mala_warm_bursts must be >= 1"),
+            (not self.chance_correction or self.abs_normalizer == "room",
+             "chance_correction needs abs_normalizer 'room' (the chance level is k·room/N)"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -213,6 +213,7 @@ def build(
     stop_below_cap: bool = False,
     warm_start: bool = True,
     mala_warm_bursts: int | None = None,
+    chance_correction: bool = False,
     dense: dict | None = None,
 ) -> MethodPlan:
     """Build the self-expanding method (Mitchell et al. 2023): expandable MLP, optimizer hook, controller.
@@ -292,7 +293,7 @@ def build(
         score_batch=score_batch, expand_at_start=expand_at_start, expand_at_end=expand_at_end,
         recursive=recursive, max_additions=max_additions, eta_maxiter=eta_maxiter,
         abs_normalizer=abs_normalizer, decision=decision, stop_below_cap=stop_below_cap,
-        warm_start=warm_start, mala_warm_bursts=mala_warm_bursts,
+        warm_start=warm_start, mala_warm_bursts=mala_warm_bursts, chance_correction=chance_correction,
         eta_damping=damping if optimizer == "cg" else 0.1,
         optimizer_mode="reset" if optimizer == "kfac" else "keep")
     summary: dict = {"start_widths": widths, "optimizer": optimizer}
