@@ -52,7 +52,8 @@ def _run(study: Path, out: Path, procs: int) -> list[dict]:
     cmd = [sys.executable, *base] if procs == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={procs}",
                                                        *base]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, timeout=600, env=env, capture_output=True)
+    done = subprocess.run(cmd, timeout=600, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{(done.stdout + done.stderr)[-3000:]}"
     return sorted(json.loads((out / "summary.json").read_text()), key=lambda s: s["run_id"])
 
 
