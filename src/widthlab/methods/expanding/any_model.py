@@ -47,7 +47,6 @@ from torch import nn
 
 from widthlab.methods.expanding import scores
 from widthlab.methods.expanding.controller import Candidate, ExpansionController, ExpansionEvent
-from widthlab.methods.expanding.fisher import per_sample_loss
 from widthlab.methods.expanding.kfac import conv_padding
 from widthlab.nn.discovery import DiscoveryError, WidthGroup, discover
 from widthlab.nn.group_surgery import resize_group
@@ -416,7 +415,7 @@ class SiteController(ExpansionController):
     def _commit(self, model: SiteNetwork, cand: Candidate, x: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> ResizeEvent:
         if cand.kind == "depth":
-            ev = model.insert_layer(cand.index)
+            ev = self._preserving(model, lambda: model.insert_layer(cand.index), x, y)
             return ExpansionEvent(ev.params, ev.added, ev.removed, ev.description, dict(model.widths()),
                                   optimizer_mode=self.cfg.optimizer_mode)
         place = model.places[cand.index]
@@ -429,15 +428,6 @@ class SiteController(ExpansionController):
             if b_block is not None:
                 b_block.copy_(b)
 
-        if x is not None:
-            with torch.no_grad():
-                before = per_sample_loss(self.loss, model(x), y).mean()
-        ev = model.grow(place, 1, init_in)
-        if x is not None:
-            with torch.no_grad():
-                after = per_sample_loss(self.loss, model(x), y).mean()
-            change = float((after - before).abs() / before.abs().clamp_min(1e-12))
-            if not change <= self.cfg.check_tol:
-                raise RuntimeError(f"self-expansion: {ev.description} changed the loss by {change:.3g}")
+        ev = self._preserving(model, lambda: model.grow(place, 1, init_in), x, y)
         return ExpansionEvent(ev.params, ev.added, ev.removed, f"{ev.description} (insert)",
                               dict(model.widths()), optimizer_mode=self.cfg.optimizer_mode)

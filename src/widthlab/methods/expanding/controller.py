@@ -593,30 +593,40 @@ class ExpansionController:
         ref = next(model.parameters())
         parts = {k: v.to(dtype=ref.dtype, device=ref.device)
                  for k, v in cand.layout.split(cand.theta[None]).items()}
-        if x is not None:
+
+        def insert() -> ResizeEvent:
+            if cand.kind == "width":
+                return insert_units(model, cand.index, parts["W"][0], parts["b"][0],
+                                    {n: parts[n][0] for n in "vcl"})
+            if hasattr(model, "convs"):
+                return insert_conv_stage(model)
+            if self.cfg.layer_init == "basis":
+                B = full_rank(parts["W"][0].double()).to(ref.dtype)
+                return insert_layer(model, cand.index, basis=B, shift=parts["b"][0])
+            return insert_layer(model, cand.index)
+
+        ev = self._preserving(model, insert, x, y)
+        return ExpansionEvent(ev.params, ev.added, ev.removed, ev.description, ev.widths,
+                              optimizer_mode=self.cfg.optimizer_mode)
+
+    def _preserving(self, model: nn.Module, insert, x: torch.Tensor | None, y: torch.Tensor | None
+                    ) -> ResizeEvent:
+        """Run ``insert()``; with scoring data (x, y), raise if it changed the loss by more than
+        ``check_tol`` (relative): an insertion must preserve the function."""
+        def loss() -> torch.Tensor:
             with torch.no_grad():
-                before = self.flops.run(("check", cost.shapes_key(x, list(model.parameters()))), model, x)
-                before = per_sample_loss(self.loss, before, y).mean()
-        if cand.kind == "width":
-            ev = insert_units(model, cand.index, parts["W"][0], parts["b"][0],
-                              {n: parts[n][0] for n in "vcl"})
-        elif hasattr(model, "convs"):
-            ev = insert_conv_stage(model)
-        elif self.cfg.layer_init == "basis":
-            B = full_rank(parts["W"][0].double()).to(ref.dtype)
-            ev = insert_layer(model, cand.index, basis=B, shift=parts["b"][0])
-        else:
-            ev = insert_layer(model, cand.index)
+                out = self.flops.run(("check", cost.shapes_key(x, list(model.parameters()))), model, x)
+                return per_sample_loss(self.loss, out, y).mean()
+
+        before = loss() if x is not None else None
+        ev = insert()
         if x is not None:
-            with torch.no_grad():
-                after = self.flops.run(("check", cost.shapes_key(x, list(model.parameters()))), model, x)
-                after = per_sample_loss(self.loss, after, y).mean()
+            after = loss()
             change = float((after - before).abs() / before.abs().clamp_min(1e-12))
             if not change <= self.cfg.check_tol:
                 raise RuntimeError(f"self-expansion: {ev.description} changed the loss by {change:.3g} "
                                    "(relative); insertion should preserve the function")
-        return ExpansionEvent(ev.params, ev.added, ev.removed, ev.description, ev.widths,
-                              optimizer_mode=self.cfg.optimizer_mode)
+        return ev
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.cfg)
