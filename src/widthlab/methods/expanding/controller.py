@@ -36,7 +36,7 @@ from widthlab.methods.expanding import cost, kfac, proposals, scores, unit_score
 from widthlab.methods.expanding.expansion_config import ExpansionConfig
 from widthlab.methods.expanding.fisher import metric_pinv_norm, named_trainable, output_grad, per_sample_loss
 from widthlab.methods.expanding.insertion import full_rank, insert_conv_stage, insert_layer, insert_units
-from widthlab.methods.expanding.model import ExpandableMLP
+from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
 from widthlab.methods.expanding.natural_gradient import cg_dot_flops, conjugate_gradient, metered_operator
 from widthlab.nn.resize import ResizeEvent
 
@@ -236,10 +236,15 @@ class ExpansionController:
         self._commits = []
         self._rooms = {}
         self._warm = {}  # (kind, index) -> the site's last MALA chains in this event (warm_start)
+        ctx: _Context | None = None
+        grown = None  # (producer, consumer, units) of the last width commit, if _observe_grown follows it
         while len(events) < self.cfg.max_additions:
             # The CG solve is needed for the depth (and "natural" width) residual; η_global is logged once.
             natural = not events or self._depth_allowed(model) or self.cfg.width_residual == "natural"
-            ctx = self._observe(model, x, y, natural)
+            if ctx is not None and grown is not None:
+                ctx = self._observe_grown(model, x, y, ctx, grown, natural)
+            else:
+                ctx = self._observe(model, x, y, natural)
             if not events:
                 record.update(eta_global=ctx.eta_global, loss_sqnorm=float(ctx.obs.loss_sqnorm))
             # A neuron with zero outgoing weights changes neither e nor G anywhere: only the layer that got
@@ -264,6 +269,7 @@ class ExpansionController:
                 break
             best = max(passing, key=lambda c: c.delta)
             events.append(self._commit(model, best, x, y))
+            grown = self._grown_layers(model, best)
             self._commits.append(replace(best, theta=best.theta.detach().cpu()))
             record["additions"].append({"kind": best.kind, "index": best.index, "delta": best.delta,
                                         "rel": best.rel, "abs": best.abs})
@@ -328,25 +334,29 @@ class ExpansionController:
 
     # ------------------------------------------------------------------------------- observe
 
+    def _natural(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, float]:
+        """The natural-gradient residual ρ = ∇_yℓ − c·Jx of the depth (and "natural" width) scores, and
+        η_global = gᵀx (x by CG)."""
+        cfg = self.cfg
+        with torch.enable_grad():
+            params = named_trainable(model)
+            g = self.flops.run(("gradient", cost.shapes_key(x, list(params.values()))),
+                               self._gradient, model, params, x, y)
+            op, matvec = metered_operator(self.flops, model, x, self.loss,
+                                          output_metric=cfg.output_metric, damping=cfg.eta_damping,
+                                          params=params)
+            res = conjugate_gradient(matvec, g, maxiter=cfg.eta_maxiter, tol=cfg.eta_tol)
+            self.flops.add(cg_dot_flops(g.numel(), res.iterations))
+            nat = res.x
+            jx = self.flops.run(("jvp", cost.shapes_key(x, nat)), op.jvp, nat).detach()
+        eta_global = float(g @ nat)
+        r = output_grad(self.loss, op.out.detach(), y)
+        c = (jx * r).sum() / (jx * jx).sum().clamp_min(1e-30)
+        return {"natural": r - c * jx}, eta_global  # what the current natural-gradient step leaves
+
     def _observe(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, natural: bool = True) -> _Context:
         cfg = self.cfg
-        residuals, eta_global = {}, float("nan")
-        if natural:
-            with torch.enable_grad():
-                params = named_trainable(model)
-                g = self.flops.run(("gradient", cost.shapes_key(x, list(params.values()))),
-                                   self._gradient, model, params, x, y)
-                op, matvec = metered_operator(self.flops, model, x, self.loss,
-                                              output_metric=cfg.output_metric, damping=cfg.eta_damping,
-                                              params=params)
-                res = conjugate_gradient(matvec, g, maxiter=cfg.eta_maxiter, tol=cfg.eta_tol)
-                self.flops.add(cg_dot_flops(g.numel(), res.iterations))
-                nat = res.x
-                jx = self.flops.run(("jvp", cost.shapes_key(x, nat)), op.jvp, nat).detach()
-            eta_global = float(g @ nat)
-            r = output_grad(self.loss, op.out.detach(), y)
-            c = (jx * r).sum() / (jx * jx).sum().clamp_min(1e-30)
-            residuals["natural"] = r - c * jx  # what the current natural-gradient step leaves
+        residuals, eta_global = self._natural(model, x, y) if natural else ({}, float("nan"))
         arch = cost.shapes_key(x, list(model.parameters()), tuple(residuals))
         kw = dict(metric=cfg.output_metric, g_estimator=cfg.g_estimator, bias=cfg.bias)
         layers = list(kfac.kfac_layers(model).values())
@@ -363,13 +373,62 @@ class ExpansionController:
                                             x, y, self.loss, residuals=residuals, **kw)
         return self.flops.run(("statistics", arch), self._statistics, obs, y, eta_global)
 
+    def _grown_layers(self, model: nn.Module, cand: Candidate) -> tuple[str, str, int] | None:
+        """(producer, consumer, units added) of a width commit that :meth:`_observe_grown` can follow:
+        an expandable MLP or CNN, where a site's producer feeds its consumer alone; else None."""
+        if cand.kind != "width" or not isinstance(model, (ExpandableMLP, ExpandableCNN)):
+            return None
+        return (*model.site_layers(cand.index), int(cand.layout.k))
+
+    def _observe_grown(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: _Context,
+                       grown: tuple[str, str, int], natural: bool) -> _Context:
+        """The observation after a width commit, from the one before it (``kfac.grown_observation``: the
+        new units have zero outgoing weights, so only the consumer's inputs and the producer's size
+        change): one forward pass instead of a backward pass per G cotangent, statistics for the two
+        changed layers only. Equal to :meth:`_observe` of the grown model up to rounding."""
+        cfg = self.cfg
+        producer, consumer, added = grown
+        residuals, eta_global = self._natural(model, x, y) if natural else ({}, float("nan"))
+        modules = kfac.kfac_layers(model)
+        n = x.shape[0]
+        obs = kfac.grown_observation(ctx.obs, model, x, producer, consumer, added, bias=cfg.bias,
+                                     residuals=residuals, modules=modules)
+        cot = len(residuals)
+        if isinstance(model, ExpandableMLP):  # forward, backprops of the new residuals, the consumer's A
+            lin = list(modules.values())
+            self.flops.add(cost.linear_observe_flops(lin, n, cot, 0, cfg.bias)
+                           - cost.linear_observe_flops(lin, n, 0, 0, cfg.bias)
+                           + sum(2 * n * m.in_features * m.out_features for m in lin))
+        else:  # the forward (and backward) passes measured on two samples, scaled to the batch
+            m = min(2, n)
+            sub = {k: r[:m] for k, r in residuals.items()}
+            probe = lambda: (m, lambda: kfac.grown_passes(model, x[:m], consumer, bias=cfg.bias,  # noqa: E731
+                                                          residuals=sub, modules=modules))
+            self.flops.run_per_sample(("grown", consumer, cost.shapes_key(x, list(model.parameters()),
+                                                                          tuple(residuals))),
+                                      n, probe, lambda: None)
+        changed = {producer, consumer} | ({name for name in obs.layers} if residuals else set())
+        key = ("statistics-grown", cost.shapes_key({k: obs.layers[k].a_rows for k in sorted(changed)},
+                                                   tuple(residuals)))
+        fresh = self.flops.run(key, self._statistics, obs, y, eta_global, changed)
+        per_layer = {}
+        for name in obs.layers:
+            if name in changed:
+                per_layer[name] = fresh.per_layer[name]
+            else:
+                old = ctx.per_layer[name]
+                per_layer[name] = {**old, "r_perp": {k: old["r_perp"][k] for k in obs.layers[name].e_rows}}
+        return _Context(obs, eta_global, per_layer, fresh.bound)
+
     def _gradient(self, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
                   ) -> torch.Tensor:
         loss = per_sample_loss(self.loss, model(x), y).mean()
         return torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(params.values()))])
 
-    def _statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float) -> _Context:
-        """Per consuming layer: pseudo-inverses of A and the damped G, η_layer and the residuals r_⊥."""
+    def _statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
+                    names: set[str] | None = None) -> _Context:
+        """Per consuming layer (those in ``names``, default all): pseudo-inverses of A and the damped G,
+        η_layer and the residuals r_⊥."""
         cfg = self.cfg
         if cfg.abs_normalizer == "metric":
             bound = float(metric_pinv_norm(self.loss, obs.out, y, cfg.output_metric))
@@ -377,6 +436,8 @@ class ExpansionController:
             bound = float(obs.loss_sqnorm)
         per_layer = {}
         for name, lay in obs.layers.items():
+            if names is not None and name not in names:
+                continue
             f = lay.factors
             A_pinv = scores.psd_pinv(f.A)
             G_inv = scores.psd_pinv(scores.damp(f.G, cfg.g_damping))
@@ -413,12 +474,14 @@ class ExpansionController:
                 ) -> proposals.RefineResult:
         """Refine ``theta0``; every evaluation of ``fn`` is charged to the FLOP meter under ``tag`` (the
         shapes its cost depends on). ``warm``: (step sizes, temperatures) of MALA chains that ``theta0``
-        continues (``ExpansionConfig.warm_start``), run for the shorter warm budget."""
+        continues (``ExpansionConfig.warm_start``; an empty tuple for ascent), run for the shorter warm
+        budget."""
         cfg = self.cfg
         fn = cost.MeteredScore(fn, self.flops, ("search", *tag))
         temperature: float | torch.Tensor = cfg.temperature
         step_size: float | torch.Tensor = cfg.mala_step_size
         bursts = cfg.mala_bursts
+        ascent_steps = cfg.warm_ascent_steps if warm is not None else cfg.ascent_steps
         if cfg.refine == "mala":
             temperature = cfg.mala_temperature
             if warm is not None:
@@ -430,24 +493,26 @@ class ExpansionController:
         res = proposals.refine(fn, theta0, cfg.refine, generator=self.generator,
                                mala_variant=cfg.mala_variant, bursts=bursts, steps=cfg.mala_steps,
                                step_size=step_size, temperature=temperature,
-                               ascent_steps=cfg.ascent_steps, ascent_lr=cfg.ascent_lr, mask=mask)
+                               ascent_steps=ascent_steps, ascent_lr=cfg.ascent_lr, mask=mask)
         res.score = torch.where(torch.isfinite(res.score), res.score, torch.zeros_like(res.score))
         if cfg.refine == "mala":
             res.temperature = torch.as_tensor(temperature, dtype=theta0.dtype).expand(theta0.shape[0])
         return res
 
     def _warm_rows(self, key: tuple, layout: proposals.UnitLayout, count: int):
-        """The chains a site's last search in this event ended with, in ``layout`` (a site whose input
-        gained units gets zero weights on them: the same function), or None."""
+        """The chains (MALA) or refined proposals (ascent) a site's last search in this event ended with,
+        in ``layout`` (a site whose input gained units gets zero weights on them: the same function), as
+        (θ, step sizes, temperatures), the last two None for ascent; or None."""
         got = self._warm.get(key)
-        if got is None or not self.cfg.warm_start or self.cfg.refine != "mala":
+        if got is None or not self.cfg.warm_start or self.cfg.refine not in ("mala", "ascent"):
             return None
         old, theta, h, temp = got
         if old.k != layout.k or old.kernel != layout.kernel or old.d > layout.d or theta.shape[0] != count:
             return None
-        if old.d < layout.d:
+        if old.d < layout.d:  # zero weights on the new inputs (W is (P, k, d, *kernel))
             parts = old.split(theta)
-            parts["W"] = torch.nn.functional.pad(parts["W"], (0, layout.d - old.d))
+            pad = (0, 0) * len(layout.kernel) + (0, layout.d - old.d)
+            parts["W"] = torch.nn.functional.pad(parts["W"], pad)
             theta = layout.join(parts)
         return theta, h, temp
 
@@ -465,7 +530,8 @@ class ExpansionController:
         if all(w is not None for w in warm):  # every site continues its chains (warm_start)
             theta0 = torch.cat([fn.pad_rows(w[0].to(dtype=dtype, device=device), i)
                                 for i, w in enumerate(warm)])
-            cont = tuple(torch.cat([w[j] for w in warm]).to(dtype) for j in (1, 2))
+            cont = (tuple(torch.cat([w[j] for w in warm]).to(dtype) for j in (1, 2))
+                    if self.cfg.refine == "mala" else ())
         else:
             theta0 = torch.cat([fn.pad_rows(proposals.random_candidates(lay, count, generator=self.generator,
                                                                         dtype=dtype, device=device), i)
@@ -479,6 +545,9 @@ class ExpansionController:
             if res.step_size is not None:
                 self._warm[(kind, index)] = (fn.layouts[i], fn.unpad_rows(res.theta[rows].detach(), i),
                                              res.step_size[rows].detach(), res.temperature[rows].detach())
+            elif self.cfg.refine == "ascent":
+                self._warm[(kind, index)] = (fn.layouts[i], fn.unpad_rows(res.theta[rows].detach(), i),
+                                             None, None)
             thetas = fn.unpad_rows(res.theta[rows].detach().to(torch.float64), i)
             one = unit_score.UnitScore(k, [site], ctx.obs.n, jitter=1e-10)
             one_tag = ("rescore", k, cost.shapes_key(one.hT, one.r))
@@ -507,11 +576,22 @@ class ExpansionController:
 
         dtype = getattr(torch, cfg.search_dtype)
         fn = make(dtype, 1e-6 if dtype == torch.float32 else 1e-10)
-        theta0 = proposals.random_candidates(layout, count, generator=self.generator, dtype=dtype,
-                                             device=h.device)
+        warm = self._warm_rows((kind, index), layout, count)
+        if warm is not None:  # the site's refined proposals continue (warm_start)
+            theta0 = warm[0].to(dtype=dtype, device=h.device)
+            cont = (warm[1].to(dtype), warm[2].to(dtype)) if cfg.refine == "mala" else ()
+        else:
+            theta0 = proposals.random_candidates(layout, count, generator=self.generator, dtype=dtype,
+                                                 device=h.device)
+            cont = None
         tag = ("channels", k, kernel, pool,
                cost.shapes_key(h, site.r_perp, site.G_inv, list(module.parameters())))
-        res = self._search(fn, theta0, tag=tag)
+        res = self._search(fn, theta0, tag=tag, warm=cont)
+        if res.step_size is not None:
+            self._warm[(kind, index)] = (layout, res.theta.detach(), res.step_size.detach(),
+                                         res.temperature.detach())
+        elif cfg.refine == "ascent":
+            self._warm[(kind, index)] = (layout, res.theta.detach(), None, None)
         thetas = res.theta.detach().to(torch.float64)
         exact = cost.MeteredScore(make(torch.float64, 1e-10), self.flops, ("rescore", *tag))(thetas)
         exact = torch.where(torch.isfinite(exact), exact, res.score.to(torch.float64))

@@ -65,7 +65,10 @@ class ExpansionConfig:
             temperature, for ``mala_warm_bursts`` bursts (None: a quarter of ``mala_bursts``) instead of
             starting over from the prior. An addition changes the target only along the new unit (its
             feature leaves the residual), so the chains start near their new target; the official code
-            restarts (``warm_start: false``).
+            restarts (``warm_start: false``). With ``refine="ascent"`` the site's refined proposals
+            continue likewise, for ``ascent_warm_steps`` Adam steps (None: a quarter of ``ascent_steps``)
+            from a fresh Adam state. Either way a site whose input gained units continues with zero
+            weights on them (the same features, so the same scores to start from).
     """
 
     tau: float = 1.0
@@ -110,11 +113,17 @@ class ExpansionConfig:
     stop_below_cap: bool = False
     warm_start: bool = True
     mala_warm_bursts: int | None = None
+    ascent_warm_steps: int | None = None
     chance_correction: bool = False
 
     @property
     def warm_bursts(self) -> int:
         return self.mala_warm_bursts if self.mala_warm_bursts is not None else max(1, self.mala_bursts // 4)
+
+    @property
+    def warm_ascent_steps(self) -> int:
+        steps = self.ascent_warm_steps
+        return steps if steps is not None else max(1, self.ascent_steps // 4)
 
     def __post_init__(self):
         object.__setattr__(self, "max_widths", tuple(int(w) for w in self.max_widths))
@@ -137,6 +146,7 @@ class ExpansionConfig:
             (self.abs_normalizer in ABS_NORMALIZERS, f"abs_normalizer must be one of {ABS_NORMALIZERS}"),
             (self.decision in DECISIONS, f"decision must be one of {DECISIONS}"),
             (self.mala_warm_bursts is None or self.mala_warm_bursts >= 1, "mala_warm_bursts must be >= 1"),
+            (self.ascent_warm_steps is None or self.ascent_warm_steps >= 1, "ascent_warm_steps must be >= 1"),
             (not self.chance_correction or self.abs_normalizer == "room",
              "chance_correction needs abs_normalizer 'room' (the chance level is k·room/N)"),
         ]

@@ -378,3 +378,58 @@ def observe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, *, me
         layers[name] = LayerObservation(cap[name].a, a_rows, e_rows, factors)
     grad_out = grad_out.to(dtype)
     return Observation(out.detach().to(dtype), grad_out, grad_out.pow(2).sum(1).mean(), layers)
+
+
+
+def grown_passes(model: nn.Module, x: torch.Tensor, consumer: str, *, bias: bool = True,
+                 residuals: dict[str, torch.Tensor] | None = None,
+                 modules: dict[str, nn.Module] | None = None, dtype: torch.dtype = torch.float64
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """The computations of :func:`grown_observation`: one forward pass (with the backward passes of
+    ``residuals``, if any), the consumer's input, its rows and A = aᵀa/(N·T). Returns (a, a_rows, A,
+    {residual: {layer: e rows}})."""
+    modules = kfac_layers(model) if modules is None else modules
+    residuals = residuals or {}
+    watch = modules if residuals else {consumer: modules[consumer]}
+    with torch.enable_grad() if residuals else torch.no_grad(), capture(watch) as cap:
+        out = model(x)
+        names = [n for n in modules if n in cap]
+        e_new = {k: backprop(out, cap, r.to(out.dtype), names) for k, r in residuals.items()}
+    a = cap[consumer].a
+    a_rows = input_rows(modules[consumer], a, bias).to(dtype)
+    A = a_rows.T @ a_rows / a_rows.shape[0]
+    return a, a_rows, A, {k: {n: output_rows(e[n]).to(dtype) for n in names} for k, e in e_new.items()}
+
+
+def grown_observation(obs: Observation, model: nn.Module, x: torch.Tensor, grown: str, consumer: str,
+                      added: int, *, bias: bool = True, keep: Sequence[str] = ("grad",),
+                      residuals: dict[str, torch.Tensor] | None = None,
+                      modules: dict[str, nn.Module] | None = None, dtype: torch.dtype = torch.float64
+                      ) -> Observation:
+    """What :func:`observe` would return after ``added`` units were appended to the outputs of layer
+    ``grown`` with zero outgoing weights in ``consumer``, its only reader, computed from ``obs`` (the
+    observation before) with one forward pass instead of a backward pass per cotangent.
+
+    Such units leave the network's function unchanged (Mitchell et al. 2023, function-preserving
+    insertion), hence every layer's output gradients e and every G; the new units' own e are zero (they
+    reach the output through zero weights only). So ``grown`` gains zero columns in its e rows and a
+    zero row and column in G, ``consumer`` gets the new inputs (its rows a and its A afresh), and every
+    other layer keeps its statistics. Residual rows named in ``keep`` are carried over; ``residuals``
+    (output vectors, e.g. a natural-gradient residual that moved with the new parameters) are
+    back-propagated afresh through the grown network. Equal to a fresh :func:`observe` up to rounding.
+    """
+    a_new, rows_new, A_new, e_new = grown_passes(model, x, consumer, bias=bias, residuals=residuals,
+                                                 modules=modules, dtype=dtype)
+    layers = {}
+    for name, lay in obs.layers.items():
+        e_rows = {k: lay.e_rows[k] for k in keep}
+        f = lay.factors
+        if name == grown:
+            e_rows = {k: F.pad(e, (0, added)) for k, e in e_rows.items()}
+            f = LayerFactors(f.A, F.pad(f.G, (0, added, 0, added)), f.n, f.t)
+        a, a_rows = lay.a, lay.a_rows
+        if name == consumer:
+            a, a_rows, f = a_new, rows_new, LayerFactors(A_new, f.G, f.n, f.t)
+        e_rows.update({k: e[name] for k, e in e_new.items()})
+        layers[name] = LayerObservation(a, a_rows, e_rows, f)
+    return Observation(obs.out, obs.grad_out, obs.loss_sqnorm, layers)
