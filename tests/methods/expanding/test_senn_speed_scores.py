@@ -32,7 +32,10 @@ def _autograd(fn, theta):
     ("head", True, 1, 2, (6, 6)),
     ("head", False, 3, 2, (4, 4)),  # k > 1 (a stage candidate): A_f is solved
 ])
-def test_channel_score_and_gradient_equal_autograd(consumer, pool, k, c_in, hw):
+@pytest.mark.parametrize("patch_matrix", [True, False])  # patches by a 0/1 product, or by slices / unfold
+def test_channel_score_and_gradient_equal_autograd(consumer, pool, k, c_in, hw, patch_matrix, monkeypatch):
+    if not patch_matrix:
+        monkeypatch.setattr(unit_score.ChannelScore, "SMALL_PATCH_MATRIX", 0)
     g = torch.Generator().manual_seed(3)
     N, m = 7, 4
     h = torch.randn(N, c_in, *hw, generator=g, dtype=DT)
@@ -55,6 +58,7 @@ def test_channel_score_and_gradient_equal_autograd(consumer, pool, k, c_in, hw):
 
     ref = proposals.unit_score_fn(feats, r, G_inv, N, 0.7, jitter=jitter)
     fast = unit_score.ChannelScore(layout, h, module, pool, r, G_inv, N, 0.7, jitter=jitter, dtype=DT)
+    assert (fast.U is not None) == (patch_matrix and consumer != "head")
     s_ref, g_ref = _autograd(ref, theta)
     s, grad = fast.value_and_grad(theta)
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=0)

@@ -202,10 +202,17 @@ class ChannelScore:
     K-FAC rows, patches of a Conv2d (f (N·T, k·kh·kw)) or global averages for the Linear head
     (f (N, k)); s = tr(Cᵀ A_f⁻¹ C G⁻¹)/η with C = fᵀ r_⊥/N and A_f = fᵀ f/(N·T) (Mitchell et al.
     2023, the score bound and its CNN variant). Its gradient with M = A_f⁻¹ C is
-    ∂s/∂f = (2/N)(r_⊥ − f M/T) G⁻¹ Mᵀ/η; it goes back through the patches (``fold``, the adjoint of
-    ``unfold``), the pooling (to the arg-max of each window), σ and the convolution, which is one
+    ∂s/∂f = (2/N)(r_⊥ − f M/T) G⁻¹ Mᵀ/η; it goes back through the patches (the adjoint of the
+    patch extraction), the pooling (to the arg-max of each window), σ and the convolution, which is one
     matrix product with the producer's input patches, taken once per search instead of at every
     evaluation. Like :class:`UnitScore` the jitter of A_f is treated as a constant in the gradient.
+
+    Layout (this is a search's inner loop, so few and cheap operations): feature maps are kept
+    location-major, (candidate, y, x, sample), i.e. channels-last with the samples as channels, where
+    max-pooling and its backward pass are fast; the sums over rows in C, A_f and ∂s/∂f do not depend on
+    the row order, so the consumer's rows are taken in (location, sample) order with r_⊥ reordered to
+    match once. On small maps the consumer's patches are one product with a fixed 0/1 matrix (and
+    their adjoint one product with its transpose), otherwise shifted slices (stride 1) or ``unfold``.
 
     Args:
         layout: the candidates' layout (k channels, C_in inputs, the producer's kernel).
@@ -214,6 +221,9 @@ class ChannelScore:
         pool: whether the stage max-pools (2×2, ceil mode) before the consumer.
         r_perp, G_inv, n, norm: the consumer's residual rows, damped G⁻¹, N and η.
     """
+
+    # patches as a product with a 0/1 matrix while it has at most this many entries
+    SMALL_PATCH_MATRIX = 16384
 
     def __init__(self, layout: UnitLayout, h: torch.Tensor, consumer: torch.nn.Module, pool: bool,
                  r_perp: torch.Tensor, G_inv: torch.Tensor, n: int, norm: float = 1.0, *,
@@ -231,51 +241,70 @@ class ChannelScore:
         self.N, self.H, self.W = N, H, W
         pad = tuple(s // 2 for s in layout.kernel)
         cols = F.unfold(h.to(dtype), layout.kernel, padding=pad)  # (N, C_in·kh·kw, H·W)
-        self.hcols = cols.transpose(0, 1).reshape(cols.shape[1], -1).contiguous()  # (C_in·kh·kw, N·H·W)
+        self.hcols = cols.permute(1, 2, 0).reshape(cols.shape[1], -1).contiguous()  # (C_in·kh·kw, H·W·N)
         self.hcolsT = self.hcols.T.contiguous()
+        self.hp, self.wp = ((H + 1) // 2, (W + 1) // 2) if self.pool else (H, W)
+        r = r_perp.to(dtype)
+        self.U = None
         if self.conv:
             self.unfold_kw = dict(kernel_size=consumer.kernel_size, dilation=consumer.dilation,
                                   padding=conv_padding(consumer), stride=consumer.stride)
-        self.r = r_perp.to(dtype)
+            S = self.hp * self.wp
+            eye = torch.eye(S, dtype=dtype, device=h.device).view(S, 1, self.hp, self.wp)
+            probe = F.unfold(eye, **self.unfold_kw)  # (S, kk, T): which input each patch entry reads
+            self.kk, self.t = probe.shape[1], probe.shape[2]
+            if probe.numel() <= self.SMALL_PATCH_MATRIX:
+                self.U = probe.permute(1, 2, 0).reshape(self.kk * self.t, S).contiguous()  # (kk·T, S)
+                self.UT = self.U.T.contiguous()
+            r = r.view(N, self.t, -1).transpose(0, 1).reshape(N * self.t, -1)  # rows (location, sample)
+        else:
+            self.kk, self.t = 1, 1
+        self.r = r.contiguous()
         self.G_inv = G_inv.to(dtype)
-        self.rG = self.r @ self.G_inv  # r_⊥ G⁻¹, (N·T, m)
+        self.rGT = (self.r @ self.G_inv).T.contiguous()  # (r_⊥ G⁻¹)ᵀ, (m, rows)
 
     def _shifts(self) -> bool:
         kw = self.unfold_kw
         return tuple(kw["stride"]) == (1, 1) and tuple(kw["dilation"]) == (1, 1)
 
-    def _unfold(self, x4: torch.Tensor) -> torch.Tensor:
-        """(B, N, h, w) maps -> (B, N, kh·kw, T) patches as ``F.unfold`` of each (h, w) map orders them
-        (kernel row-major); for stride 1 by kh·kw shifted slices (``F.unfold`` loops over the B·N maps)."""
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, hp, wp, N) maps -> (B, kk, T·N): each map's patch entries (kernel row-major, as
+        ``F.unfold`` orders them) at the consumer's T locations, location-major."""
         import torch.nn.functional as F
 
-        B, N, hp, wp = x4.shape
+        B, hp, wp, N = x.shape
+        if self.U is not None:
+            return (self.U @ x.reshape(B, hp * wp, N)).view(B, self.kk, self.t * N)
         kw = self.unfold_kw
         if not self._shifts():
-            cols = F.unfold(x4.reshape(B * N, 1, hp, wp), **kw)
-            return cols.view(B, N, cols.shape[1], cols.shape[2])
+            cols = F.unfold(x.permute(0, 3, 1, 2).reshape(B * N, 1, hp, wp), **kw)  # (B·N, kk, T)
+            return cols.view(B, N, self.kk, self.t).permute(0, 2, 3, 1).reshape(B, self.kk, self.t * N)
         (kh, kw_), (ph, pw) = kw["kernel_size"], kw["padding"]
-        xp = F.pad(x4, (pw, pw, ph, ph))
+        xp = F.pad(x, (0, 0, pw, pw, ph, ph))
         ho, wo = hp + 2 * ph - kh + 1, wp + 2 * pw - kw_ + 1
-        return torch.stack([xp[:, :, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw_)], 2
-                           ).reshape(B, N, kh * kw_, ho * wo)
+        return torch.stack([xp[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw_)], 1
+                           ).view(B, kh * kw_, ho * wo * N)
 
-    def _fold(self, cols: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
-        """The adjoint of :meth:`_unfold`: (B, N, kh·kw, T) -> (B, N, h, w)."""
+    def _patches_adjoint(self, cols: torch.Tensor) -> torch.Tensor:
+        """The adjoint of :meth:`_patches`: (B, kk, T·N) -> (B, hp, wp, N)."""
         import torch.nn.functional as F
 
-        B, N, kk, t = cols.shape
+        B, kk, tn = cols.shape
+        N, hp, wp = tn // self.t, self.hp, self.wp
+        if self.U is not None:
+            return (self.UT @ cols.view(B, kk * self.t, N)).view(B, hp, wp, N)
         kw = self.unfold_kw
         if not self._shifts():
-            return F.fold(cols.reshape(B * N, kk, t), (hp, wp), **kw).view(B, N, hp, wp)
+            c = cols.view(B, kk, self.t, N).permute(0, 3, 1, 2).reshape(B * N, kk, self.t)
+            return F.fold(c, (hp, wp), **kw).view(B, N, hp, wp).permute(0, 2, 3, 1)
         (kh, kw_), (ph, pw) = kw["kernel_size"], kw["padding"]
         ho, wo = hp + 2 * ph - kh + 1, wp + 2 * pw - kw_ + 1
-        c = cols.view(B, N, kh, kw_, ho, wo)
-        out = cols.new_zeros(B, N, hp + 2 * ph, wp + 2 * pw)
+        c = cols.view(B, kh, kw_, ho, wo, N)
+        out = cols.new_zeros(B, hp + 2 * ph, wp + 2 * pw, N)
         for i in range(kh):
             for j in range(kw_):
-                out[:, :, i:i + ho, j:j + wo] += c[:, :, i, j]
-        return out[:, :, ph:ph + hp, pw:pw + wp]
+                out[:, i:i + ho, j:j + wo] += c[:, i, j]
+        return out[:, ph:ph + hp, pw:pw + wp]
 
     def _features(self, theta: torch.Tensor):
         import torch.nn.functional as F
@@ -287,31 +316,28 @@ class ChannelScore:
         q = v * v + c * c + l * l
         nrm = q.clamp_min(self.eps).sqrt()
         a, b, e = l / nrm, 2 * v / nrm, c / nrm
-        pre = torch.addmm(p["b"].reshape(P * k, 1), Wm, self.hcols)  # (P·k, N·H·W)
+        pre = torch.addmm(p["b"].reshape(P * k, 1), Wm, self.hcols)  # (P·k, H·W·N)
         den = (pre * pre).add_(1).reciprocal_()
         pd = pre * den
         x = (a * pre).addcmul_(b, pd).addcmul_(e, den)
-        x4 = x.view(P * k, self.N, self.H, self.W)
+        x4 = x.view(P * k, self.H, self.W, self.N)  # location-major maps
         idx = None
-        if self.pool:
-            x4, idx = F.max_pool2d(x4, 2, ceil_mode=True, return_indices=True)
-        hp, wp = x4.shape[2], x4.shape[3]
+        if self.pool:  # channels-last view (samples as channels): the fast max-pool kernel
+            xc, idx = F.max_pool2d(x4.permute(0, 3, 1, 2), 2, ceil_mode=True, return_indices=True)
+            x4 = xc.permute(0, 2, 3, 1)  # (P·k, hp, wp, N)
         if self.conv:
-            cols = self._unfold(x4)  # (P·k, N, kk, T)
-            kk, t = cols.shape[2], cols.shape[3]
-            f = cols.view(P, k, self.N, kk, t).permute(0, 2, 4, 1, 3).reshape(P, self.N * t, k * kk)
+            fT = self._patches(x4).view(P, k * self.kk, -1)  # (P, K, T·N), K channel-major like the weights
         else:
-            kk, t = 1, 1
-            f = x4.mean((2, 3)).view(P, k, self.N).transpose(1, 2)  # (P, N, k)
-        C = f.transpose(1, 2) @ self.r / self.n  # (P, K, m)
-        A_f = f.transpose(1, 2) @ f / f.shape[1]
-        if f.shape[2] == 1:
+            fT = x4.mean((1, 2)).view(P, k, self.N)  # (P, k, N)
+        C = fT @ self.r / self.n  # (P, K, m)
+        A_f = fT @ fT.transpose(1, 2) / fT.shape[2]
+        if fT.shape[1] == 1:
             M = C / (A_f * (1 + self.jitter))
         else:
             M = torch.linalg.solve(scores.damp(A_f, self.jitter), C)
         MG = M @ self.G_inv
         s = (C * MG).sum((1, 2)) / self.norm
-        return s, (P, k, kk, t, hp, wp, idx, f, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l)
+        return s, (P, k, x, idx, fT, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l)
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         return self._features(theta)[0]
@@ -319,22 +345,24 @@ class ChannelScore:
     @torch.no_grad()
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, cache = self._features(theta)
-        P, k, kk, t, hp, wp, idx, f, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l = cache
+        P, k, x, idx, fT, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l = cache
         scale = 2.0 / (self.n * self.norm)
-        # ∂s/∂f = (2/N)(r_⊥ G⁻¹ Mᵀ − f M G⁻¹ Mᵀ / T)/η, (P, N·T, K)
-        gf = torch.baddbmm(self.rG.expand(P, -1, -1) @ M.transpose(1, 2), f, MG @ M.transpose(1, 2),
-                           alpha=-1.0 / t).mul_(scale)
+        # ∂s/∂fᵀ = (2/N)(M G⁻¹ r_⊥ᵀ − (M G⁻¹ Mᵀ) fᵀ / T)/η, (P, K, rows); M G⁻¹ Mᵀ is symmetric
+        K = M.shape[1]
+        gr = (M.reshape(P * K, -1) @ self.rGT).view(P, K, -1)  # one product, not P with a broadcast operand
+        gfT = torch.baddbmm(gr, MG @ M.transpose(1, 2), fT, alpha=-1.0 / self.t).mul_(scale)
         if self.conv:
-            gcols = gf.view(P, self.N, t, k, kk).permute(0, 3, 1, 4, 2).reshape(P * k, self.N, kk, t)
-            gx4 = self._fold(gcols, hp, wp)
+            g4 = self._patches_adjoint(gfT.view(P * k, self.kk, -1))  # (P·k, hp, wp, N)
         else:
-            gx4 = (gf.transpose(1, 2).reshape(P * k, self.N, 1, 1) / (hp * wp)).expand(P * k, self.N, hp, wp)
+            g4 = (gfT.reshape(P * k, 1, 1, self.N) / (self.hp * self.wp)).expand(P * k, self.hp, self.wp,
+                                                                                   self.N)
         if self.pool:
-            gx = torch.zeros(P * k, self.N, self.H * self.W, dtype=gx4.dtype, device=gx4.device)
-            gx.scatter_add_(2, idx.flatten(2), gx4.reshape(P * k, self.N, -1))
-            gx = gx.view(P * k, -1)
+            gx = torch.ops.aten.max_pool2d_with_indices_backward(
+                g4.permute(0, 3, 1, 2), x.view(P * k, self.H, self.W, self.N).permute(0, 3, 1, 2),
+                [2, 2], [2, 2], [0, 0], [1, 1], True, idx)  # (P·k, N, H, W), channels-last
+            gx = gx.permute(0, 2, 3, 1).reshape(P * k, -1)
         else:
-            gx = gx4.reshape(P * k, -1)
+            gx = g4.reshape(P * k, -1)
         # chain rule through σ (as UnitScore): ∂σ/∂x = a + den·(b − 2·pd·(b·x + e))
         dpre = (b * pre).add_(e).mul_(pd).mul_(-2).add_(b).mul_(den).add_(a).mul_(gx)
         s_pre, s_pd, s_den = ((gx * u).sum(-1, keepdim=True) for u in (pre, pd, den))
