@@ -184,9 +184,9 @@ def _value_and_grad(score_fn: ScoreFn, theta: torch.Tensor, official: bool = Fal
             s = score_fn(t)
             (g,) = torch.autograd.grad(s.sum(), t)
     # A degenerate candidate (e.g. a dead unit) can give a NaN score; treat it as worthless.
-    bad = ~torch.isfinite(s)
-    s = torch.where(bad, torch.zeros_like(s), s).detach()
-    g = torch.where(bad[:, None] | ~torch.isfinite(g), torch.zeros_like(g), g)
+    ok = torch.isfinite(s)
+    s = torch.where(ok, s, 0.0).detach()
+    g = torch.where(torch.isfinite(g) & ok[:, None], g, 0.0)
     return s, g
 
 
@@ -281,10 +281,11 @@ def _correct_burst(score_fn, st: _State, log_target, h, temperature, prior_var, 
         prop = torch.addcmul(c_theta * theta, c_grad, g).addcmul_(root, xis[j])
         s_p, g_p = _value_and_grad(score_fn, prop)
         lt_p = _log_target(s_p, prop, temperature, prior_var)
-        back = theta - c_theta * prop - c_grad * g_p  # θ − θ′ − h∇log π(θ′)
-        log_alpha = lt_p - log_target - (back * back).sum(1) * inv4h + half_xi2[j]
-        alpha = log_alpha.clamp(max=0).exp()
-        alpha = torch.where(torch.isfinite(alpha), alpha, torch.zeros_like(alpha))
+        # θ − θ′ − h∇log π(θ′) = θ − c_θ·θ′ − c_g·g′
+        back = torch.addcmul(theta, c_theta, prop, value=-1).addcmul_(c_grad, g_p, value=-1)
+        log_alpha = (back * back).sum(1).mul_(-inv4h).add_(lt_p).sub_(log_target).add_(half_xi2[j])
+        # exp of a clamped number is in [0, 1] or NaN (a NaN score or step): NaN is never accepted
+        alpha = log_alpha.clamp_(max=0).exp_().nan_to_num_(nan=0.0)
         take = us[j] < alpha
         t = take[:, None]
         theta, g = torch.where(t, prop, theta), torch.where(t, g_p, g)
