@@ -275,7 +275,8 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     def _probe(self, items: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> list[bool]:
         """Whether ``W.grad @ v (+ b.grad·v_b) = gᵀ(ã v)`` for each layer's rows, to PROBE_RTOL of the
-        value plus a rounding allowance (√(terms)·eps of the sum of absolute products)."""
+        value plus a rounding allowance √(R + D)·eps·‖g‖·‖ã v‖ (above the random-walk rounding of both
+        sides, Higham 2002 §3.1; a bound from norms, as absolute values would cost a pass over the rows)."""
         good = []
         for m, a, g in items:
             gw = m.weight.grad
@@ -286,14 +287,13 @@ class KFACOptimizer(torch.optim.Optimizer):
                 gen = torch.Generator().manual_seed(D)  # private: the global RNG stays untouched
                 v = torch.randn(D, generator=gen, dtype=torch.float64).to(gw.dtype).to(gw.device)
                 self._probe_vectors[(D, gw.dtype, gw.device)] = v
-            av, mag = a @ v[:d], a.abs() @ v[:d].abs()
-            got = gw.reshape(gw.shape[0], -1) @ v[:d]
+            av, got = a @ v[:d], gw.reshape(gw.shape[0], -1) @ v[:d]
             if d < D:
                 gb = m.bias.grad if m.bias.grad is not None else torch.zeros_like(m.bias)
-                av, mag, got = av + v[d], mag + v[d].abs(), got + gb * v[d]
-            ref, mag = g.T @ av, g.abs().T @ mag
+                av, got = av + v[d], got + gb * v[d]
+            ref = g.T @ av
             eps = torch.finfo(gw.dtype).eps * math.sqrt(a.shape[0] + D)
-            good.append((got - ref).norm() <= PROBE_RTOL * ref.norm() + eps * mag.norm())
+            good.append((got - ref).norm() <= PROBE_RTOL * ref.norm() + eps * g.norm() * av.norm())
         return torch.stack(good).tolist()  # one host read for all layers
 
     # --------------------------------------------------------------------- step
@@ -385,7 +385,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         computed in the weight's own (out, in) layout so that no transposed copies are made; the bias
         column enters as a rank-one term instead of being concatenated to the gradient. With ``rows``
         (a, g) whose gᵀa is the gradient (weight decay 0): the factored form (G⁻¹gᵀ)(ã A⁻¹), the bias
-        as the ones column of ã (added as the bias row of A⁻¹)."""
+        as the ones column of ã (added as the bias row of A⁻¹), weight and bias columns apart so that
+        ΔW comes out contiguous."""
         W = m.weight
         if rows is not None:
             a, g = (t.to(A_inv.dtype) for t in rows)
@@ -396,8 +397,9 @@ class KFACOptimizer(torch.optim.Optimizer):
                 if m.bias is None:
                     return dw, None
                 return dw, m.bias.grad if m.bias.grad is not None else torch.zeros_like(m.bias)
-            delta = left @ (a @ A_inv[:d]).add_(A_inv[d])  # (m, d + 1)
-            return delta[:, :d].reshape(W.shape), delta[:, d]
+            right = torch.addmm(A_inv[d, :d], a, A_inv[:d, :d])  # weight columns of ãA⁻¹, (R, d)
+            col = torch.addmv(A_inv[d, d], a, A_inv[:d, d])  # its bias column, (R,)
+            return (left @ right).reshape(W.shape), left @ col
         gw = W.grad.reshape(W.shape[0], -1)  # (m, d)
         if wd:
             gw = gw + wd * W.reshape(W.shape[0], -1)
