@@ -317,3 +317,13 @@ def test_replaced_layers_are_followed_and_not_kept_alive():
     assert old() is None
     assert _step(net, opt, [(x, y)], x, y, [net[0], net[2]])["0"] == "full"
     assert _step(net, opt, [(x, y)], x, y, [net[0], net[2]])["0"] == "factored"
+
+
+def test_a_dropped_optimizer_takes_its_hooks_along():
+    net = _mlp()
+    before = (len(net[0]._forward_hooks), len(net[0].weight._post_accumulate_grad_hooks or {}))
+    opt = _opt(net)
+    assert len(net[0]._forward_hooks) == before[0] + 1
+    del opt
+    gc.collect()
+    assert (len(net[0]._forward_hooks), len(net[0].weight._post_accumulate_grad_hooks or {})) == before

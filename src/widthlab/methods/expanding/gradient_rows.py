@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -136,6 +136,10 @@ class GradientRows:
     def close(self) -> None:
         """Remove every hook."""
         self.sync({})
+
+    def __del__(self) -> None:  # an optimizer that is dropped takes its hooks along
+        with suppress(Exception):  # interpreter shutdown
+            self.close()
 
     @contextmanager
     def paused(self) -> Iterator[None]:

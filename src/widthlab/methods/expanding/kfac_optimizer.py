@@ -235,8 +235,7 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     def _ready(self, m: nn.Module) -> bool:
         st = self.state.get(m.weight, {})
-        d = m.weight[0].numel() + (1 if self.bias and m.bias is not None else 0)
-        return "A" in st and st["A"].shape[0] == d and st["G"].shape[0] == m.weight.shape[0]
+        return "A" in st and st["A"].shape[0] == self._factor_dim(m) and st["G"].shape[0] == m.weight.shape[0]
 
     # --------------------------------------------------------------------- gradient rows
 
@@ -275,8 +274,8 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     def _probe(self, items: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> list[bool]:
         """Whether ``W.grad @ v (+ b.grad·v_b) = gᵀ(ã v)`` for each layer's rows, to PROBE_RTOL of the
-        value plus a rounding allowance √(R + D)·eps·‖g‖·‖ã v‖ (above the random-walk rounding of both
-        sides, Higham 2002 §3.1; a bound from norms, as absolute values would cost a pass over the rows)."""
+        value plus a rounding allowance √(R + D)·eps·‖g‖·‖ã v‖: rounding errors of random sign grow as
+        √n·eps (Higham 2002, ch. 2), and norms bound the products without another pass over the rows."""
         good = []
         for m, a, g in items:
             gw = m.weight.grad
