@@ -327,3 +327,35 @@ def test_a_dropped_optimizer_takes_its_hooks_along():
     del opt
     gc.collect()
     assert (len(net[0]._forward_hooks), len(net[0].weight._post_accumulate_grad_hooks or {})) == before
+
+
+@pytest.mark.parametrize("order", ["forward-zero-backward", "closure"])
+def test_the_trainers_orders_of_calls(order):
+    """The trainer's loop: forward, zero_grad, backward, step; or step(closure) with zero_grad, forward
+    and backward inside the closure. Both take the factored form and equal the dense product."""
+    net = _mlp()
+    opt = _opt(net)
+    x, y = _data(8)
+    for _ in range(2):
+        rows = _Rows([net[0], net[2]])
+        if order == "closure":
+            def closure(rows=rows):
+                opt.zero_grad()
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                rows.close()
+                return loss
+
+            before = {p: p.detach().clone() for p in net.parameters()}
+            opt.set_batch(x, y)
+            opt.step(closure)
+        else:
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            rows.close()
+            before = {p: p.detach().clone() for p in net.parameters()}
+            opt.set_batch(x, y)
+            opt.step()
+        _check_step(opt, before, rows)
+        assert opt.last_forms == {"0": "factored", "2": "full"}
