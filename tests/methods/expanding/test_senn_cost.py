@@ -39,15 +39,15 @@ def _sites(g, n, shapes):
 def test_score_evaluations_are_charged_their_matrix_products():
     """k = 1 units at two sites (fan-in 3 and 5, consumers of width 2 and 4, padded to d = 5, m = 4),
     P = 6 candidates each, N = 20: a value costs the products h·Wᵀ (2·L·P·d·N), fᵀr (2·L·P·N·m) and
-    M·G⁻¹ (2·L·P·m²); a gradient adds MG⁻¹·rᵀ (2·L·P·m·N) and the weight gradient (2·L·P·N·d) (for
-    k = 1, M G⁻¹ Mᵀ is a row-wise dot product, elementwise, so not counted)."""
+    M·G⁻¹ (2·L·P·m²); a gradient adds MGMᵀ (2·L·P·m), MG⁻¹·rᵀ (2·L·P·m·N) and the weight gradient
+    (2·L·P·N·d)."""
     g = torch.Generator().manual_seed(0)
     L, P, N, d, m = 2, 6, 20, 5, 4
     us = unit_score.UnitScore(1, _sites(g, N, [(3, 2), (5, 4)]), N)
     theta = torch.cat([us.pad_rows(proposals.random_candidates(lay, P, generator=g), i)
                        for i, lay in enumerate(us.layouts)])
     value = 2 * L * P * (d * N + N * m + m * m)
-    grad = value + 2 * L * P * (m * N + N * d)
+    grad = value + 2 * L * P * (m + m * N + N * d)
     meter = cost.FlopCache()
     fn = cost.MeteredScore(us, meter, ("test",))
     for _ in range(3):

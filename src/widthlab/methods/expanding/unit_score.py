@@ -81,10 +81,6 @@ class UnitScore:
         self.rT = self.r.transpose(1, 2).contiguous()  # (L, m, N)
         self.G_inv = torch.stack([_pad(s.G_inv.to(dtype), m, m) for s in sites])  # (L, m, m)
         self.norm = torch.tensor([float(s.norm) for s in sites], dtype=dtype, device=self.h.device)
-        # k = 1: s = c0·‖u G^{-1/2}‖²/‖f‖² with u = f r_⊥, c0 = N / (n² (1 + jitter) η) per site
-        self.c0 = (N / (self.n ** 2 * (1 + jitter)) / self.norm)[:, None]  # (L, 1)
-        self.kappa = N / (self.n * (1 + jitter))
-        self.vcl_scale = torch.tensor([2.0, 1.0, 1.0], dtype=dtype, device=self.h.device)
         ones = [torch.ones(1, lay.size, dtype=dtype, device=self.h.device) for lay in self.layouts]
         self.mask_site = torch.stack([self.pad_rows(o, i)[0] > 0 for i, o in enumerate(ones)])  # (L, D)
 
@@ -146,52 +142,7 @@ class UnitScore:
         s = (C * MG).view(L, P, -1).sum(-1) / self.norm[:, None]  # (L, P)
         return s.reshape(L * P), (pre, den, pd, f, M, MG, q, nrm, a, b, e, v, c, l)
 
-    def _forward1(self, theta: torch.Tensor):
-        """k = 1 (every width candidate), with fewer operations: A_f = ‖f‖²/N is a number per row, so
-        M = C/(A_f (1 + jitter)) and s = tr(C M G⁻¹)/η = c0·(u G⁻¹ uᵀ)/‖f‖² with u = f r_⊥ (the same
-        score as :meth:`_forward`, another order of the same products)."""
-        L, d = self.sites, self.layout.d
-        P = theta.shape[0] // L
-        th = theta.to(self.dtype).view(L, P, d + 4)
-        vcl = th[..., d + 1:]  # (L, P, 3): v, c, l
-        q = (vcl * vcl).sum(-1, keepdim=True)
-        nrm = q.clamp_min(self.eps).sqrt()
-        coef = vcl * self.vcl_scale / nrm  # (b, e, a) = (2v, c, l)/‖(v, c, l)‖
-        b, e, a = coef[..., 0:1], coef[..., 1:2], coef[..., 2:3]
-        pre = torch.baddbmm(th[..., d:d + 1], th[..., :d], self.hT)  # (L, P, N)
-        den = (pre * pre).add_(1).reciprocal_()
-        pd = pre * den
-        f = (a * pre).addcmul_(b, pd).addcmul_(e, den)  # σ(pre)
-        u = f @ self.r  # (L, P, m)
-        uG = u @ self.G_inv
-        num = (u * uG).sum(-1)  # (L, P)
-        ff = (f * f).sum(-1)
-        s = num / ff * self.c0
-        return s.reshape(L * P), (th, vcl, q, nrm, a, b, e, pre, den, pd, f, uG, num, ff)
-
-    def _grad1(self, theta: torch.Tensor, residual_scale: torch.Tensor | None = None):
-        """s and ∂s/∂θ for k = 1 (see :meth:`value_and_grad`; the same closed form, with
-        M G⁻¹ = κ·uG/‖f‖² and M G⁻¹ Mᵀ = κ²·u G⁻¹ uᵀ/‖f‖⁴, κ = N/(n (1 + jitter)))."""
-        L, d = self.sites, self.layout.d
-        P = theta.shape[0] // L
-        s, (th, vcl, q, nrm, a, b, e, pre, den, pd, f, uG, num, ff) = self._forward1(theta)
-        # ∂s/∂f = w1·uG r_⊥ᵀ − w2·f, w1 = 2 c0/‖f‖², w2 = w1·κ·(u G⁻¹ uᵀ)/‖f‖²
-        w1 = (2 * self.c0) / ff
-        w2 = (w1 * self.kappa) * num / ff
-        if residual_scale is not None:
-            w1 = w1 * residual_scale.to(w1.dtype)[:, None]
-        gf = (uG @ self.rT).mul_(w1[..., None]).addcmul_(w2[..., None], f, value=-1)
-        # chain rule through σ: ∂σ/∂x = a + den·(b − 2·pd·(b·x + e))
-        dpre = (b * pre).add_(e).mul_(pd).mul_(-2).add_(b).mul_(den).add_(a).mul_(gf)
-        # Σ_n gf·(2·pd, den, pre): ∂/∂(v, c, l) of Σ_n gf·σ before the norm
-        S = torch.stack([(gf * pd).sum(-1).mul_(2), (gf * den).sum(-1), (gf * pre).sum(-1)], -1)
-        gff = (vcl * S).sum(-1, keepdim=True) * (q > self.eps).to(f.dtype) / (nrm * nrm)
-        g = torch.cat([dpre @ self.h, dpre.sum(-1, keepdim=True), (S - gff * vcl) / nrm], -1)
-        return s, g.view(L * P, d + 4).to(theta.dtype)
-
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
-        if self.k == 1:
-            return self._forward1(theta)[0]
         return self._forward(theta)[0]
 
     def official_value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +155,6 @@ class UnitScore:
     def value_and_grad(self, theta: torch.Tensor, residual_scale: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """s(θ) and ∂s/∂θ; ``residual_scale`` (per site) multiplies the r_⊥ term of ∂s/∂f."""
-        if self.k == 1:
-            return self._grad1(theta, residual_scale)
         L, k = self.sites, self.k
         P = theta.shape[0] // L
         s, (pre, den, pd, f, M, MG, q, nrm, a, b, e, v, c, l) = self._forward(theta)
