@@ -16,6 +16,10 @@ Every ``cooldown`` epochs (and before the first epoch) it runs an *expansion eve
 3. Commit the passing candidate with the largest (cost-adjusted) Δη′ (``insertion.py``) and, with
    ``recursive`` (always in the official code), observe again and repeat, one unit at a time, until no
    candidate passes. A layer insertion sets the layer cooldown, which counts down once per event.
+   After a width commit the observation is brought up to date rather than redone (the new units have
+   zero outgoing weights: only their consumer's inputs change, ``kfac.grown_observation``), only the
+   grown site and the one reading it are searched again, and with ``warm_start`` their searches
+   continue from where they ended (MALA chains or ascent proposals) for a shorter budget.
 
 The hook returns the resize events, which the trainer hands to the optimizer surgery. The time spent in
 events is measured and reported (``expansion_seconds``, and its share of the fit in the run summary).
