@@ -134,12 +134,15 @@ def test_grown_layers_only_for_width_commits_of_expandable_networks():
 
 
 @pytest.mark.parametrize("make", [_mlp, _cnn])
-def test_warm_ascent_continues_the_proposals_for_the_shorter_budget(make, monkeypatch):
-    """After a width commit the re-searched sites start from their previous refined proposals (a grown
-    input gets zero weights) and run ``ascent_warm_steps`` steps; the first search runs ``ascent_steps``."""
+def test_warm_ascent_continues_the_neighbours_proposals_for_the_shorter_budget(make, monkeypatch):
+    """After a width commit at site i the grown site is searched afresh (``ascent_steps``: ascent is
+    greedy and its proposals sit where the committed unit was) and site i + 1, whose input gained a
+    unit, continues its refined proposals with zero weights on the new input (the same scores to start
+    from) for ``ascent_warm_steps``. MLP sites are searched in one batch, so with the grown site in it
+    every search starts afresh."""
     model, x, y = make()
     cfg = ExpansionConfig(refine="ascent", ascent_steps=8, ascent_warm_steps=3, proposals=4, tau=0.0,
-                          alpha=0.0, max_additions=3, max_widths=(64, 64, 64), layer_cooldown=99,
+                          alpha=0.0, max_additions=4, max_widths=(64, 64, 64), layer_cooldown=99,
                           score_batch=None)
     ctrl = ExpansionController(model, cfg, "cross_entropy")
     ctrl.layer_cd = 99  # widths only
@@ -154,16 +157,20 @@ def test_warm_ascent_continues_the_proposals_for_the_shorter_budget(make, monkey
 
     monkeypatch.setattr(proposals, "refine", spy)
     events = ctrl.expand(_Trainer(model, x, y))
-    assert len(events) == 3
+    assert len(events) == 4
+    grown = [a["index"] for a in ctrl.log[-1]["additions"]]
+    depth = model.depth
+    if isinstance(model, ExpandableCNN):  # one search per site: round 0 all, then site i fresh, i + 1 warm
+        want = [8] * depth + [s for i in grown[:-1] for s in [8] + ([3] if i + 1 < depth else [])]
+    else:
+        want = [8] * len(grown)
     steps = [c[1] for c in calls]
-    n_sites = model.depth if isinstance(model, ExpandableCNN) else 1  # MLP sites: one batched search
-    assert steps[:n_sites] == [8] * n_sites  # the first round searches every site afresh
-    assert set(steps[n_sites:]) == {3}  # later rounds continue (warm) with the shorter budget
-    # every warm search starts where an earlier search of the same shape ended, up to zero padding
+    assert steps == want
     ends = [c[2] for c in calls]
-    for theta0, _, _ in calls[n_sites:]:
-        assert any(e.shape == theta0.shape and torch.equal(e.to(theta0.dtype), theta0) for e in ends) or any(
-            _padded_equal(e, theta0, model) for e in ends)
+    for n, (theta0, k, _) in enumerate(calls):
+        continued = any(_padded_equal(e, theta0, model)
+                        or (e.shape == theta0.shape and torch.equal(e, theta0)) for e in ends[:n])
+        assert continued == (k == 3)
 
 
 def _padded_equal(end, start, model):

@@ -287,6 +287,8 @@ class ExpansionController:
                 self.neurons_added += 1
                 for j in self._changed_by(model, best.index):
                     cache.pop(j, None)
+                if self.cfg.refine == "ascent":  # the grown site's target lost its best direction: ascent
+                    self._warm.pop(("width", best.index), None)  # (greedy) starts it afresh
             if not self.cfg.recursive:
                 break
         # The official loop sets the cooldown when it inserts a layer and counts it down at the end of

@@ -65,10 +65,12 @@ class ExpansionConfig:
             temperature, for ``mala_warm_bursts`` bursts (None: a quarter of ``mala_bursts``) instead of
             starting over from the prior. An addition changes the target only along the new unit (its
             feature leaves the residual), so the chains start near their new target; the official code
-            restarts (``warm_start: false``). With ``refine="ascent"`` the site's refined proposals
-            continue likewise, for ``ascent_warm_steps`` Adam steps (None: a quarter of ``ascent_steps``)
-            from a fresh Adam state. Either way a site whose input gained units continues with zero
-            weights on them (the same features, so the same scores to start from).
+            restarts (``warm_start: false``). Either way a site whose input gained units continues
+            with zero weights on them (the same features, so the same scores to start from). With
+            ``refine="ascent"`` only such sites continue, their refined proposals for
+            ``ascent_warm_steps`` Adam steps (None: a quarter of ``ascent_steps``) from a fresh Adam
+            state; the site that grew is searched afresh (ascent is greedy: its proposals sit where the
+            committed unit was).
     """
 
     tau: float = 1.0
