@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from widthlab.methods.expanding import cost, kfac, proposals, scores, unit_score
+from widthlab.methods.expanding import cost, held_out, kfac, proposals, scores, unit_score
 from widthlab.methods.expanding.expansion_config import ExpansionConfig
 from widthlab.methods.expanding.fisher import metric_pinv_norm, named_trainable, output_grad, per_sample_loss
 from widthlab.methods.expanding.insertion import full_rank, insert_conv_stage, insert_layer, insert_units
@@ -99,6 +99,9 @@ class ExpansionController:
     def __init__(self, model: nn.Module, config: ExpansionConfig, loss: str, seed: int = 0,
                  summary: dict | None = None):
         self.model, self.cfg, self.loss, self.seed = model, config, loss, seed
+        if config.holdout and not isinstance(model, ExpandableMLP):
+            raise ValueError(f"holdout (deciding on held-out examples) is implemented for the expandable MLP "
+                             f"(architecture: mlp), not for {type(model).__name__}")
         self.summary = summary if summary is not None else {}
         self.generator = torch.Generator().manual_seed(seed + 7919)
         self.layer_cd = 0
@@ -530,7 +533,12 @@ class ExpansionController:
         dtype = getattr(torch, cfg.search_dtype)
         jitter = 1e-6 if dtype == torch.float32 else 1e-10
         sites = [self._site(ctx, consumer, h, residual) for _, consumer, h in places]
-        fn = unit_score.UnitScore(k, sites, ctx.obs.n, jitter=jitter, dtype=dtype)
+        split = held_out.split_rows(ctx.obs.n, cfg.holdout, self.seed) if cfg.holdout else None
+        if split is None:
+            fn = unit_score.UnitScore(k, sites, ctx.obs.n, jitter=jitter, dtype=dtype)
+        else:  # the search sees only the search rows; the decision the held-out ones (held_out.py)
+            fn = unit_score.UnitScore(k, [held_out.restrict(s, split.search) for s in sites],
+                                      len(split.search), jitter=jitter, dtype=dtype)
         device = sites[0].h.device
         warm = [self._warm_rows((kind, index), lay, count) for (index, _, _), lay in zip(places, fn.layouts)]
         if all(w is not None for w in warm):  # every site continues its chains (warm_start)
@@ -555,6 +563,10 @@ class ExpansionController:
                 self._warm[(kind, index)] = (fn.layouts[i], fn.unpad_rows(res.theta[rows].detach(), i),
                                              None, None)
             thetas = fn.unpad_rows(res.theta[rows].detach().to(torch.float64), i)
+            if split is not None:
+                out.append(self._held_out_candidate(ctx, kind, index, site, thetas, fn.layouts[i], split,
+                                                    self._abs_norm(ctx, consumer, residual)))
+                continue
             one = unit_score.UnitScore(k, [site], ctx.obs.n, jitter=1e-10)
             one_tag = ("rescore", k, cost.shapes_key(one.hT, one.r))
             exact = cost.MeteredScore(one, self.flops, one_tag)(thetas)
@@ -604,8 +616,39 @@ class ExpansionController:
         return self._candidate(ctx, kind, index, exact, site.norm, thetas, layout,
                                self._abs_norm(ctx, consumer, residual))
 
+    def _held_out_candidate(self, ctx: _Context, kind: str, index: int, site: unit_score.Site,
+                            thetas: torch.Tensor, layout: proposals.UnitLayout, split: held_out.Split,
+                            abs_norm: float) -> Candidate:
+        """Decide on held-out rows (``ExpansionConfig.holdout``, ``held_out.py``): the proposals' float64
+        scores on the search rows choose (selection and softmax weights), their scores on the held-out
+        rows decide, at the bootstrap lower bound D − z·SE."""
+        cfg, k = self.cfg, layout.k
+
+        def score(s: unit_score.Site, n: int) -> torch.Tensor:
+            one = unit_score.UnitScore(k, [s], n, jitter=1e-10)
+            return cost.MeteredScore(one, self.flops, ("held_out", k, cost.shapes_key(one.hT, one.r)))(thetas)
+
+        finite = lambda t: torch.where(torch.isfinite(t), t, torch.zeros_like(t))  # noqa: E731
+        search, held = held_out.restrict(site, split.search), held_out.restrict(site, split.held)
+        s_search = finite(score(search, len(split.search)))
+        j = proposals.select(s_search, cfg.selection, cfg.temperature, self.generator)
+        stat = held_out.weighted_statistic(s_search, cfg.temperature, cfg.decision, j)
+        d = float(stat(finite(score(held, len(split.held)))))
+        se = 0.0
+        if cfg.holdout_z > 0 and cfg.holdout_bootstrap > 1:  # resamples seeded by the run's counters, so
+            # that a resumed run draws the same ones
+            key = (self.seed, self.events, self.neurons_added, self.layers_added, index, kind == "depth")
+            f = proposals.unit_features(layout, thetas, held.h.to(thetas.dtype))  # (P, N_B, k)
+            P, nb, draws = f.shape[0], f.shape[1], cfg.holdout_bootstrap
+            self.flops.add(draws * P * nb * k * (2 * held.r_perp.shape[1] + 2 * k))  # the C and A_f sums
+            gen = torch.Generator().manual_seed(held_out.seed_of(key))
+            se = held_out.bootstrap_se(f, held, stat, draws, gen)
+        return self._candidate(ctx, kind, index, s_search, site.norm, thetas, layout, abs_norm,
+                               decide=d - cfg.holdout_z * se, n=len(split.held), chosen=j)
+
     def _candidate(self, ctx: _Context, kind: str, index: int, score: torch.Tensor, eta: float,
-                   thetas: torch.Tensor, layout: proposals.UnitLayout, abs_norm: float) -> Candidate:
+                   thetas: torch.Tensor, layout: proposals.UnitLayout, abs_norm: float, *,
+                   decide: float | None = None, n: int | None = None, chosen: int | None = None) -> Candidate:
         """Choose one of the refined proposals and decide on it (Mitchell et al. 2023, the expansion loop).
 
         ``score`` (P,) holds every proposal's Δη′/η_layer, re-scored in float64. The proposal kept is the
@@ -614,13 +657,21 @@ class ExpansionController:
         softmax(s/T)-weighted mean of all proposals' scores, else (``"chosen"``) the kept one's own.
         It passes if Δη′/η_layer > τ and Δη′/N > α, N the absolute normaliser (depth: Δη′/layer_cost_mul
         against τ and α_layer); with ``chance_correction`` Δη′ first loses its chance level k·ρ/N.
+        ``decide``, ``n``, ``chosen``: a decision score, its number of examples and the kept proposal
+        given by the caller (held-out decisions).
         """
         cfg = self.cfg
-        j = proposals.select(score, cfg.selection, cfg.temperature, self.generator)
-        s = proposals.decision_score(score, cfg.temperature) if cfg.decision == "softmax_mean" else score[j]
+        j = chosen if chosen is not None else proposals.select(score, cfg.selection, cfg.temperature,
+                                                               self.generator)
+        if decide is not None:
+            s = decide
+        elif cfg.decision == "softmax_mean":
+            s = proposals.decision_score(score, cfg.temperature)
+        else:
+            s = score[j]
         delta = float(s) * eta
         if cfg.chance_correction:  # E[Δη′] of k units unrelated to the residual: k·ρ/N (ρ = abs_norm)
-            delta -= getattr(layout, "k", 1) * abs_norm / ctx.obs.n
+            delta -= getattr(layout, "k", 1) * abs_norm / (n or ctx.obs.n)
         if kind == "depth":
             delta /= cfg.layer_cost_mul
         alpha = cfg.alpha_layer if kind == "depth" else cfg.alpha

@@ -58,6 +58,14 @@ class ExpansionConfig:
             consumer's room; exact for (N, d) inputs, an under-estimate where rows are correlated,
             e.g. patches). Without it a random unit's absolute score is k/N on average, so α below
             1/N passes by chance and small scoring sets grow more. Needs ``abs_normalizer="room"``.
+        holdout: fraction of the scoring examples kept out of the proposal search; the decision then
+            scores the refined proposals on these held-out examples only (cross-fitting, ``held_out.py``:
+            a search's maximum is biased upwards on the examples it was fitted to), and the chance
+            correction uses their number. 0 (default, official): search and decide on the same examples.
+            MLP units only (``architecture: mlp``).
+        holdout_z, holdout_bootstrap: with ``holdout``, the decision score is the held-out score's
+            lower bound D − z·SE, SE its standard deviation over ``holdout_bootstrap`` resamples of the
+            held-out rows (0 draws or z = 0: D itself).
         stop_below_cap: stop width growth at max_width − 1 as the official loop does (content <
             capacity − 1); the default grows up to max_width.
         warm_start: within one event, a site searched again after an addition (the recursive loop)
@@ -117,6 +125,9 @@ class ExpansionConfig:
     mala_warm_bursts: int | None = None
     ascent_warm_steps: int | None = None
     chance_correction: bool = False
+    holdout: float = 0.0
+    holdout_z: float = 1.0
+    holdout_bootstrap: int = 50
 
     @property
     def warm_bursts(self) -> int:
@@ -149,6 +160,9 @@ class ExpansionConfig:
             (self.decision in DECISIONS, f"decision must be one of {DECISIONS}"),
             (self.mala_warm_bursts is None or self.mala_warm_bursts >= 1, "mala_warm_bursts must be >= 1"),
             (self.ascent_warm_steps is None or self.ascent_warm_steps >= 1, "ascent_warm_steps must be >= 1"),
+            (0 <= self.holdout < 1, "holdout must be in [0, 1)"),
+            (self.holdout_z >= 0 and self.holdout_bootstrap >= 0,
+             "holdout_z and holdout_bootstrap must be >= 0"),
             (not self.chance_correction or self.abs_normalizer == "room",
              "chance_correction needs abs_normalizer 'room' (the chance level is k·room/N)"),
         ]

@@ -214,6 +214,10 @@ def build(
     warm_start: bool = True,
     mala_warm_bursts: int | None = None,
     chance_correction: bool = False,
+    holdout: float = 0.0,
+    holdout_z: float = 1.0,
+    holdout_bootstrap: int = 50,
+    ascent_warm_steps: int | None = None,
     dense: dict | None = None,
 ) -> MethodPlan:
     """Build the self-expanding method (Mitchell et al. 2023): expandable MLP, optimizer hook, controller.
@@ -293,7 +297,9 @@ def build(
         score_batch=score_batch, expand_at_start=expand_at_start, expand_at_end=expand_at_end,
         recursive=recursive, max_additions=max_additions, eta_maxiter=eta_maxiter,
         abs_normalizer=abs_normalizer, decision=decision, stop_below_cap=stop_below_cap,
-        warm_start=warm_start, mala_warm_bursts=mala_warm_bursts, chance_correction=chance_correction,
+        warm_start=warm_start, mala_warm_bursts=mala_warm_bursts, ascent_warm_steps=ascent_warm_steps,
+        chance_correction=chance_correction, holdout=holdout, holdout_z=holdout_z,
+        holdout_bootstrap=holdout_bootstrap,
         eta_damping=damping if optimizer == "cg" else 0.1,
         optimizer_mode="reset" if optimizer == "kfac" else "keep")
     summary: dict = {"start_widths": widths, "optimizer": optimizer}
