@@ -19,7 +19,8 @@ Every ``cooldown`` epochs (and before the first epoch) it runs an *expansion eve
    After a width commit the observation is brought up to date rather than redone (the new units have
    zero outgoing weights: only their consumer's inputs change, ``kfac.grown_observation``), only the
    grown site and the one reading it are searched again, and with ``warm_start`` their searches
-   continue from where they ended (MALA chains or ascent proposals) for a shorter budget.
+   continue from where they ended for a shorter budget (MALA chains; with ascent only the site whose
+   input grew).
 
 The hook returns the resize events, which the trainer hands to the optimizer surgery. The time spent in
 events is measured and reported (``expansion_seconds``, and its share of the fit in the run summary).
