@@ -59,6 +59,9 @@ def test_channel_score_and_gradient_equal_autograd(consumer, pool, k, c_in, hw, 
     ref = proposals.unit_score_fn(feats, r, G_inv, N, 0.7, jitter=jitter)
     fast = unit_score.ChannelScore(layout, h, module, pool, r, G_inv, N, 0.7, jitter=jitter, dtype=DT)
     assert (fast.U is not None) == (patch_matrix and consumer != "head")
+    # the closed-form FLOP charge equals what the counting mode measures
+    assert fast.flops(theta.shape[0]) == cost.counted(fast, theta)[1]
+    assert fast.flops(theta.shape[0], grad=True) == cost.counted(fast.value_and_grad, theta)[1]
     s_ref, g_ref = _autograd(ref, theta)
     s, grad = fast.value_and_grad(theta)
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=0)

@@ -342,6 +342,25 @@ class ChannelScore:
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         return self._features(theta)[0]
 
+    def flops(self, rows: int, grad: bool = False) -> int:
+        """The FLOPs ``cost.counted`` measures for one evaluation of ``rows`` candidates (its
+        convention: matrix products 2·m·n·k, the batched solve of A_f for k·kh·kw > 1 as LU plus
+        triangular solves; pooling, patch copies and elementwise work are free), in closed form so that
+        a search is charged without running the counting mode on every new shape (a test checks it
+        against ``cost.counted``)."""
+        P, k = rows, self.layout.k
+        K = k * self.kk
+        R, m = self.N * self.t, self.G_inv.shape[0]
+        ck, hwn = self.hcols.shape
+        patches = 2 * P * k * self.U.shape[0] * self.U.shape[1] * self.N if self.U is not None else 0
+        solve = P * (2 * K ** 3 // 3 + 2 * K * K * m) if K > 1 else 0
+        # σ(W h + b), patches, C = fᵀr, A_f = fᵀf, the solve, M G⁻¹
+        value = 2 * P * k * ck * hwn + patches + 2 * P * K * R * (m + K) + solve + 2 * P * K * m * m
+        if not grad:
+            return value
+        # M (r G⁻¹)ᵀ, M G⁻¹ Mᵀ, its product with fᵀ, the patches' adjoint, the weight gradient
+        return value + 2 * P * K * m * (R + K) + 2 * P * K * K * R + patches + 2 * P * k * hwn * ck
+
     @torch.no_grad()
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, cache = self._features(theta)
