@@ -187,3 +187,47 @@ def _padded_equal(end, start, model):
     return (torch.equal(new["W"][:, :, :d_old], old["W"].to(start.dtype))
             and bool((new["W"][:, :, d_old:] == 0).all())
             and all(torch.equal(new[n], old[n].to(start.dtype)) for n in "bvcl"))
+
+
+def test_the_preservation_check_reuses_the_last_commits_loss_within_an_event(monkeypatch):
+    """Within an event the loss after one commit is the loss before the next (nothing else changes the
+    model), so an event of c commits runs c + 1 checking forward passes, not 2c; outside an event every
+    commit measures its own before and after."""
+    model, x, y = _mlp()
+    cfg = ExpansionConfig(tau=0.0, alpha=0.0, max_additions=3, max_widths=(64, 64, 64), mala_bursts=2,
+                          proposals=4, layer_proposals=4)
+    ctrl = ExpansionController(model, cfg, "cross_entropy")
+    checks = []
+    real = ctrl.flops.run
+
+    def run(key, fn, *a, **kw):
+        if key[0] == "check":
+            checks.append(key)
+        return real(key, fn, *a, **kw)
+
+    monkeypatch.setattr(ctrl.flops, "run", run)
+    events = ctrl.expand(_Trainer(model, x, y))
+    assert len(events) == 3 and len(checks) == 4
+    checks.clear()
+    layout = proposals.UnitLayout(1, model.layers[0].in_features)
+    cand = Candidate("width", 0, 0.0, 0.0, 0.0, torch.zeros(layout.size, dtype=DT), layout)
+    ctrl._commit(model, cand, x, y)
+    ctrl._commit(model, cand, x, y)
+    assert len(checks) == 4
+
+
+def test_the_reused_check_still_catches_an_insertion_that_changes_the_function():
+    model, x, y = _mlp()
+    ctrl = ExpansionController(model, ExpansionConfig(), "cross_entropy")
+    ctrl._in_event = True  # as inside expand(): the first check's after-loss is kept for the next
+    event = type("Ev", (), {"description": "test insertion"})()
+    ctrl._preserving(model, lambda: event, x, y)
+    assert ctrl._event_loss is not None and ctrl._event_loss[0] is x
+
+    def bad():
+        with torch.no_grad():
+            model.layers[-1].weight.mul_(2.0)
+        return event
+
+    with pytest.raises(RuntimeError, match="changed the loss"):
+        ctrl._preserving(model, bad, x, y)

@@ -117,6 +117,7 @@ class ExpansionController:
         self._commits: list[Candidate] = []  # what the last event inserted (broadcast under DDP)
         self._rooms: dict[tuple[str, str], float] = {}  # absolute-score normaliser per site, per event
         self._warm: dict[tuple[str, int], tuple] = {}
+        self._in_event, self._event_loss = False, None  # see _preserving
         self.flops = cost.FlopCache()  # FLOPs of the expansion events (observations, solves, scoring)
 
     # ------------------------------------------------------------------------------- hooks
@@ -242,6 +243,7 @@ class ExpansionController:
         cache: dict[int, Candidate] = {}  # evaluated width candidates by hidden layer
         record: dict[str, Any] = {"epoch": int(trainer.epoch), "additions": []}
         self._commits = []
+        self._in_event, self._event_loss = True, None  # the preservation check's last loss (_preserving)
         self._rooms = {}
         self._warm = {}  # (kind, index) -> the site's last MALA chains in this event (warm_start)
         ctx: _Context | None = None
@@ -300,6 +302,7 @@ class ExpansionController:
         if self.layer_cd > 0:
             self.layer_cd -= 1
         model.train(was_training)
+        self._in_event, self._event_loss = False, None
         self.events += 1
         dt = time.perf_counter() - t0
         self.seconds += dt
@@ -756,10 +759,14 @@ class ExpansionController:
                 out = self.flops.run(("check", cost.shapes_key(x, list(model.parameters()))), model, x)
                 return per_sample_loss(self.loss, out, y).mean()
 
-        before = loss() if x is not None else None
+        # Within an event nothing but insertions changes the model, so the loss after one commit is the
+        # loss before the next: it is kept (for these scoring data) until the event ends.
+        last = getattr(self, "_event_loss", None)
+        before = (last[1] if last is not None and last[0] is x else loss()) if x is not None else None
         ev = insert()
         if x is not None:
             after = loss()
+            self._event_loss = (x, after) if getattr(self, "_in_event", False) else None
             change = float((after - before).abs() / before.abs().clamp_min(1e-12))
             if not change <= self.cfg.check_tol:
                 raise RuntimeError(f"self-expansion: {ev.description} changed the loss by {change:.3g} "
