@@ -22,14 +22,16 @@ Every ``cooldown`` epochs (and before the first epoch) it runs an *expansion eve
    continue from where they ended for a shorter budget (MALA chains; with ascent only the site whose
    input grew).
 
-The hook returns the resize events, which the trainer hands to the optimizer surgery. The time spent in
-events is measured and reported (``expansion_seconds``, and its share of the fit in the run summary).
+Step 1 lives in ``observation.py`` (:class:`~.observation.ModelObserver`), step 2 and the decision in
+``candidate_search.py`` (:class:`~.candidate_search.CandidateSearch`); this module runs the loop and
+commits. The hook returns the resize events, which the trainer hands to the optimizer surgery. The
+time spent in events is measured and reported (``expansion_seconds``, and its share of the fit in the
+run summary).
 Under data parallelism rank 0 alone searches and broadcasts what it inserted (:meth:`expand`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -37,12 +39,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from widthlab.methods.expanding import cost, held_out, kfac, proposals, scores, unit_score
+from widthlab.methods.expanding import cost
+from widthlab.methods.expanding.candidate_search import Candidate, CandidateSearch
 from widthlab.methods.expanding.expansion_config import ExpansionConfig
-from widthlab.methods.expanding.fisher import metric_pinv_norm, named_trainable, output_grad, per_sample_loss
+from widthlab.methods.expanding.fisher import per_sample_loss
 from widthlab.methods.expanding.insertion import full_rank, insert_conv_stage, insert_layer, insert_units
-from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
-from widthlab.methods.expanding.natural_gradient import cg_dot_flops, conjugate_gradient, metered_operator
+from widthlab.methods.expanding.model import ExpandableMLP
+from widthlab.methods.expanding.observation import Context, ModelObserver
 from widthlab.nn.resize import ResizeEvent
 
 __all__ = ["Candidate", "ExpansionConfig", "ExpansionController", "ExpansionEvent"]
@@ -62,31 +65,7 @@ class ExpansionEvent(ResizeEvent):
     optimizer_fill: dict[str, float] = field(default_factory=lambda: dict(NEW_UNIT_FILL))
 
 
-@dataclass
-class Candidate:
-    """The best proposal of one kind at one place, evaluated (propose -> evaluate)."""
-
-    kind: str  # "width" | "depth"
-    index: int  # hidden layer (width) or insertion position (depth)
-    delta: float  # Δη′ of the chosen candidate (depth: divided by layer_cost_mul)
-    rel: float  # delta / η_layer, compared with τ
-    abs: float  # delta / E‖∇_yℓ‖², compared with α or α_layer
-    theta: torch.Tensor = field(repr=False)
-    layout: proposals.UnitLayout = field(repr=False)
-    passes: bool = False
-
-
-@dataclass
-class _Context:
-    """One observation of the model on the scoring data (step 1 of an event)."""
-
-    obs: kfac.Observation
-    eta_global: float
-    per_layer: dict[str, dict[str, Any]]
-    bound: float = float("nan")  # normaliser of the absolute score (ExpansionConfig.abs_normalizer)
-
-
-class ExpansionController:
+class ExpansionController(ModelObserver, CandidateSearch):
     """Trainer callback growing an :class:`~.model.ExpandableMLP` by the natural expansion score.
 
     Args:
@@ -246,7 +225,7 @@ class ExpansionController:
         self._in_event, self._event_loss = True, None  # the preservation check's last loss (_preserving)
         self._rooms = {}
         self._warm = {}  # (kind, index) -> the site's last MALA chains in this event (warm_start)
-        ctx: _Context | None = None
+        ctx: Context | None = None
         grown = None  # (producer, consumer, units) of the last width commit, if _observe_grown follows it
         while len(events) < self.cfg.max_additions:
             # The CG solve is needed for the depth (and "natural" width) residual; η_global is logged once.
@@ -344,387 +323,6 @@ class ExpansionController:
             x = torch.stack([torch.as_tensor(a) for a, _ in items])
             y = torch.stack([torch.as_tensor(b) for _, b in items])
         return x.to(trainer.device), y.to(trainer.device)
-
-    # ------------------------------------------------------------------------------- observe
-
-    def _natural(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, float]:
-        """The natural-gradient residual ρ = ∇_yℓ − c·Jx of the depth (and "natural" width) scores, and
-        η_global = gᵀx (x by CG)."""
-        cfg = self.cfg
-        with torch.enable_grad():
-            params = named_trainable(model)
-            g = self.flops.run(("gradient", cost.shapes_key(x, list(params.values()))),
-                               self._gradient, model, params, x, y)
-            op, matvec = metered_operator(self.flops, model, x, self.loss,
-                                          output_metric=cfg.output_metric, damping=cfg.eta_damping,
-                                          params=params)
-            res = conjugate_gradient(matvec, g, maxiter=cfg.eta_maxiter, tol=cfg.eta_tol)
-            self.flops.add(cg_dot_flops(g.numel(), res.iterations))
-            nat = res.x
-            jx = self.flops.run(("jvp", cost.shapes_key(x, nat)), op.jvp, nat).detach()
-        eta_global = float(g @ nat)
-        r = output_grad(self.loss, op.out.detach(), y)
-        c = (jx * r).sum() / (jx * jx).sum().clamp_min(1e-30)
-        return {"natural": r - c * jx}, eta_global  # what the current natural-gradient step leaves
-
-    def _observe(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, natural: bool = True) -> _Context:
-        cfg = self.cfg
-        residuals, eta_global = self._natural(model, x, y) if natural else ({}, float("nan"))
-        arch = cost.shapes_key(x, list(model.parameters()), tuple(residuals))
-        kw = dict(metric=cfg.output_metric, g_estimator=cfg.g_estimator, bias=cfg.bias)
-        layers = list(kfac.kfac_layers(model).values())
-        if isinstance(model, ExpandableMLP):  # a Linear chain: counted in closed form
-            obs = kfac.observe(model, x, y, self.loss, residuals=residuals, **kw)
-            cot = obs.out.shape[1] if cfg.g_estimator == "exact" else 1
-            self.flops.add(cost.linear_observe_flops(layers, x.shape[0], 1 + len(residuals) + cot, cot,
-                                                     cfg.bias))
-        else:  # measured on two samples, scaled to the batch
-            m = min(2, x.shape[0])
-            probe = lambda: (m, lambda: kfac.observe(model, x[:m], y[:m], self.loss, **kw,  # noqa: E731
-                                                     residuals={k: r[:m] for k, r in residuals.items()}))
-            obs = self.flops.run_per_sample(("observe", arch[1:]), x.shape[0], probe, kfac.observe, model,
-                                            x, y, self.loss, residuals=residuals, **kw)
-        return self.flops.run(("statistics", arch), self._statistics, obs, y, eta_global)
-
-    def _grown_layers(self, model: nn.Module, cand: Candidate) -> tuple[str, str, int] | None:
-        """(producer, consumer, units added) of a width commit that :meth:`_observe_grown` can follow:
-        an expandable MLP or CNN, where a site's producer feeds its consumer alone; else None."""
-        if cand.kind != "width" or not isinstance(model, (ExpandableMLP, ExpandableCNN)):
-            return None
-        return (*model.site_layers(cand.index), int(cand.layout.k))
-
-    def _observe_grown(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: _Context,
-                       grown: tuple[str, str, int], natural: bool) -> _Context:
-        """The observation after a width commit, from the one before it (``kfac.grown_observation``: the
-        new units have zero outgoing weights, so only the consumer's inputs and the producer's size
-        change): one forward pass instead of a backward pass per G cotangent, statistics for the two
-        changed layers only. Equal to :meth:`_observe` of the grown model up to rounding."""
-        cfg = self.cfg
-        producer, consumer, added = grown
-        residuals, eta_global = self._natural(model, x, y) if natural else ({}, float("nan"))
-        modules = kfac.kfac_layers(model)
-        n = x.shape[0]
-        obs = kfac.grown_observation(ctx.obs, model, x, producer, consumer, added, bias=cfg.bias,
-                                     residuals=residuals, modules=modules)
-        cot = len(residuals)
-        if isinstance(model, ExpandableMLP):  # forward, backprops of the new residuals, the consumer's A
-            lin = list(modules.values())
-            self.flops.add(cost.linear_observe_flops(lin, n, cot, 0, cfg.bias)
-                           - cost.linear_observe_flops(lin, n, 0, 0, cfg.bias)
-                           + sum(2 * n * m.in_features * m.out_features for m in lin))
-        else:  # the forward (and backward) passes measured on two samples, scaled to the batch
-            m = min(2, n)
-            sub = {k: r[:m] for k, r in residuals.items()}
-            probe = lambda: (m, lambda: kfac.grown_passes(model, x[:m], consumer, bias=cfg.bias,  # noqa: E731
-                                                          residuals=sub, modules=modules))
-            self.flops.run_per_sample(("grown", consumer, cost.shapes_key(x, list(model.parameters()),
-                                                                          tuple(residuals))),
-                                      n, probe, lambda: None)
-        changed = {producer, consumer} | ({name for name in obs.layers} if residuals else set())
-        key = ("statistics-grown", cost.shapes_key({k: obs.layers[k].a_rows for k in sorted(changed)},
-                                                   tuple(residuals)))
-        fresh = self.flops.run(key, self._statistics, obs, y, eta_global, changed)
-        per_layer = {}
-        for name in obs.layers:
-            if name in changed:
-                per_layer[name] = fresh.per_layer[name]
-            else:
-                old = ctx.per_layer[name]
-                per_layer[name] = {**old, "r_perp": {k: old["r_perp"][k] for k in obs.layers[name].e_rows}}
-        return _Context(obs, eta_global, per_layer, fresh.bound)
-
-    def _gradient(self, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-                  ) -> torch.Tensor:
-        loss = per_sample_loss(self.loss, model(x), y).mean()
-        return torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(params.values()))])
-
-    def _statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
-                    names: set[str] | None = None) -> _Context:
-        """Per consuming layer (those in ``names``, default all): pseudo-inverses of A and the damped G,
-        η_layer and the residuals r_⊥."""
-        cfg = self.cfg
-        if cfg.abs_normalizer == "metric":
-            bound = float(metric_pinv_norm(self.loss, obs.out, y, cfg.output_metric))
-        else:
-            bound = float(obs.loss_sqnorm)
-        per_layer = {}
-        for name, lay in obs.layers.items():
-            if names is not None and name not in names:
-                continue
-            f = lay.factors
-            A_pinv = scores.psd_pinv(f.A)
-            G_inv = scores.psd_pinv(scores.damp(f.G, cfg.g_damping))
-            gbar = kfac.gradient_from_rows(lay.a_rows, lay.e_rows["grad"], obs.n)
-            r_perp = {k: scores.residual_rows(lay.a_rows, e, A_pinv,
-                                              kfac.gradient_from_rows(lay.a_rows, e, obs.n), f.t)
-                      for k, e in lay.e_rows.items()}
-            # η_layer inverts G undamped, as the official layer_baseline does; only Δη′ uses the damped G.
-            eta = scores.layer_eta(gbar, A_pinv, scores.psd_pinv(f.G))
-            per_layer[name] = {"G_inv": G_inv, "eta": float(eta), "r_perp": r_perp, "t": f.t}
-        return _Context(obs, eta_global, per_layer, bound)
-
-    # ------------------------------------------------------------------------------- propose/evaluate
-
-    def _site(self, ctx: _Context, consumer: str, h: torch.Tensor, residual: str) -> unit_score.Site:
-        info = ctx.per_layer[consumer]
-        # A layer with (almost) no gradient left would make s = Δη′/η explode: floor η on the loss scale.
-        eta = max(info["eta"], 1e-8 * float(ctx.obs.loss_sqnorm), 1e-30)
-        r_perp = info["r_perp"][residual]
-        if (consumer, residual) not in self._rooms:  # measured once per event (see _room)
-            self._rooms[(consumer, residual)] = self.flops.run(
-                ("room", cost.shapes_key(r_perp, info["G_inv"])), scores.room, r_perp, info["G_inv"],
-                ctx.obs.n, info["t"])
-        return unit_score.Site(h.reshape(h.shape[0], -1), r_perp, info["G_inv"], eta)
-
-    def _abs_norm(self, ctx: _Context, consumer: str, residual: str) -> float:
-        """Denominator of the absolute score (``ExpansionConfig.abs_normalizer``)."""
-        if self.cfg.abs_normalizer == "room":
-            return float(self._rooms[(consumer, residual)])
-        return ctx.bound
-
-    def _search(self, fn, theta0: torch.Tensor, mask: torch.Tensor | None = None, groups: int = 1,
-                tag: tuple = (), warm: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> proposals.RefineResult:
-        """Refine ``theta0``; every evaluation of ``fn`` is charged to the FLOP meter under ``tag`` (the
-        shapes its cost depends on). ``warm``: (step sizes, temperatures) of MALA chains that ``theta0``
-        continues (``ExpansionConfig.warm_start``; an empty tuple for ascent), run for the shorter warm
-        budget."""
-        cfg = self.cfg
-        fn = cost.MeteredScore(fn, self.flops, ("search", *tag))
-        temperature: float | torch.Tensor = cfg.temperature
-        step_size: float | torch.Tensor = cfg.mala_step_size
-        bursts = cfg.mala_bursts
-        ascent_steps = cfg.warm_ascent_steps if warm is not None else cfg.ascent_steps
-        if cfg.refine == "mala":
-            temperature = cfg.mala_temperature
-            if warm is not None:
-                step_size, temperature = warm
-                bursts = cfg.warm_bursts
-            elif temperature is None:
-                s0 = fn(theta0).detach()
-                temperature = proposals.auto_temperature(s0, groups, cfg.mala_temperature_ratio)
-        res = proposals.refine(fn, theta0, cfg.refine, generator=self.generator,
-                               mala_variant=cfg.mala_variant, bursts=bursts, steps=cfg.mala_steps,
-                               step_size=step_size, temperature=temperature,
-                               ascent_steps=ascent_steps, ascent_lr=cfg.ascent_lr, mask=mask)
-        res.score = torch.where(torch.isfinite(res.score), res.score, torch.zeros_like(res.score))
-        if cfg.refine == "mala":
-            res.temperature = torch.as_tensor(temperature, dtype=theta0.dtype).expand(theta0.shape[0])
-        return res
-
-    def _warm_rows(self, key: tuple, layout: proposals.UnitLayout, count: int):
-        """The chains (MALA) or refined proposals (ascent) a site's last search in this event ended with,
-        in ``layout`` (a site whose input gained units gets zero weights on them: the same function), as
-        (θ, step sizes, temperatures), the last two None for ascent; or None."""
-        got = self._warm.get(key)
-        if got is None or not self.cfg.warm_start or self.cfg.refine not in ("mala", "ascent"):
-            return None
-        old, theta, h, temp = got
-        if old.k != layout.k or old.kernel != layout.kernel or old.d > layout.d or theta.shape[0] != count:
-            return None
-        if old.d < layout.d:  # zero weights on the new inputs (W is (P, k, d, *kernel))
-            parts = old.split(theta)
-            pad = (0, 0) * len(layout.kernel) + (0, layout.d - old.d)
-            parts["W"] = torch.nn.functional.pad(parts["W"], pad)
-            theta = layout.join(parts)
-        return theta, h, temp
-
-    def _evaluate_units(self, ctx: _Context, kind: str, places: list[tuple[int, str, torch.Tensor]], k: int,
-                        count: int, residual: str) -> list[Candidate]:
-        """Refine ``count`` k-unit MLP candidates at every place (index, consumer, h) in ONE batched search
-        (``unit_score.UnitScore``), then pick one per place and re-score it in float64 for the decision."""
-        cfg = self.cfg
-        dtype = getattr(torch, cfg.search_dtype)
-        jitter = 1e-6 if dtype == torch.float32 else 1e-10
-        sites = [self._site(ctx, consumer, h, residual) for _, consumer, h in places]
-        split = held_out.split_rows(ctx.obs.n, cfg.holdout, self.seed) if cfg.holdout else None
-        if split is None:
-            fn = unit_score.UnitScore(k, sites, ctx.obs.n, jitter=jitter, dtype=dtype)
-        else:  # the search sees only the search rows; the decision the held-out ones (held_out.py)
-            fn = unit_score.UnitScore(k, [held_out.restrict(s, split.search) for s in sites],
-                                      len(split.search), jitter=jitter, dtype=dtype)
-        device = sites[0].h.device
-        warm = [self._warm_rows((kind, index), lay, count) for (index, _, _), lay in zip(places, fn.layouts)]
-        if all(w is not None for w in warm):  # every site continues its chains (warm_start)
-            theta0 = torch.cat([fn.pad_rows(w[0].to(dtype=dtype, device=device), i)
-                                for i, w in enumerate(warm)])
-            cont = (tuple(torch.cat([w[j] for w in warm]).to(dtype) for j in (1, 2))
-                    if self.cfg.refine == "mala" else ())
-        else:
-            theta0 = torch.cat([fn.pad_rows(proposals.random_candidates(lay, count, generator=self.generator,
-                                                                        dtype=dtype, device=device), i)
-                                for i, lay in enumerate(fn.layouts)])
-            cont = None
-        tag = ("units", k, cost.shapes_key(fn.hT, fn.r, fn.G_inv))
-        res = self._search(fn, theta0, fn.mask(theta0.shape[0]), groups=len(places), tag=tag, warm=cont)
-        out = []
-        for i, ((index, consumer, _), site) in enumerate(zip(places, sites)):
-            rows = slice(i * count, (i + 1) * count)
-            if res.step_size is not None:
-                self._warm[(kind, index)] = (fn.layouts[i], fn.unpad_rows(res.theta[rows].detach(), i),
-                                             res.step_size[rows].detach(), res.temperature[rows].detach())
-            elif self.cfg.refine == "ascent":
-                self._warm[(kind, index)] = (fn.layouts[i], fn.unpad_rows(res.theta[rows].detach(), i),
-                                             None, None)
-            thetas = fn.unpad_rows(res.theta[rows].detach().to(torch.float64), i)
-            if split is not None:
-                out.append(self._held_out_candidate(ctx, kind, index, site, thetas, fn.layouts[i], split,
-                                                    self._abs_norm(ctx, consumer, residual)))
-                continue
-            one = unit_score.UnitScore(k, [site], ctx.obs.n, jitter=1e-10)
-            one_tag = ("rescore", k, cost.shapes_key(one.hT, one.r))
-            exact = cost.MeteredScore(one, self.flops, one_tag)(thetas)
-            exact = torch.where(torch.isfinite(exact), exact, res.score[rows].to(torch.float64))
-            out.append(self._candidate(ctx, kind, index, exact, site.norm, thetas, fn.layouts[i],
-                                       self._abs_norm(ctx, consumer, residual)))
-        return out
-
-    def _evaluate_channels(self, ctx: _Context, index: int, consumer: str, module: nn.Module, pool: bool,
-                           kernel: tuple[int, ...], h: torch.Tensor, *, kind: str = "width", k: int = 1,
-                           count: int | None = None, residual: str | None = None) -> Candidate:
-        """Channel candidates of a CNN stage (``unit_score.ChannelScore``: the convolution features as
-        ``module``, the consumer, reads them; ``kernel`` of the producing convolution), ``k`` channels
-        each (a whole stage for ``kind="depth"``)."""
-        cfg = self.cfg
-        residual = residual or cfg.width_residual
-        count = count or cfg.proposals
-        site = self._site(ctx, consumer, h, residual)
-        layout = proposals.UnitLayout(k, h.shape[1], kernel)
-
-        def make(dt, jit):  # closed-form gradient (unit_score.ChannelScore: the same score as
-            # proposals.unit_score_fn over proposals.conv_unit_features, without autograd)
-            return unit_score.ChannelScore(layout, h, module, pool, site.r_perp, site.G_inv, ctx.obs.n,
-                                           site.norm, jitter=jit, dtype=dt)
-
-        dtype = getattr(torch, cfg.search_dtype)
-        fn = make(dtype, 1e-6 if dtype == torch.float32 else 1e-10)
-        warm = self._warm_rows((kind, index), layout, count)
-        if warm is not None:  # the site's refined proposals continue (warm_start)
-            theta0 = warm[0].to(dtype=dtype, device=h.device)
-            cont = (warm[1].to(dtype), warm[2].to(dtype)) if cfg.refine == "mala" else ()
-        else:
-            theta0 = proposals.random_candidates(layout, count, generator=self.generator, dtype=dtype,
-                                                 device=h.device)
-            cont = None
-        tag = ("channels", k, kernel, pool,
-               cost.shapes_key(h, site.r_perp, site.G_inv, list(module.parameters())))
-        res = self._search(fn, theta0, tag=tag, warm=cont)
-        if res.step_size is not None:
-            self._warm[(kind, index)] = (layout, res.theta.detach(), res.step_size.detach(),
-                                         res.temperature.detach())
-        elif cfg.refine == "ascent":
-            self._warm[(kind, index)] = (layout, res.theta.detach(), None, None)
-        thetas = res.theta.detach().to(torch.float64)
-        exact = cost.MeteredScore(make(torch.float64, 1e-10), self.flops, ("rescore", *tag))(thetas)
-        exact = torch.where(torch.isfinite(exact), exact, res.score.to(torch.float64))
-        return self._candidate(ctx, kind, index, exact, site.norm, thetas, layout,
-                               self._abs_norm(ctx, consumer, residual))
-
-    def _held_out_candidate(self, ctx: _Context, kind: str, index: int, site: unit_score.Site,
-                            thetas: torch.Tensor, layout: proposals.UnitLayout, split: held_out.Split,
-                            abs_norm: float) -> Candidate:
-        """Decide on held-out rows (``ExpansionConfig.holdout``, ``held_out.py``): the proposals' float64
-        scores on the search rows choose (selection and softmax weights), their scores on the held-out
-        rows decide, at the bootstrap lower bound D − z·SE."""
-        cfg, k = self.cfg, layout.k
-
-        def score(s: unit_score.Site, n: int) -> torch.Tensor:
-            one = unit_score.UnitScore(k, [s], n, jitter=1e-10)
-            return cost.MeteredScore(one, self.flops, ("held_out", k, cost.shapes_key(one.hT, one.r)))(thetas)
-
-        finite = lambda t: torch.where(torch.isfinite(t), t, torch.zeros_like(t))  # noqa: E731
-        search, held = held_out.restrict(site, split.search), held_out.restrict(site, split.held)
-        s_search = finite(score(search, len(split.search)))
-        j = proposals.select(s_search, cfg.selection, cfg.temperature, self.generator)
-        stat = held_out.weighted_statistic(s_search, cfg.temperature, cfg.decision, j)
-        d = float(stat(finite(score(held, len(split.held)))))
-        se = 0.0
-        if cfg.holdout_z > 0 and cfg.holdout_bootstrap > 1:  # resamples seeded by the run's counters, so
-            # that a resumed run draws the same ones
-            key = (self.seed, self.events, self.neurons_added, self.layers_added, index, kind == "depth")
-            f = proposals.unit_features(layout, thetas, held.h.to(thetas.dtype))  # (P, N_B, k)
-            P, nb, draws = f.shape[0], f.shape[1], cfg.holdout_bootstrap
-            self.flops.add(draws * P * nb * k * (2 * held.r_perp.shape[1] + 2 * k))  # the C and A_f sums
-            gen = torch.Generator().manual_seed(held_out.seed_of(key))
-            se = held_out.bootstrap_se(f, held, stat, draws, gen)
-        return self._candidate(ctx, kind, index, s_search, site.norm, thetas, layout, abs_norm,
-                               decide=d - cfg.holdout_z * se, n=len(split.held), chosen=j)
-
-    def _candidate(self, ctx: _Context, kind: str, index: int, score: torch.Tensor, eta: float,
-                   thetas: torch.Tensor, layout: proposals.UnitLayout, abs_norm: float, *,
-                   decide: float | None = None, n: int | None = None, chosen: int | None = None) -> Candidate:
-        """Choose one of the refined proposals and decide on it (Mitchell et al. 2023, the expansion loop).
-
-        ``score`` (P,) holds every proposal's Δη′/η_layer, re-scored in float64. The proposal kept is the
-        best or a softmax(s/T) draw (``selection``); the decision score is, by default
-        (``decision="softmax_mean"``, as the official code does for every selection rule), the
-        softmax(s/T)-weighted mean of all proposals' scores, else (``"chosen"``) the kept one's own.
-        It passes if Δη′/η_layer > τ and Δη′/N > α, N the absolute normaliser (depth: Δη′/layer_cost_mul
-        against τ and α_layer); with ``chance_correction`` Δη′ first loses its chance level k·ρ/N.
-        ``decide``, ``n``, ``chosen``: a decision score, its number of examples and the kept proposal
-        given by the caller (held-out decisions).
-        """
-        cfg = self.cfg
-        j = chosen if chosen is not None else proposals.select(score, cfg.selection, cfg.temperature,
-                                                               self.generator)
-        if decide is not None:
-            s = decide
-        elif cfg.decision == "softmax_mean":
-            s = proposals.decision_score(score, cfg.temperature)
-        else:
-            s = score[j]
-        delta = float(s) * eta
-        if cfg.chance_correction:  # E[Δη′] of k units unrelated to the residual: k·ρ/N (ρ = abs_norm)
-            delta -= getattr(layout, "k", 1) * abs_norm / (n or ctx.obs.n)
-        if kind == "depth":
-            delta /= cfg.layer_cost_mul
-        alpha = cfg.alpha_layer if kind == "depth" else cfg.alpha
-        rel = delta / eta
-        ab = delta / max(abs_norm, 1e-30)
-        return Candidate(kind, index, delta, rel, ab, thetas[j], layout,
-                         passes=bool(rel > cfg.tau and ab > alpha and math.isfinite(delta)))
-
-    def _width_candidates(self, model: nn.Module, ctx: _Context, layers: list[int]) -> dict[int, Candidate]:
-        """The evaluated one-unit candidate of each hidden layer in ``layers`` (MLP: one batched search)."""
-        out: dict[int, Candidate] = {}
-        places = []
-        for i in layers:
-            producer, consumer = model.site_layers(i)
-            h = ctx.obs.layers[producer].a
-            if h.dim() == 4:  # channels of a CNN stage
-                out[i] = self._evaluate_channels(ctx, i, consumer, model.get_submodule(consumer),
-                                                 bool(model.pools[i]),
-                                                 tuple(model.get_submodule(producer).kernel_size), h)
-            else:
-                places.append((i, consumer, h))
-        if places:
-            cands = self._evaluate_units(ctx, "width", places, 1, self.cfg.proposals, self.cfg.width_residual)
-            out.update({c.index: c for c in cands})
-        return out
-
-    def _depth_candidate(self, model: nn.Module, ctx: _Context) -> Candidate:
-        p = model.depth
-        if hasattr(model, "convs"):  # a new CNN stage before the head, reading the last feature map
-            with torch.no_grad():
-                h = model.features(self._x)
-            return self._evaluate_channels(ctx, p, "head", model.head, False, (3, 3), h, kind="depth",
-                                           k=model.depth_fan_in, count=self.cfg.layer_proposals,
-                                           residual="natural")
-        h = ctx.obs.layers[f"layers.{p}"].a
-        k = h[0].numel()
-        (cand,) = self._evaluate_units(ctx, "depth", [(p, f"layers.{p}", h)], k, self.cfg.layer_proposals,
-                                       "natural")
-        return cand
-
-    @staticmethod
-    def _candidate_metrics(ctx: _Context, cands: list[Candidate | None]) -> dict[str, float]:
-        out = {"loss_sqnorm": float(ctx.obs.loss_sqnorm), "score_bound": ctx.bound}
-        for c in cands:
-            if c is not None:
-                key = f"{c.kind}{'' if c.kind == 'depth' else c.index}"
-                out[f"score_rel.{key}"] = c.rel
-                out[f"score_abs.{key}"] = c.abs
-        return out
 
     # ------------------------------------------------------------------------------- commit
 
