@@ -11,24 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from expanding_nets import small_cnn
 from rounding import assert_equal_up_to_rounding, forward_magnitude
 from widthlab.data.base import TaskData
 from widthlab.methods.expanding import kfac, proposals, scores
 from widthlab.methods.expanding.insertion import insert_units
-from widthlab.methods.expanding.model import ExpandableCNN
 from widthlab.methods.expanding.plan import build
 from widthlab.train.config import TrainConfig
 from widthlab.train.trainer import Trainer
 
 DT = torch.float64
-
-
-def _setup(seed=0):
-    model = ExpandableCNN((2, 6, 6), 3, (3, 4), generator=torch.Generator().manual_seed(seed)).to(DT)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(12, 2, 6, 6, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (12,), generator=g)
-    return model, x, y
 
 
 def _backward_gain(model, stage: int) -> float:
@@ -44,7 +36,7 @@ def _backward_gain(model, stage: int) -> float:
 @pytest.mark.numerics
 @pytest.mark.parametrize("stage", [0, 1])
 def test_channel_score_is_the_exact_eta_increase(stage):
-    model, x, y = _setup()
+    model, x, y = small_cnn()
     producer, consumer = model.site_layers(stage)
     obs = kfac.observe(model, x, y, "cross_entropy")
     lay = obs.layers[consumer]
@@ -103,7 +95,7 @@ def test_inserted_identity_stage_preserves_the_logits():
     feature map to itself: logits equal up to the rounding of its 9·c-term sums of exact zeros."""
     from widthlab.methods.expanding.insertion import insert_conv_stage
 
-    model, x, _ = _setup(3)
+    model, x, _ = small_cnn(3)
     with torch.no_grad():
         before, feats = model(x), model.features(x)
     ev = insert_conv_stage(model)
@@ -115,7 +107,7 @@ def test_inserted_identity_stage_preserves_the_logits():
         assert_equal_up_to_rounding(model(x), before, terms=terms + model.head.in_features + 1,
                                     magnitude=forward_magnitude(model, x))
     # the architecture (with the new stage's pooling flag) round-trips through set_architecture
-    fresh, _, _ = _setup(4)
+    fresh, _, _ = small_cnn(4)
     fresh.set_architecture(model.architecture())
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from expanding_nets import small_cnn
 from rounding import assert_equal_up_to_rounding
 from widthlab.methods.expanding import kfac, proposals
 from widthlab.methods.expanding.controller import Candidate, ExpansionConfig, ExpansionController
@@ -28,14 +29,6 @@ def _mlp(seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(40, 3, generator=g, dtype=DT)
     y = torch.randint(0, 4, (40,), generator=g)
-    return model, x, y
-
-
-def _cnn(seed=0):
-    model = ExpandableCNN((2, 6, 6), 3, (3, 4), generator=torch.Generator().manual_seed(seed)).to(DT)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(12, 2, 6, 6, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (12,), generator=g)
     return model, x, y
 
 
@@ -57,7 +50,7 @@ def _close(actual, expected, terms):
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("make,index", [(_mlp, 0), (_mlp, 1), (_cnn, 0), (_cnn, 1)])
+@pytest.mark.parametrize("make,index", [(_mlp, 0), (_mlp, 1), (small_cnn, 0), (small_cnn, 1)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_grown_observation_equals_a_fresh_observation(make, index, with_residual):
     model, x, y = make()
@@ -94,7 +87,7 @@ class _Trainer:
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("make,index", [(_mlp, 0), (_mlp, 1), (_cnn, 0), (_cnn, 1)])
+@pytest.mark.parametrize("make,index", [(_mlp, 0), (_mlp, 1), (small_cnn, 0), (small_cnn, 1)])
 @pytest.mark.parametrize("natural", [False, True])
 def test_grown_statistics_equal_fresh_statistics(make, index, natural):
     model, x, y = make()
@@ -133,7 +126,7 @@ def test_grown_layers_only_for_width_commits_of_expandable_networks():
     assert ctrl._grown_layers(other, width) is None
 
 
-@pytest.mark.parametrize("make", [_mlp, _cnn])
+@pytest.mark.parametrize("make", [_mlp, small_cnn])
 def test_warm_ascent_continues_the_neighbours_proposals_for_the_shorter_budget(make, monkeypatch):
     """After a width commit at site i the grown site is searched afresh (``ascent_steps``: ascent is
     greedy and its proposals sit where the committed unit was) and site i + 1, whose input gained a
