@@ -141,3 +141,16 @@ def test_holdout_run_grows_and_resumes_exactly(moons, tmp_path):
     assert resumed.model.hidden_widths() == full.model.hidden_widths()
     for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_layer_candidates_are_decided_on_held_out_rows_too(moons):
+    """From a linear start with thresholds below any score, held-out decisions insert layers and units
+    (the k-unit layer candidates go through the same held-out path, bootstrap included)."""
+    seed_everything(0)
+    plan = build(None, moons, seed=0, start_widths=[], tau=-1.0, alpha=-1.0, alpha_layer=-1.0, holdout=0.5,
+                 proposals=6, layer_proposals=6, mala_bursts=2, mala_steps=3, cg_maxiter=10, eta_maxiter=10,
+                 cooldown=1, layer_cooldown=1, max_widths=(4, 4))
+    cfg = TrainConfig(epochs=3, batch_size=48, progress="none", select_best=False, checkpoint_every=0)
+    res = Trainer(plan.model, moons, cfg, plan.callbacks).fit()
+    assert res.status == "done", res.error
+    assert plan.summary["layers_added"] == 2 and plan.model.hidden_widths() == [4, 4]
