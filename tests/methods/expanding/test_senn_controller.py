@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -218,3 +220,35 @@ def test_shipped_cpu_studies_run_briefly(tmp_path, study, extra):
     assert s["status"] == "done", s["error"]
     assert s["method"] == "expanding" and s["final_widths"] == list(s["widths"].values())
     assert 0 <= s["expansion_share"] < 1 and s["expansion_events"] >= 1
+
+
+def test_without_logging_eta_global_no_solve_runs_and_the_run_is_the_same(moons, monkeypatch):
+    """log_eta_global=False on a width-only run: no CG solve during the events (the training optimizer
+    still solves), η_global is logged as NaN, and widths and weights are bitwise those of the logging
+    run (the solve only fed the log)."""
+    from widthlab.methods.expanding import observation
+
+    solves = []
+    real = observation.conjugate_gradient
+    monkeypatch.setattr(observation, "conjugate_gradient",
+                        lambda *a, **kw: solves.append(1) or real(*a, **kw))
+
+    def run(log):
+        seed_everything(2)
+        plan = build(None, moons, seed=2, start_widths=[2], tau=0.0, alpha=0.0, log_eta_global=log,
+                     **{**CHEAP, "max_widths": (6,)})
+        Trainer(plan.model, moons, _cfg(4), plan.callbacks).fit()
+        return plan
+
+    solves.clear()
+    logged = run(True)
+    assert len(solves) == logged.summary["expansion_events"]  # once per event, for the log
+    solves.clear()
+    quiet = run(False)
+    assert solves == []
+    events = [c for c in quiet.callbacks if hasattr(c, "log")][0].log
+    assert all(math.isnan(e["eta_global"]) for e in events)
+    assert quiet.model.hidden_widths() == logged.model.hidden_widths()
+    assert logged.summary["neurons_added"] >= 1
+    for (name, p), q in zip(logged.model.state_dict().items(), quiet.model.state_dict().values()):
+        assert torch.equal(p, q), name

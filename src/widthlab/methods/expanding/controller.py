@@ -228,8 +228,10 @@ class ExpansionController(ModelObserver, CandidateSearch):
         ctx: Context | None = None
         grown = None  # (producer, consumer, units) of the last width commit, if _observe_grown follows it
         while len(events) < self.cfg.max_additions:
-            # The CG solve is needed for the depth (and "natural" width) residual; η_global is logged once.
-            natural = not events or self._depth_allowed(model) or self.cfg.width_residual == "natural"
+            # The CG solve is needed for the depth (and "natural" width) residual; η_global is logged once
+            # (unless log_eta_global is off: then an event without those scores skips the solve).
+            natural = ((not events and self.cfg.log_eta_global) or self._depth_allowed(model)
+                       or self.cfg.width_residual == "natural")
             if ctx is not None and grown is not None:
                 ctx = self._observe_grown(model, x, y, ctx, grown, natural)
             else:

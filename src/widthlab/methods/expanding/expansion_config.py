@@ -58,6 +58,10 @@ class ExpansionConfig:
             consumer's room; exact for (N, d) inputs, an under-estimate where rows are correlated,
             e.g. patches). Without it a random unit's absolute score is k/N on average, so α below
             1/N passes by chance and small scoring sets grow more. Needs ``abs_normalizer="room"``.
+        log_eta_global: solve for the global natural gradient at every event to log η_global = gᵀx (a CG
+            solve of ``eta_maxiter`` Gauss-Newton products). Off: the solve runs only where a score
+            needs its residual (depth candidates, ``width_residual="natural"``) and η_global is logged
+            as NaN otherwise; decisions are the same either way.
         holdout: fraction of the scoring examples kept out of the proposal search; the decision then
             scores the refined proposals on these held-out examples only (cross-fitting, ``held_out.py``:
             a search's maximum is biased upwards on the examples it was fitted to), and the chance
@@ -125,6 +129,7 @@ class ExpansionConfig:
     mala_warm_bursts: int | None = None
     ascent_warm_steps: int | None = None
     chance_correction: bool = False
+    log_eta_global: bool = True
     holdout: float = 0.0
     holdout_z: float = 1.0
     holdout_bootstrap: int = 50

@@ -214,6 +214,7 @@ def build(
     warm_start: bool = True,
     mala_warm_bursts: int | None = None,
     chance_correction: bool = False,
+    log_eta_global: bool = True,
     holdout: float = 0.0,
     holdout_z: float = 1.0,
     holdout_bootstrap: int = 50,
@@ -298,8 +299,8 @@ def build(
         recursive=recursive, max_additions=max_additions, eta_maxiter=eta_maxiter,
         abs_normalizer=abs_normalizer, decision=decision, stop_below_cap=stop_below_cap,
         warm_start=warm_start, mala_warm_bursts=mala_warm_bursts, ascent_warm_steps=ascent_warm_steps,
-        chance_correction=chance_correction, holdout=holdout, holdout_z=holdout_z,
-        holdout_bootstrap=holdout_bootstrap,
+        chance_correction=chance_correction, log_eta_global=log_eta_global, holdout=holdout,
+        holdout_z=holdout_z, holdout_bootstrap=holdout_bootstrap,
         eta_damping=damping if optimizer == "cg" else 0.1,
         optimizer_mode="reset" if optimizer == "kfac" else "keep")
     summary: dict = {"start_widths": widths, "optimizer": optimizer}
