@@ -138,7 +138,7 @@ def worker(quick: bool, rounds: int, out: Path) -> None:
                          "spread": max(x.spread for x in t.values())})
     if main:
         out.write_text(json.dumps(rows))
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 def measure(quick: bool = False, world: int = 2, rounds: int | None = None) -> list[dict]:

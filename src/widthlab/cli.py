@@ -168,7 +168,7 @@ def cmd_run(args) -> int:
     from widthlab.studies.executor import run_study
     from widthlab.studies.load import load_study, study_device
     from widthlab.studies.outdir import job_lock
-    from widthlab.train.distributed import init_from_env
+    from widthlab.train.distributed import init_from_env, shutdown
 
     spec = load_study(args.study, args.overrides)
     # Under torchrun (WORLD_SIZE > 1) every rank joins the process group and trains data-parallel.
@@ -178,9 +178,11 @@ def cmd_run(args) -> int:
     with job_lock(args.out, ctx):
         outcome = run_study(spec, args.out, workers=args.workers, resume=args.resume, quiet=args.quiet,
                             executor=args.executor, address=args.address, runs_root=args.checkpoint_dir)
-        if not ctx.is_main:
-            return 0
-        _finish_study(args.out, not args.no_report, args.quiet)
+        if ctx.is_main:
+            _finish_study(args.out, not args.no_report, args.quiet)
+    shutdown()  # every rank of a torchrun job, once rank 0 has written the report (else a no-op)
+    if not ctx.is_main:
+        return 0
     if not args.quiet:
         print(f"{len(outcome.summaries)} run(s) in {time.perf_counter() - t0:.1f}s "
               f"({len(outcome.failed)} failed, {outcome.skipped} kept from before)")

@@ -94,7 +94,7 @@ def main() -> None:
     assert ctx.active, "run me with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set (see test_ddp_methods.py)"
     for task in json.loads(Path(sys.argv[1]).read_text()):
         run_task(task)
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

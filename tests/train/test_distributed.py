@@ -96,3 +96,32 @@ def test_checkpoint_of_two_ranks_resumes_on_one(tmp_path):
     proc.wait()
     subprocess.run(_cmd(study, out, 1, "--resume"), check=True, timeout=300, env=env)
     _assert_same(tmp_path / "ref", out)
+
+
+def test_shutdown_releases_the_group_and_is_a_no_op_without_one(tmp_path):
+    """distributed.shutdown destroys an initialised group, after freeing a DDP wrapper kept alive by a
+    reference cycle (which would otherwise hold the group until interpreter exit), and does nothing
+    without a group."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from widthlab.train import distributed
+
+    distributed.shutdown()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(3, 2))
+        holder = {"ddp": ddp}
+        holder["self"] = holder  # a cycle, as between a trainer and its callbacks
+        ref = weakref.ref(ddp)
+        del ddp, holder
+        gc.disable()  # the cycle survives until shutdown collects it
+        distributed.shutdown()
+        assert ref() is None and not dist.is_initialized()
+    finally:
+        gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()

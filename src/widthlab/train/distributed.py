@@ -20,6 +20,7 @@ waiting in a collective.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -202,6 +203,24 @@ def init_from_env(device: torch.device) -> DistContext:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size(),
                        local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a data-parallel job: every rank waits for the others, then
+    the group is destroyed while the interpreter is whole.
+
+    Without this the group lives until interpreter exit: DDP wrappers left in reference cycles (a
+    trainer and its callbacks) hold it, and destroying gloo's worker threads during finalisation
+    intermittently aborts a rank that has finished all its work ("terminate called without an active
+    exception", exit code -6), which torchrun reports as a failed job. ``gc.collect`` first frees
+    those wrappers, so that ``destroy_process_group`` really releases the group. A no-op without a
+    process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def current() -> DistContext:
