@@ -380,7 +380,6 @@ def observe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, *, me
     return Observation(out.detach().to(dtype), grad_out, grad_out.pow(2).sum(1).mean(), layers)
 
 
-
 def grown_passes(model: nn.Module, x: torch.Tensor, consumer: str, *, bias: bool = True,
                  residuals: dict[str, torch.Tensor] | None = None,
                  modules: dict[str, nn.Module] | None = None, dtype: torch.dtype = torch.float64

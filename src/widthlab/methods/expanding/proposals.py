@@ -257,7 +257,8 @@ def _log_target(s, theta, temperature, prior_var):
 
 
 def _correct_burst(score_fn, st: _State, log_target, h, temperature, prior_var, generator, mask, steps):
-    """``steps`` MALA steps at a fixed step size h (the same chain as :func:`_correct_step`, fused).
+    """``steps`` MALA steps at a fixed step size h (θ' = θ + h∇log π(θ) + √(2h) ξ, accepted by the
+    Metropolis-Hastings ratio).
 
     The noise of the whole burst is drawn at once, the per-chain constants of the proposal are formed
     once, log q(θ′|θ) = −‖ξ‖²/2 is taken from the noise (θ′ − θ − h∇log π(θ) = √(2h) ξ), and the
@@ -292,22 +293,6 @@ def _correct_burst(score_fn, st: _State, log_target, h, temperature, prior_var, 
         s, log_target = torch.where(take, s_p, s), torch.where(take, lt_p, log_target)
         acc += alpha
     return _State(theta, s, g), log_target, acc
-
-
-def _correct_step(score_fn, st: _State, h, temperature, prior_var, generator, legacy, mask=None):
-    """θ' = θ + h∇log π(θ) + √(2h) ξ, accepted with the Metropolis-Hastings ratio."""
-    hh = h[:, None]
-    tc = temperature[:, None]
-    drift = st.grad_s / tc - st.theta / prior_var
-    xi = _randn(st.theta, generator, mask)
-    prop = st.theta + hh * drift + (2 * hh).sqrt() * xi
-    s_p, g_p = _value_and_grad(score_fn, prop)
-    drift_p = g_p / tc - prop / prior_var
-    log_q_fwd = -((prop - st.theta - hh * drift) ** 2).sum(1) / (4 * h)
-    log_q_bwd = -((st.theta - prop - hh * drift_p) ** 2).sum(1) / (4 * h)
-    log_alpha = (_log_target(s_p, prop, temperature, prior_var) + log_q_bwd
-                 - _log_target(st.s, st.theta, temperature, prior_var) - log_q_fwd)
-    return _accept(st, prop, s_p, g_p, log_alpha, h, generator)
 
 
 def _accept(st: _State, prop, s_p, g_p, log_alpha, h, generator) -> tuple[_State, torch.Tensor]:
