@@ -96,7 +96,7 @@ QUICK_STUDIES = {
     "expanding-moons": ["train.epochs=60", "seeds=[0]"],
     "expanding-regression1d": ["train.epochs=200", "seeds=[0]"],
     "expanding-digits-datasize": ["train.epochs=20", "seeds=[0]", "sweep.data.subset=[400]"],
-    "expanding-cnn-digits": ["train.epochs=10", "seeds=[0]"],
+    "expanding-cnn-digits": ["train.epochs=45", "seeds=[0]"],
 }
 
 

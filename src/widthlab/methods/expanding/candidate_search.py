@@ -27,11 +27,20 @@ class Candidate:
     kind: str  # "width" | "depth"
     index: int  # hidden layer (width) or insertion position (depth)
     delta: float  # Δη′ of the chosen candidate (depth: divided by layer_cost_mul)
-    rel: float  # delta / η_layer, compared with τ
-    abs: float  # delta / E‖∇_yℓ‖², compared with α or α_layer
+    rel: float  # delta / η_layer (a block of k width units: per unit, / k), compared with τ
+    abs: float  # delta / the absolute normaliser (per unit, as rel), compared with α or α_layer
     theta: torch.Tensor = field(repr=False)
     layout: proposals.UnitLayout = field(repr=False)
     passes: bool = False
+
+
+def subset_units(layout: proposals.UnitLayout, theta: torch.Tensor, units: list[int]
+                 ) -> tuple[torch.Tensor, proposals.UnitLayout]:
+    """The parameters (one row) and layout of the given units of a k-unit candidate, in that order."""
+    parts = layout.split(theta[None])
+    idx = torch.as_tensor(units, dtype=torch.long, device=theta.device)
+    sub = proposals.UnitLayout(len(units), layout.d, layout.kernel)
+    return sub.join({name: t.index_select(1, idx) for name, t in parts.items()})[0], sub
 
 
 class CandidateSearch:
@@ -150,8 +159,22 @@ class CandidateSearch:
             exact = cost.MeteredScore(one, self.flops, one_tag)(thetas)
             exact = torch.where(torch.isfinite(exact), exact, res.score[rows].to(torch.float64))
             out.append(self._candidate(ctx, kind, index, exact, site.norm, thetas, fn.layouts[i],
-                                       self._abs_norm(ctx, consumer, residual)))
+                                       self._abs_norm(ctx, consumer, residual),
+                                       gains=self._gains(one, k, 1, site.r_perp.shape[1],
+                                                         lambda t, one=one: cost.counted(one, t)[1])
+                                       if kind == "width" and k > 1 else None))
         return out
+
+    def _gains(self, scorer, k: int, cols: int, m: int, feature_flops):
+        """θ row -> (greedy unit order, marginal gains) of a width block (``unit_gains``), charged to
+        the FLOP meter: ``feature_flops(θ row)`` for its one evaluation of the features, then
+        ``greedy_gains_flops`` in closed form (the subset solves are many tiny operations, which the
+        counting mode would slow down more than they cost)."""
+        def gains(theta: torch.Tensor):
+            self.flops.add(feature_flops(theta[None]) + unit_score.greedy_gains_flops(k, cols, m))
+            return scorer.unit_gains(theta[None])
+
+        return gains
 
     def _evaluate_channels(self, ctx: Context, index: int, consumer: str, module: nn.Module, pool: bool,
                            kernel: tuple[int, ...], h: torch.Tensor, *, kind: str = "width", k: int = 1,
@@ -189,10 +212,14 @@ class CandidateSearch:
         elif cfg.refine == "ascent":
             self._warm[(kind, index)] = (layout, res.theta.detach(), None, None)
         thetas = res.theta.detach().to(torch.float64)
-        exact = cost.MeteredScore(make(torch.float64, 1e-10), self.flops, ("rescore", *tag))(thetas)
+        rescorer = make(torch.float64, 1e-10)
+        exact = cost.MeteredScore(rescorer, self.flops, ("rescore", *tag))(thetas)
         exact = torch.where(torch.isfinite(exact), exact, res.score.to(torch.float64))
         return self._candidate(ctx, kind, index, exact, site.norm, thetas, layout,
-                               self._abs_norm(ctx, consumer, residual))
+                               self._abs_norm(ctx, consumer, residual),
+                               gains=self._gains(rescorer, k, rescorer.kk, rescorer.G_inv.shape[0],
+                                                 lambda t: rescorer.flops(1))
+                               if kind == "width" and k > 1 else None)
 
     def _held_out_candidate(self, ctx: Context, kind: str, index: int, site: unit_score.Site,
                             thetas: torch.Tensor, layout: proposals.UnitLayout, split: held_out.Split,
@@ -226,7 +253,8 @@ class CandidateSearch:
 
     def _candidate(self, ctx: Context, kind: str, index: int, score: torch.Tensor, eta: float,
                    thetas: torch.Tensor, layout: proposals.UnitLayout, abs_norm: float, *,
-                   decide: float | None = None, n: int | None = None, chosen: int | None = None) -> Candidate:
+                   decide: float | None = None, n: int | None = None, chosen: int | None = None,
+                   gains=None) -> Candidate:
         """Choose one of the refined proposals and decide on it (Mitchell et al. 2023, the expansion loop).
 
         ``score`` (P,) holds every proposal's Δη′/η_layer, re-scored in float64. The proposal kept is the
@@ -234,9 +262,13 @@ class CandidateSearch:
         (``decision="softmax_mean"``, as the official code does for every selection rule), the
         softmax(s/T)-weighted mean of all proposals' scores, else (``"chosen"``) the kept one's own.
         It passes if Δη′/η_layer > τ and Δη′/N > α, N the absolute normaliser (depth: Δη′/layer_cost_mul
-        against τ and α_layer); with ``chance_correction`` Δη′ first loses its chance level k·ρ/N.
+        against τ and α_layer; a block of k width units, ``width_block``: Δη′/k); with
+        ``chance_correction`` Δη′ first loses its chance level k·ρ/N.
         ``decide``, ``n``, ``chosen``: a decision score, its number of examples and the kept proposal
-        given by the caller (held-out decisions).
+        given by the caller (held-out decisions). ``gains``: for a block of width units
+        (``width_block``), θ row -> (greedy unit order, marginal gains) (``unit_score.greedy_gains``);
+        a passing block keeps only the prefix of its units whose own marginal gains pass τ and α,
+        and fails if none does.
         """
         cfg = self.cfg
         j = chosen if chosen is not None else proposals.select(score, cfg.selection, cfg.temperature,
@@ -253,26 +285,45 @@ class CandidateSearch:
         if kind == "depth":
             delta /= cfg.layer_cost_mul
         alpha = cfg.alpha_layer if kind == "depth" else cfg.alpha
-        rel = delta / eta
-        ab = delta / max(abs_norm, 1e-30)
-        return Candidate(kind, index, delta, rel, ab, thetas[j], layout,
-                         passes=bool(rel > cfg.tau and ab > alpha and math.isfinite(delta)))
+        # a block of k width units (width_block) is judged by its per-unit share of the joint Δη′
+        units = 1 if kind == "depth" else getattr(layout, "k", 1)
+        rel = delta / (units * eta)
+        ab = delta / (units * max(abs_norm, 1e-30))
+        passes = bool(rel > cfg.tau and ab > alpha and math.isfinite(delta))
+        theta = thetas[j]
+        if passes and gains is not None:
+            order, g = gains(theta)
+            g = g * eta  # what each unit adds to the block's Δη′, given those before it
+            if cfg.chance_correction:
+                g = g - abs_norm / (n or ctx.obs.n)
+            ok = (g / eta > cfg.tau) & (g / max(abs_norm, 1e-30) > alpha)
+            kept = len(order) if bool(ok.all()) else int(ok.to(torch.int64).argmin())
+            if kept == 0:
+                passes = False
+            else:
+                theta, layout = subset_units(layout, theta, order[:kept])
+                delta = float(g[:kept].sum())
+                rel, ab = delta / (kept * eta), delta / (kept * max(abs_norm, 1e-30))
+        return Candidate(kind, index, delta, rel, ab, theta, layout, passes=passes)
 
     def _width_candidates(self, model: nn.Module, ctx: Context, layers: list[int]) -> dict[int, Candidate]:
-        """The evaluated one-unit candidate of each hidden layer in ``layers`` (MLP: one batched search)."""
+        """The evaluated width candidate of each hidden layer in ``layers``: ``width_block`` units, or what
+        fits below the layer's cap (MLP: one batched search per block size)."""
         out: dict[int, Candidate] = {}
-        places = []
+        places: dict[int, list] = {}
+        widths = model.hidden_widths()
         for i in layers:
+            k = max(1, min(self.cfg.width_block, self._cap(i) - self._cap_stop() - widths[i]))
             producer, consumer = model.site_layers(i)
             h = ctx.obs.layers[producer].a
             if h.dim() == 4:  # channels of a CNN stage
                 out[i] = self._evaluate_channels(ctx, i, consumer, model.get_submodule(consumer),
                                                  bool(model.pools[i]),
-                                                 tuple(model.get_submodule(producer).kernel_size), h)
+                                                 tuple(model.get_submodule(producer).kernel_size), h, k=k)
             else:
-                places.append((i, consumer, h))
-        if places:
-            cands = self._evaluate_units(ctx, "width", places, 1, self.cfg.proposals, self.cfg.width_residual)
+                places.setdefault(k, []).append((i, consumer, h))
+        for k, group in places.items():
+            cands = self._evaluate_units(ctx, "width", group, k, self.cfg.proposals, self.cfg.width_residual)
             out.update({c.index: c for c in cands})
         return out
 

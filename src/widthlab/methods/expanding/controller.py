@@ -44,7 +44,7 @@ from widthlab.methods.expanding.candidate_search import Candidate, CandidateSear
 from widthlab.methods.expanding.expansion_config import ExpansionConfig
 from widthlab.methods.expanding.fisher import per_sample_loss
 from widthlab.methods.expanding.insertion import full_rank, insert_conv_stage, insert_layer, insert_units
-from widthlab.methods.expanding.model import ExpandableMLP
+from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
 from widthlab.methods.expanding.observation import Context, ModelObserver
 from widthlab.nn.resize import ResizeEvent
 
@@ -82,6 +82,10 @@ class ExpansionController(ModelObserver, CandidateSearch):
         if config.holdout and not isinstance(model, ExpandableMLP):
             raise ValueError(f"holdout (deciding on held-out examples) is implemented for the expandable MLP "
                              f"(architecture: mlp), not for {type(model).__name__}")
+        if config.width_block > 1 and not isinstance(model, (ExpandableMLP, ExpandableCNN)):
+            raise ValueError(f"width_block > 1 (several units per width candidate) is implemented for the "
+                             f"expandable MLP and CNN (architecture: mlp or cnn), not for "
+                             f"{type(model).__name__}")
         self.summary = summary if summary is not None else {}
         self.generator = torch.Generator().manual_seed(seed + 7919)
         self.layer_cd = 0
@@ -263,7 +267,8 @@ class ExpansionController(ModelObserver, CandidateSearch):
             grown = self._grown_layers(model, best)
             self._commits.append(replace(best, theta=best.theta.detach().cpu()))
             record["additions"].append({"kind": best.kind, "index": best.index, "delta": best.delta,
-                                        "rel": best.rel, "abs": best.abs})
+                                        "rel": best.rel, "abs": best.abs,
+                                        "units": int(getattr(best.layout, "k", 1))})
             if best.kind == "depth":
                 self.layer_cd = self.cfg.layer_cooldown  # no further layer in this event unless 0
                 self.layers_added += 1
@@ -271,7 +276,7 @@ class ExpansionController(ModelObserver, CandidateSearch):
                 self._rooms = {}  # new sites: their room is measured afresh
                 self._warm = {}
             else:
-                self.neurons_added += 1
+                self.neurons_added += int(getattr(best.layout, "k", 1))  # a place's candidate: one unit
                 for j in self._changed_by(model, best.index):
                     cache.pop(j, None)
                 if self.cfg.refine == "ascent":  # the grown site's target lost its best direction: ascent

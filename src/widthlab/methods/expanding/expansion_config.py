@@ -38,7 +38,16 @@ class ExpansionConfig:
         score_batch: None scores on the whole training set; an int on a fixed random subset of that size.
         expand_at_start, expand_at_end: also expand before the first / after the last epoch.
         recursive: keep adding one unit at a time within an event until nothing passes.
-        max_additions: safety cap on additions per event.
+        max_additions: safety cap on additions (commits) per event; a block of ``width_block`` units
+            counts once.
+        width_block: units per width candidate (1: the paper's one-neuron candidates). With k > 1 a
+            width candidate is k new units at one site, refined jointly on their joint score
+            Δη′ = tr(Cᵀ A_f⁻¹ C G⁻¹), the score a layer candidate gets (Mitchell et al. 2023, the score
+            bound), and decided on its per-unit share Δη′/k against τ and α; a passing block keeps the
+            prefix, in greedy order, of its units whose marginal gains (``unit_score.greedy_gains``)
+            pass τ and α themselves. At a site with less room the block is what fits. One search then
+            adds up to k units where the one-unit loop searches once per unit: for CNNs, whose channel
+            searches are costly, the cheap way to grow several channels per event.
         eta_damping, eta_maxiter, eta_tol: CG for the global η and the natural-gradient residual.
         optimizer_mode: how the trainer remaps optimizer state (``"keep"``; ``"reset"`` for K-FAC).
         check_tol: largest relative loss change an insertion may cause before it is reported as a bug.
@@ -116,6 +125,7 @@ class ExpansionConfig:
     expand_at_end: bool = False
     recursive: bool = True
     max_additions: int = 64
+    width_block: int = 1
     eta_damping: float = 0.1
     eta_maxiter: int = 100
     eta_tol: float = 1e-5
@@ -155,6 +165,9 @@ class ExpansionConfig:
             (self.layer_init in ("identity", "basis"), "layer_init must be 'identity' or 'basis'"),
             (self.cooldown >= 1 and self.layer_cooldown >= 0, "cooldown must be >= 1, layer_cooldown >= 0"),
             (self.proposals >= 1 and self.layer_proposals >= 1, "proposals must be >= 1"),
+            (self.width_block >= 1, "width_block must be >= 1"),
+            (not (self.holdout and self.width_block > 1),
+             "holdout decides on one-unit width candidates: it needs width_block 1"),
             (self.layer_cost_mul > 0 and self.temperature > 0, "layer_cost_mul and temperature must be > 0"),
             ((self.mala_temperature is None or self.mala_temperature > 0) and self.mala_temperature_ratio > 0,
              "mala_temperature and mala_temperature_ratio must be > 0"),

@@ -145,6 +145,15 @@ class UnitScore:
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         return self._forward(theta)[0]
 
+    def unit_gains(self, theta: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """The greedy order of one candidate's k units and their marginal gains (:func:`greedy_gains`);
+        one site, one row."""
+        if self.sites != 1 or theta.shape[0] != 1:
+            raise ValueError("unit_gains scores one candidate at one site")
+        f = self._forward(theta)[1][3].view(self.k, -1)  # (k, N)
+        return greedy_gains(f @ self.r[0] / self.n, f @ f.T / f.shape[1], self.G_inv[0], 1,
+                            float(self.norm[0]), self.jitter)
+
     def official_value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """s and the gradient the official sampler follows: half of ∂s/∂θ with the residual term scaled
         by √η (the code back-propagates A_f⁻¹ c G⁻¹ (r_⊥ − cᵀ A_f⁻¹ f) with c = C/√η)."""
@@ -181,6 +190,54 @@ class UnitScore:
                  "c": ((s_den - gff * c) / nrm).reshape(L * P, k),
                  "l": ((s_pre - gff * l) / nrm).reshape(L * P, k)}
         return s, self.layout.join(grads).to(theta.dtype)
+
+
+def greedy_gains(C: torch.Tensor, A_f: torch.Tensor, G_inv: torch.Tensor, cols: int, norm: float,
+                 jitter: float = 0.0) -> tuple[list[int], torch.Tensor]:
+    """Order the units of one k-unit candidate greedily and give each its marginal gain.
+
+    The score of a subset S of the units is s(S) = tr(C_Sᵀ A_S⁻¹ C_S G⁻¹)/η, C_S and A_S the rows (and
+    columns) of C = fᵀr_⊥/N and A_f of the units' features (``cols`` consecutive features per unit):
+    the lower bound Δη′ of adding S alone (Mitchell et al. 2023, the score bound). A unit's gain is
+    s(S ∪ {u}) − s(S), S the units before it; greedy: each step takes the unit of largest gain. The
+    gains sum to the whole candidate's score. They need not decrease (two units can be worth more
+    together than apart), so callers keep the prefix whose gains pass. (The one-unit loop would score u
+    after committing S with the residual projected off S's features, the same quantity when S's
+    features are orthogonal to the layer's other inputs; this one needs no new observation.)
+
+    Returns:
+        the units in greedy order and their gains (k,), in units of s.
+    """
+    # (no FLOP meter here: the callers charge greedy_gains_flops)
+    k = C.shape[0] // cols
+    chosen: list[int] = []
+    gains = []
+    last = 0.0
+    for _ in range(k):
+        best, best_u = None, None
+        for u in range(k):
+            if u in chosen:
+                continue
+            idx = torch.cat([torch.arange(w * cols, (w + 1) * cols) for w in (*chosen, u)])
+            Cs, As = C[idx], A_f[idx][:, idx]
+            M = torch.linalg.solve(scores.damp(As, jitter), Cs)
+            val = float((Cs * (M @ G_inv)).sum()) / norm
+            if best is None or val > best:
+                best, best_u = val, u
+        chosen.append(best_u)
+        gains.append(best - last)
+        last = best
+    return chosen, torch.tensor(gains, dtype=torch.float64)
+
+
+def greedy_gains_flops(k: int, cols: int, m: int) -> int:
+    """FLOPs of :func:`greedy_gains` (``cost.counted``'s convention: a solve as LU, 2K³/3, plus its
+    triangular solves, 2K²m; then M G⁻¹ and the trace), summed over the subsets it scores."""
+    total = 0
+    for size in range(1, k + 1):
+        K = size * cols
+        total += (k - size + 1) * (2 * K ** 3 // 3 + 2 * K * K * m + 2 * K * m * m)
+    return total
 
 
 def delta_eta_rows(layout: UnitLayout, theta: torch.Tensor, site: Site, n: int, *, jitter: float = 0.0
@@ -341,6 +398,15 @@ class ChannelScore:
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         return self._features(theta)[0]
+
+    def unit_gains(self, theta: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """The greedy order of one candidate's k channels and their marginal gains
+        (:func:`greedy_gains`; a channel owns its kh·kw patch columns of the consumer)."""
+        if theta.shape[0] != 1:
+            raise ValueError("unit_gains scores one candidate")
+        fT = self._features(theta)[1][4][0]  # (K, rows)
+        return greedy_gains(fT @ self.r / self.n, fT @ fT.T / fT.shape[1], self.G_inv, self.kk, self.norm,
+                            self.jitter)
 
     def flops(self, rows: int, grad: bool = False) -> int:
         """The FLOPs ``cost.counted`` measures for one evaluation of ``rows`` candidates (its
