@@ -32,5 +32,7 @@ def test_densecnn_digits_study_grows(tmp_path):
     assert s["active_connections"] > s["start_active_connections"] and s["thawed"] > 0
     assert s["channels_added"] > 0 or s["layers_added"] > 0
     assert s["final_layers"] > 2 and s["layers_added"] >= 1
+    # the method's own work (statistics, decisions, growth) is timed against the fit
+    assert 0 < s["expansion_seconds"] < s["wall_seconds"] and 0 < s["expansion_share"] < 1
     assert s["widths"] == {f"blocks.{i}.{j}": w for i, b in enumerate(s["final_widths"])
                            for j, w in enumerate(b)}

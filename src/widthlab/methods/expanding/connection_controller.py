@@ -37,6 +37,7 @@ the score is positive and above ``depth_threshold``·η_global (official 8·3e-4
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -122,16 +123,26 @@ class ConnectionController:
                        "layers_added": 0}
         self.eta_global = 0.0
         self.steps = 0
+        # wall time of the method's own work in this fit (statistics, decisions, growth), against the
+        # fit's: expansion_seconds and expansion_share, as the expansion controller reports its events
+        self.seconds = 0.0
+        self._fit_t0: float | None = None
 
     # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer) -> None:
         self.model = trainer.model
+        self._fit_t0 = time.perf_counter()
         self.model.set_record(True)
         self._apply_masks()
 
     def on_after_backward(self, trainer=None) -> None:
         """Update the statistics from this batch, then mask the gradients of inactive rows."""
+        t0 = time.perf_counter()
+        self._update_statistics()
+        self.seconds += time.perf_counter() - t0
+
+    def _update_statistics(self) -> None:
         r = self.cfg.ema_rate
         for layer in self.model.kernels():
             st = self._stat(layer)
@@ -151,12 +162,21 @@ class ConnectionController:
         self._mask_grads()
 
     def on_step_end(self, trainer=None) -> None:
+        t0 = time.perf_counter()
         self._apply_masks()
         self.steps += 1
         if self.cfg.adapt and self.steps % self.cfg.decide_every == 0:
             self.decide()
+        self.seconds += time.perf_counter() - t0
 
     def on_epoch_end(self, trainer=None) -> list[ResizeEvent] | None:
+        t0 = time.perf_counter()
+        try:
+            return self._grow()
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _grow(self) -> list[ResizeEvent] | None:
         events: list[ResizeEvent] = []
         if self.cfg.reinit:
             self.reinit_dead()
@@ -169,7 +189,10 @@ class ConnectionController:
         return events or None
 
     def on_fit_end(self, trainer=None) -> None:
-        self.summary.update(final_widths=self.model.block_widths(), final_layers=self.model.depth,
+        wall = time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else float("nan")
+        self.summary.update(expansion_seconds=self.seconds,
+                            expansion_share=self.seconds / wall if wall > 0 else None,
+                            final_widths=self.model.block_widths(), final_layers=self.model.depth,
                             active_connections=self.model.active_connections(), **self.counts)
 
     def metrics(self, trainer=None) -> dict[str, Any]:
