@@ -1,4 +1,4 @@
-"""Bench: one training step of an adaptive-width MLP vs a fixed MLP of the same width (specs/awnn.md).
+"""Bench: one training step of an adaptive-width MLP vs a fixed MLP of the same width (Errica et al. 2025).
 
 The comparison is the method's own cost, at equal width, loss and optimizer:
 

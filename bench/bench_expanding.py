@@ -1,12 +1,13 @@
-"""Bench: the self-expanding method's optimisers and the cost of its expansion events (specs/senn.md).
+"""Bench: the self-expanding method's optimisers and the cost of its expansion events (Mitchell et al. 2023).
 
 1. One training step of an MLP with the K-FAC natural-gradient optimizer (default settings: statistics
    and inverses refreshed every 10 steps, so their cost is amortised over the steps as in training)
    against one Adam step of the same MLP, timed round-robin in one process (bench/_timing.py); the
    CG natural-gradient step of the official code is timed too, for reference. Target (issue 7):
    K-FAC/Adam <= 2.
-2. The share of a run's wall time spent in expansion events, from short versions of the CPU studies
-   (or from finished study directories with ``--results DIR ...``): ``expansion_seconds`` and
+2. The share of a run's wall time spent in expansion events, per run and per study (all its runs
+   together), from the shipped CPU studies run whole (``--quick``: short versions of them; or from
+   finished study directories with ``--results DIR ...``): ``expansion_seconds`` and
    ``expansion_share`` are recorded in every expanding run's summary, and so is ``method_flops`` (the
    natural-gradient solves and expansion scoring, next to the trainer's ``train_flops``).
 
@@ -110,15 +111,19 @@ def study_shares(results: list[str], quick: bool) -> str:
             path = Path(d) / "summary.json"
             summaries += [s for s in json.loads(path.read_text()) if s.get("method") == "expanding"]
         source = "finished study directories: " + ", ".join(results)
-    else:
+    elif quick:
         for name, over in QUICK_STUDIES.items():
-            if quick:
-                over = [*over, "method.mala_bursts=5"]
             with tempfile.TemporaryDirectory() as tmp:
-                out = run_study(load_study(name, over), tmp, workers=1, quiet=True)
+                out = run_study(load_study(name, [*over, "method.mala_bursts=5"]), tmp, workers=1, quiet=True)
                 summaries += out.summaries
         runs = "; ".join(f"{k} {' '.join(v)}" for k, v in QUICK_STUDIES.items())
-        source = "short runs of the CPU studies: " + runs
+        source = ("short runs of the CPU studies (indicative: a short run holds its first events, the one "
+                  "before any training included, in a fraction of the training): " + runs)
+    else:  # the target is on whole runs: the shipped studies as they are, two runs at a time
+        for name in QUICK_STUDIES:
+            with tempfile.TemporaryDirectory() as tmp:
+                summaries += run_study(load_study(name, []), tmp, workers=2, quiet=True).summaries
+        source = "the shipped CPU studies, whole (" + ", ".join(QUICK_STUDIES) + "), two runs at a time"
     rows = []
     for s in summaries:
         if s.get("method") != "expanding" or s.get("status") != "done":
@@ -130,9 +135,17 @@ def study_shares(results: list[str], quick: bool) -> str:
                      s.get("expansion_seconds"), events, per_event, s.get("expansion_share"),
                      extra / train if extra is not None and train else None])
     header = ["study", "run", "seed", "final widths", "wall (s)", "expansion (s)", "events", "s/event",
-              "share", "method FLOPs / train FLOPs"]
+              "share (run)", "method FLOPs / train FLOPs"]
     table = markdown_table(header, rows)
-    return f"Source: {source}.\n\n{table}"
+    totals = {}
+    for r in rows:
+        t = totals.setdefault(r[0], [0, 0.0, 0.0])
+        t[0] += 1
+        t[1] += r[5] or 0.0
+        t[2] += r[4] or 0.0
+    total_rows = [[name, n, e, w, e / w if w else None] for name, (n, e, w) in totals.items()]
+    summary = markdown_table(["study", "runs", "expansion (s)", "wall (s)", "share of all runs"], total_rows)
+    return f"Source: {source}.\n\n{table}\n\nPer study (target <= 0.2):\n\n{summary}"
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,8 @@ Prints, and writes to bench/results/sparse-<host>.md, for each thread count:
    densities 1/5/10/20/50%: masked-dense (W*M with autograd, the masked path) vs CSR vs dense;
 2. one training step (forward, backward, Adam) of each member of the MLP family 784-n-10 at the
    weight budget of the dense n=256 base (N = 794*256), classifier dense and all removals in the
-   first layer (specs/widesparse.md §3.6, fract_cl=0; the cap rule of §3.2 gives the same here),
+   first layer (Golubeva et al. 2021's MLP setting with a dense classifier; the per-layer cap rule gives
+   the same here),
    masked vs CSR, relative to the dense base. Members n = 512..4096, plus 5120 (connectivity
    exactly 5%) and 8192 (3.1%): the target is stated for connectivity <= 5%, and n=4096 has 6.25%;
 3. a summary of the targets, flagging thread counts whose timings were dominated by busy cores.
@@ -45,7 +46,7 @@ BASE_WIDTH = 256
 
 
 def exact_mask(out_f: int, in_f: int, keep: int, g: torch.Generator) -> torch.Tensor:
-    """Exactly ``keep`` free weights, uniform without replacement (specs/widesparse.md §3.3)."""
+    """Exactly ``keep`` free weights drawn uniformly without replacement (Golubeva et al. 2021)."""
     mask = torch.zeros(out_f * in_f, dtype=torch.bool)
     mask[torch.randperm(out_f * in_f, generator=g)[:keep]] = True
     return mask.view(out_f, in_f)

@@ -61,7 +61,8 @@ def benches(device: str) -> list[Bench]:
             ("config", "ratio (wall", "step time, adaptive / fixed width (target <= 1.2)"),)),
         Bench("bench_expanding.py", ("--threads", "1"), ("--quick", "--threads", "1"), (
             ("MLP", "K-FAC/Adam", "step time, K-FAC natural gradient / Adam (target <= 2)"),
-            ("study", "share", "share of the run's wall time in expansion events"))),
+            ("study", "share of all runs",
+             "share of wall time in expansion events, whole study (target <= 0.2)"))),
         Bench("bench_ddp.py", ("--world", "2"), ("--quick", "--world", "2"), (
             ("config", "2p / 1p x 1t", "samples/s, 2 gloo processes / 1 process (>1: DDP faster)"),
             ("config", "2p / 1p x 2t", "samples/s, 2 processes / 1 process with 2 threads"))),
