@@ -1,4 +1,5 @@
-"""Synthetic generators: the formulas of specs/awnn.md §6 and specs/senn.md §2.4, sizes, splits, seeds."""
+"""Synthetic generators of the AWNN (Errica et al. 2025) and SENN (Mitchell et al. 2023) experiments:
+formulas, sizes, splits, seeds."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_awnn_splits_are_deterministic_and_follow_the_seed():
     a, b, c = load_dataset("spiral"), load_dataset("spiral"), load_dataset("spiral", seed=7)
     assert torch.equal(a.train.tensors[0], b.train.tensors[0])
     assert not torch.equal(a.train.tensors[0], c.train.tensors[0])
-    # the cloud itself is fixed by generator_seed (numpy seed 0 in the spec), not by the split seed
+    # the cloud itself is fixed by generator_seed (numpy seed 0, as in the AWNN code), not by the split seed
     pool = lambda t: torch.cat([t.train.tensors[0], t.val.tensors[0], t.test.tensors[0]]).sort(0)[0]  # noqa: E731
     assert torch.equal(pool(a), pool(c))
 

@@ -69,7 +69,8 @@ def test_presets():
 
 
 def test_ntk_mlp_matches_the_spec_forward():
-    # specs/widesparse.md §6.2: h = ReLU(W1 x / sqrt(784)); out = W2 h / sqrt(n), computed here by hand.
+    # NTK-style MLP of Golubeva et al. 2021 (Fig. 8): h = ReLU(W1 x / sqrt(784)); out = W2 h / sqrt(n),
+    # computed here by hand.
     torch.manual_seed(0)
     model = MLP(MLPConfig(in_features=784, out_features=10, widths=(32,), parametrization="ntk",
                           bias=False)).double()

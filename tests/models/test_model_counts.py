@@ -1,7 +1,7 @@
-"""Weight counts against the wide & sparse paper's tables (specs/widesparse.md §1-§2, §9.1).
+"""Weight counts against the wide & sparse paper's tables (its counting rule, App. A).
 
-The expected numbers are copied from the spec, not from this code's output. Large models are built on
-the ``meta`` device: counting reads shapes only, so no 180M-entry tensor is allocated.
+The expected numbers are worked out by hand from the paper's counts, not from this code's output. Large
+models are built on the ``meta`` device: counting reads shapes only, so no 180M-entry tensor is allocated.
 """
 
 import pytest
@@ -86,7 +86,7 @@ def test_counted_layers_are_linear_and_conv_in_forward_order():
     model = create_model("resnet18", input_shape=(3, 8, 8), num_outputs=10, width=2)
     names = [n for n, _ in counted_layers(model)]
     assert names[0] == "conv1" and names[-1] == "fc"
-    assert len(names) == 21  # stem + 16 block convs + 3 shortcut convs + fc (spec §9.2's "/21")
+    assert len(names) == 21  # stem + 16 block convs + 3 shortcut convs + fc (21 counted tensors)
     assert "layer2.0.shortcut.0" in names
 
 

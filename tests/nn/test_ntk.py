@@ -1,4 +1,4 @@
-"""NTKLinear: y = x W^T / sqrt(fan_in) + b with O(1) weights (specs/widesparse.md §6.2)."""
+"""NTKLinear: y = x W^T / sqrt(fan_in) + b with O(1) weights (NTK-style MLP, Golubeva et al. 2021, Fig. 8)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Rational activation of specs/senn.md §2.1; the checks of §7 item 6."""
+"""Rational activation of the SENN MLPs (Mitchell et al. 2023): exact identity, scale invariance."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_identity_is_exact(dtype, eps_mode):
     x = _inputs(dtype)
     y = act(x)
     if eps_mode == "add" and dtype == torch.float64:
-        # the official normalisation: x / sqrt(1 + 1e-8), within 1e-8 relative (spec §7 item 6)
+        # the official SENN code's normalisation: x / sqrt(1 + 1e-8), within 1e-8 relative
         assert not torch.equal(y, x)
         assert torch.allclose(y, x, rtol=1e-8, atol=0)
         return

@@ -18,7 +18,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12
 
 
 def random_mask(out_f: int, in_f: int, density: float, seed: int = 0) -> torch.Tensor:
-    """Exact-count uniform mask (spec §3.3) with row 1 and column 2 forced empty (edge cases)."""
+    """Exact-count uniform mask (Golubeva et al. 2021, §2.3), row 1 and column 2 forced empty (edge cases)."""
     g = torch.Generator().manual_seed(seed)
     k = round(density * out_f * in_f)
     mask = torch.zeros(out_f * in_f, dtype=torch.bool)
@@ -152,7 +152,7 @@ def test_optimizer_steps_match_masked_dense_with_zeroed_grads(opt_name):
         opt.zero_grad()
         F.mse_loss(layer(x), t).backward()
         opt.step()
-        # The official wide & sparse recipe (specs/widesparse.md §3.5): zero masked grads, then step.
+        # The recipe of the wide & sparse paper's released code: zero masked grads, then step.
         opt_ref.zero_grad()
         F.mse_loss(F.linear(x, w_ref, b_ref), t).backward()
         w_ref.grad[~mask] = 0

@@ -68,7 +68,7 @@ def test_width_fraction_closed_form(groups):
 
 
 def test_width_fraction_matches_the_paper_imagenet_numbers():
-    # widesparse spec §7: ImageNet top-1, base 68.03; (sparse, dense) at widths 90, 128, 181, 256.
+    # Golubeva et al. 2021, Table 1: ImageNet top-1, base 68.03; (sparse, dense) at widths 90, 128, 181, 256.
     pairs = [(69.56, 69.11), (70.02, 70.22), (70.66, 70.91), (70.53, 71.89)]
     got = [round(width_fraction(s, 68.03, d), 2) for s, d in pairs]
     assert got == [1.42, 0.91, 0.91, 0.65]

@@ -1,7 +1,7 @@
-"""The paper's approximations (spec widesparse §5.3) and the numbers the spec quotes for them.
+"""The approximations of Golubeva et al. 2021 (App. F.1) and reference values for them.
 
-Only the paper's own statements are asserted for eq. (4); per spec §9 item 6 we do NOT assert that
-eq. (4) matches the exact D for p <~ 0.1 (spec §5.4 shows it does not).
+Only the paper's own statements are asserted for eq. (4); we do NOT assert that eq. (4) matches the
+exact D for p <~ 0.1 (an independent numerical check of Theorem 1 shows it does not).
 """
 
 import math
@@ -42,8 +42,8 @@ def test_eq4_integer_minimiser_is_170():
 
 
 def test_eq4_values_quoted_in_spec():
-    """Spec §5.4 quotes eq. (4) at N = 8: n = 128 gives 2.47e-3 and n = 512 gives 4.3e-3."""
-    assert eq4_distance(784, 128, 8 / 128) == pytest.approx(2.47e-3, abs=5e-6)  # as rounded in the spec
+    """Reference values of eq. (4) at N = 8: n = 128 gives 2.47e-3 and n = 512 gives 4.3e-3."""
+    assert eq4_distance(784, 128, 8 / 128) == pytest.approx(2.47e-3, abs=5e-6)  # as rounded in the reference
     assert eq4_distance(784, 512, 8 / 512) == pytest.approx(4.3e-3, abs=5e-5)
 
 
@@ -52,7 +52,7 @@ def test_dense_limits_and_diagonal_value():
         limit = (1 - 1 / math.pi**2) / (4 * n)
         assert eq4_distance(784, n, 1.0) == pytest.approx(limit, rel=1e-12)  # bias term vanishes at p = 1
         assert variance_only_distance(784, n, 1.0) == pytest.approx(limit, rel=1e-12)
-    assert diagonal_distance_approx(784, 100, 0.1) == pytest.approx(0.0129, abs=5e-5)  # spec §5.3
+    assert diagonal_distance_approx(784, 100, 0.1) == pytest.approx(0.0129, abs=5e-5)  # the paper's App. F.1
 
 
 def test_elementwise_over_tensors():

@@ -1,4 +1,5 @@
-"""Arc-cosine kernels: closed form (spec widesparse §5.2) against plain Monte-Carlo integration.
+"""Arc-cosine kernels: closed form (Cho & Saul 2009; Theorem 1 of Golubeva et al. 2021) against plain
+Monte-Carlo integration.
 
 K_l(a, b) = E_{w ~ N(0, I)}[(w.a)^l (w.b)^l H(w.a) H(w.b)] is estimated by averaging the integrand
 over w draws; the closed form must lie within 4 standard errors, as neural-tangents tests its
@@ -29,7 +30,7 @@ def _pairs(d=6, seed=0):
 
 
 def test_diagonal_values_exact():
-    """K_1(a, a) = |a|^2/2 and K_2(a, a) = 3|a|^4/2 (spec §5.2), and K_0(a, a) = 1/2."""
+    """K_1(a, a) = |a|^2/2 and K_2(a, a) = 3|a|^4/2 (arc-cosine closed form), and K_0(a, a) = 1/2."""
     a = torch.randn(50, 784, generator=torch.Generator().manual_seed(1), dtype=F64)
     sq = (a * a).sum(-1)
     torch.testing.assert_close(arccos_kernel(a, a, 1), sq / 2, rtol=1e-13, atol=0)

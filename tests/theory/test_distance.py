@@ -1,9 +1,10 @@
-"""Theorem 1 (spec widesparse §5.2, §9 item 6): mask Monte Carlo against network Monte Carlo.
+"""Theorem 1 of Golubeva et al. 2021 (§3, App. F): mask Monte Carlo against network Monte Carlo.
 
 The two estimators share nothing but the inputs: one evaluates D = (K~_1 - K_1)^2/d^2 +
 (K~_2 - K~_1^2)/(d^2 n) with K~ averaged over masks in closed form; the other samples whole sparse
 networks and averages (Theta - Theta_inf)^2. Both are unbiased for the same pair-averaged D, so
-they must agree within 3 combined standard errors (spec §5.4 settings, d = 784, 30 Gaussian pairs).
+they must agree within 3 combined standard errors (the settings of an independent reference check:
+d = 784, 30 Gaussian pairs).
 """
 
 import math
@@ -41,21 +42,21 @@ def test_theorem1_matches_network_mc(pairs30, n, p, networks):
 
 
 def test_spec_value_at_n200_p01(pairs30):
-    """Spec §5.4: D ~ 1.2e-3 (network MC 1.24e-3, mask MC 1.18e-3, on other random pairs). The
-    spec's pairs differ from ours, so the tolerance is our D's error as an estimate of the mean over
+    """Reference check: D ~ 1.2e-3 (network MC 1.24e-3, mask MC 1.18e-3, on other random pairs). Its
+    pairs differ from ours, so the tolerance is our D's error as an estimate of the mean over
     Gaussian pairs (pairs_se), plus the mask error."""
     x, y = pairs30
     r = theorem1_distance(x, y, 200, 0.1, seed=1)
     assert 1.0e-3 < r.D < 1.4e-3
     assert abs(r.D - 1.2e-3) < 3 * math.hypot(r.D_se, r.pairs_se)
     assert r.D_se < 0.01 * r.D  # default masks resolve D far better than the 5% asked
-    # The bias term is tiny (spec §5.4: 1e-7 to 1e-5), nothing like eq. (4)'s ~1e-3.
+    # The bias term is tiny (reference check: 1e-7 to 1e-5), nothing like eq. (4)'s ~1e-3.
     assert abs(r.bias_sq) < 1e-5
     assert r.variance_term > 0.99 * r.D
 
 
 def test_dense_limit():
-    """p = 1: no bias, and D -> (1 - 1/pi^2)/(4n) for Gaussian pairs up to O(1/d) (spec §9 item 6).
+    """p = 1: no bias, and D -> (1 - 1/pi^2)/(4n) for Gaussian pairs up to O(1/d) (Theorem 1's dense limit).
 
     The mask average is exact at p = 1, so the only error is the pair sampling (pairs_se); the
     O(1/d) curvature of J_l around theta = pi/2 adds about 0.2%, allowed for by 2/d."""
@@ -68,7 +69,7 @@ def test_dense_limit():
 
 
 def test_diagonal_closed_form_mask_mc_network_mc_and_paper_approx():
-    """x = y at n = 100, p = 0.1 (spec §5.3: network MC 0.0133, the paper's formula 0.0129)."""
+    """x = y at n = 100, p = 0.1 (reference network MC 0.0133; the paper's App. F.1 formula 0.0129)."""
     x = sample_pairs(30, d=D_IN, seed=4)[0]
     exact = diagonal_distance(x, 100, 0.1)  # (P,) closed form
     mask = theorem1_distance(x, x, 100, 0.1, seed=5)
@@ -81,8 +82,8 @@ def test_diagonal_closed_form_mask_mc_network_mc_and_paper_approx():
 
 @pytest.mark.parametrize(("n", "p"), [(200, 0.1), (128, 8 / 128), (400, 0.02)])
 def test_variance_only_approximation_within_5_percent(n, p):
-    """Spec §5.4: (1/4n)[(1 - 1/pi^2) + 3(1 - p)/(dp)] within a few % of exact D for dp >= 3.
-    300 pairs make the pair-sampling error (~0.6%) small next to the tolerance."""
+    """A variance-only approximation (not the paper's): (1/4n)[(1 - 1/pi^2) + 3(1 - p)/(dp)] within a few %
+    of exact D for dp >= 3. 300 pairs make the pair-sampling error (~0.6%) small next to the tolerance."""
     x, y = sample_pairs(300, d=D_IN, seed=7)
     r = theorem1_distance(x, y, n, p, num_masks=2048, seed=8)
     approx = variance_only_distance(D_IN, n, p)

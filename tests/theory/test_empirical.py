@@ -1,4 +1,4 @@
-"""Empirical kernel of a model instance (spec widesparse §5.1, §5.5).
+"""Empirical kernel of a model instance (Golubeva et al. 2021: §3 setup, Fig. 8 protocol of App. A).
 
 The reference is independent of the library's formula: an actual nn.Module
 f(x) = (n d)^{-1/2} v^T relu(u x) whose last-layer gradients grad_v f(x) come from torch.func

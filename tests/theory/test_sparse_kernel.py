@@ -1,4 +1,4 @@
-"""Sparse kernels K~_{l,p} (spec widesparse §5.2) by mask Monte Carlo.
+"""Sparse kernels K~_{l,p} (Golubeva et al. 2021, Theorem 1) by mask Monte Carlo.
 
 In small d the mask sum has 2^d terms and is computed exactly; the mask-MC estimate must agree within
 4 of its own standard errors, and so must a plain Monte-Carlo integral over spike-and-slab weights

@@ -113,7 +113,7 @@ def test_keep_mode_with_batchnorm_params():
 
 @pytest.mark.numerics
 def test_adam_step_of_old_units_is_unchanged_up_to_rounding_by_a_new_function_preserving_unit():
-    """SENN test 5: a new unit with zero outgoing weights and transplanted Adam state (m = v = 0 for
+    """SENN width insertion: a new unit with zero outgoing weights and transplanted Adam state (m = v = 0 for
     the new unit) leaves one optimizer step of the old parameters as it is without the unit.
 
     Exact in exact arithmetic; in floating point the grown consumer sums one more (zero) term, so the

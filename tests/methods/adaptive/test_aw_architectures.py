@@ -1,5 +1,5 @@
-"""Every adaptive architecture of specs/awnn.md §4 trains on the CPU through the real trainer, changes
-width, truncates, and exports to a plain model computing the same function."""
+"""Every adaptive architecture of AWNN (Errica et al. 2025) trains on the CPU through the real trainer,
+changes width, truncates, and exports to a plain model computing the same function."""
 
 import pytest
 import torch

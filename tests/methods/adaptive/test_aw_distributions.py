@@ -1,4 +1,5 @@
-"""Importance distributions and D(lam): the exact values of specs/awnn.md §9 tests 1, 2 and 4."""
+"""Importance distributions and D(lam) of AWNN (Errica et al. 2025): exact widths and importance vectors,
+the softplus parametrisation of lam and its boundary projection."""
 
 import math
 
@@ -17,7 +18,7 @@ from widthlab.methods.adaptive.distributions import (
     softplus_inv,
 )
 
-# §2 / §9 test 1: D(lam) = floor(-ln(0.1) / lam) + 2 for k = 0.9.
+# The width at the 0.9-quantile of the importance distribution: D(lam) = floor(-ln(0.1) / lam) + 2.
 D_TABLE = {0.1: 25, 0.05: 48, 0.02: 117, 0.01: 232, 0.005: 462, 0.004: 577, 0.001: 2304, 5e-4: 4607,
            1e-4: 23027, math.log(2): 5}
 
@@ -59,7 +60,7 @@ def test_importance_vector_lambda_001(cpu_path):
     assert s2 == pytest.approx(0.006089, abs=5e-7)
     assert math.sqrt(2 / s2) == pytest.approx(18.12, abs=5e-3)  # Kaiming+ std
     assert (p[-1] / p[0]).item() == pytest.approx(0.1, abs=0.005)
-    # §2: sum p^2 ≈ tanh(lam/2)(2 - k)/k ≈ 0.611 lam
+    # exponential importance: sum p^2 ≈ tanh(lam/2)(2 - k)/k ≈ 0.611 lam
     assert s2 == pytest.approx(math.tanh(0.005) * 1.1 / 0.9, rel=0.01)
 
 

@@ -1,4 +1,4 @@
-"""The ELBO loss of specs/awnn.md §2 on the toy network of §9 test 3, and its gradients (§9 test 7)."""
+"""The ELBO loss of AWNN (Errica et al. 2025) on a toy network worked out by hand, and its gradients."""
 
 import pytest
 import torch

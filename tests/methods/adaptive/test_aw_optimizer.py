@@ -1,4 +1,4 @@
-"""Optimizer state after a width change, in both modes (specs/awnn.md §9 test 6)."""
+"""Optimizer state after an AWNN width change (Errica et al. 2025), in both modes."""
 
 import pytest
 import torch
@@ -45,7 +45,7 @@ def test_width_change_remaps_the_optimizer(mode, new_lam):
     params = dict(m.named_parameters())
     changed = ["layers.0.weight", "layers.0.bias", "layers.1.weight"]
     if mode == "reset":
-        # Faithful: whole-tensor state restarts, including the re-wrapped consumer bias (§3).
+        # Faithful: whole-tensor state restarts, including the re-wrapped consumer bias.
         for n in [*changed, "layers.1.bias"]:
             assert opt.state.get(params[n], {}) == {}
         r_state = opt.state[params["scales.0.dist.r"]]  # lam's parameter was not replaced: kept

@@ -1,4 +1,4 @@
-"""The paper-protocol reproductions on the synthetic tasks (specs/awnn.md §6, §9 behavioural): slow.
+"""The paper-protocol reproductions on the synthetic tasks of Errica et al. 2025 (AWNN): slow.
 
 Run with ``scripts/test-slow.sh tests/methods/adaptive/test_aw_reproduction.py`` (about an hour on one
 CPU thread, most of it SpiralHard's 570k optimizer steps). One seed and one configuration of each

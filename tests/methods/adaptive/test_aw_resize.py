@@ -1,4 +1,5 @@
-"""Resize invariants (specs/awnn.md §9 test 5), truncation (§5) and dense export."""
+"""Width growth and shrinkage invariants of AWNN (Errica et al. 2025), post-training truncation and dense
+export."""
 
 import pytest
 import torch

@@ -202,8 +202,8 @@ def test_lean_check_steps_aside_for_resizes_and_the_boundary(moons):
 
 
 def test_spiralhard_study_spans_the_papers_depths_and_sums_their_widths(tmp_path):
-    """adaptive-spiralhard's grid holds 1, 2 and 4 adaptive layers (specs/awnn.md §6 table), and a run
-    reports its width as the total over the layers, the paper's Table 1 convention."""
+    """adaptive-spiralhard's grid holds 1, 2 and 4 adaptive layers (the AWNN paper's SpiralHard runs), and
+    a run reports its width as the total over the layers, the paper's Table 1 convention."""
     spec = load_study("adaptive-spiralhard")
     grid = sorted((r.spec.model.depth, r.spec.method.sigma_theta) for r in expand_runs(spec))
     assert grid == [(1, 1), (1, 100), (2, 1), (2, 100), (4, 1), (4, 100)]

@@ -1,4 +1,4 @@
-"""Channel growth of the expandable CNN scored with convolution K-FAC factors (specs/senn.md §3), float64.
+"""Channel growth of the expandable CNN scored with convolution K-FAC factors (SENN CNNs), float64.
 
 A candidate channel's rows at the consumer are its k·kh·kw patches (Conv2d consumer) or its pooled mean
 (Linear head). After inserting the channel for real (zero outgoing weights), the consumer's K-FAC η rises

@@ -1,4 +1,4 @@
-"""Function-preserving insertion (specs/senn.md §2.3; §7 items 5-8).
+"""Function-preserving insertion of neurons, layers and channels (SENN, Mitchell et al. 2023).
 
 A new neuron with zero outgoing weights adds nothing to the consumer's pre-activation, so outputs,
 loss and the gradients of every old parameter are unchanged up to rounding: the consumer now sums one
@@ -169,7 +169,7 @@ def test_adam_step_of_old_parameters_is_unchanged_up_to_rounding():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rational_identity_and_scale_invariance(dtype):
-    """§7.6: identity coefficients give σ(x) = x exactly; σ is invariant to scaling (v, c, l)."""
+    """Identity coefficients give σ(x) = x exactly; σ is invariant to scaling (v, c, l)."""
     act = RationalActivation(6, init="identity", dtype=dtype)
     x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)).to(dtype) * 10
     assert torch.equal(act(x), x)
@@ -185,7 +185,7 @@ def test_rational_identity_and_scale_invariance(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("position", [0, 1, 2])
 def test_identity_layer_insertion_is_exact(dtype, position):
-    """§7.7: W = I, β = 0 (identity rational): outputs bit-identical."""
+    """Layer insertion with W = I, β = 0 (identity rational): outputs bit-identical."""
     model = _mlp(dtype)
     x, _ = _batch(dtype)
     with torch.no_grad():
@@ -211,7 +211,7 @@ def test_layer_insertion_into_a_linear_model():
 
 
 def test_basis_change_insertion_is_exact_to_rounding():
-    """§7.7: an invertible basis B and shift β: max|Δy| < 1e-5·max|y| (float32)."""
+    """Layer insertion by a basis change, an invertible B and shift β: max|Δy| < 1e-5·max|y| (float32)."""
     model = _mlp(torch.float32)
     x, _ = _batch(torch.float32)
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_basis_change_insertion_is_exact_to_rounding():
 @pytest.mark.numerics
 @pytest.mark.parametrize("stage", [0, 1])
 def test_cnn_channel_growth_leaves_logits_unchanged_up_to_rounding(stage):
-    """§7.8 analogue: new channels with zero outgoing weights leave the logits unchanged up to rounding
+    """CNN channel growth: new channels with zero outgoing weights leave the logits unchanged up to rounding
     (the consumer convolution sums 9 more zero terms per new channel)."""
     model = ExpandableCNN((3, 8, 8), 5, (4, 6), generator=torch.Generator().manual_seed(0))
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))

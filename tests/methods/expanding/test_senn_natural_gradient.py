@@ -1,4 +1,4 @@
-"""Damped Gauss-Newton natural gradient by CG (specs/senn.md §2.2; §7 items 1 and 2), float64.
+"""Damped Gauss-Newton natural gradient by CG (the SENN MLP optimiser, Mitchell et al. 2023), float64.
 
 The dense oracle builds F = (1/N) Σ J_nᵀ H_n J_n from per-sample Jacobians (torch.func); the CG solver
 only ever sees F through JVP/VJP products, so agreement checks both the operator and the solver.
@@ -48,7 +48,7 @@ def _float64():
 @pytest.mark.parametrize("metric", ["fisher", "identity"])
 @pytest.mark.parametrize("mode", ["jacobian", "autograd"])
 def test_cg_matches_dense_solve(loss, metric, mode):
-    """§7.1: x_CG vs a dense solve of ((1/B)ΣJ_nᵀH_nJ_n + λI)x = g; rel. error < 1e-6 at convergence."""
+    """x_CG vs a dense solve of ((1/B)ΣJ_nᵀH_nJ_n + λI)x = g; rel. error < 1e-6 at convergence."""
     net = tiny_net(c=2)
     x, y = batch(loss)
     g = fisher.loss_gradient(net, x, y, loss)
@@ -89,7 +89,7 @@ def test_cg_on_a_plain_spd_system():
 @pytest.mark.parametrize("damping", [0.0, 1e-3, 0.1, 10.0])
 @pytest.mark.parametrize("loss", ["cross_entropy", "half_sse"])
 def test_eta_two_ways_and_bound(damping, loss):
-    """§7.2: gᵀ(F+λI)⁻¹g == (1/B)EᵀK(K+λB·I)⁻¹E (identity metric) to 1e-10; 0 ≤ η ≤ E‖∇_yℓ‖²."""
+    """η two ways: gᵀ(F+λI)⁻¹g == (1/B)EᵀK(K+λB·I)⁻¹E (identity metric) to 1e-10; 0 ≤ η ≤ E‖∇_yℓ‖²."""
     net = tiny_net()
     x, y = batch(loss, n=5)
     params = fisher.named_trainable(net)

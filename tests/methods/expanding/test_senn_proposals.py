@@ -1,5 +1,5 @@
-"""Proposal samplers (specs/senn.md §2.3): a correct MALA samples its target; the official variant's sign
-bug is reproduced; ascent and MALA raise Δη′ over random candidates."""
+"""Proposal samplers (SENN, Mitchell et al. 2023): a correct MALA samples its target; the official variant's
+sign bug is reproduced; ascent and MALA raise Δη′ over random candidates."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Small reproductions of SENN experiments 2 and 4 (specs/senn.md §7 items 11, 12); slow, CPU minutes.
+"""Small reproductions of SENN experiments 2 and 4 (Mitchell et al. 2023); slow, CPU minutes.
 
 * expanding-moons from a linear start adds at least one layer and reaches a test accuracy at least that
   of a fixed network of its final size trained the same way (same model family, optimiser, data, epochs

@@ -1,4 +1,4 @@
-"""Expansion scores (specs/senn.md §1; §7 item 4), float64.
+"""Expansion scores of SENN (Mitchell et al. 2023): the increase Δη and its lower bound Δη′, float64.
 
 The Schur identity: with candidate rows f appended to a layer's inputs a (zero outgoing weights, so the
 back-propagated e and G do not change), the block inverse of Â = [[A, A_af], [A_fa, A_f]] gives
@@ -124,7 +124,7 @@ def test_invariant_to_rescaling_and_mixing_candidates():
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_gradient_wrt_features_matches_closed_form(k):
-    """autograd ∇_f Δη′ == (2/N) A_f⁻¹ C G⁻¹ (r_⊥,n − Cᵀ A_f⁻¹ f_n) (spec §1)."""
+    """autograd ∇_f Δη′ == (2/N) A_f⁻¹ C G⁻¹ (r_⊥,n − Cᵀ A_f⁻¹ f_n) (SENN's Δη′)."""
     _, x, obs, lay, G_inv = _setup()
     a, e = lay.a_rows, lay.e_rows["grad"]
     r_perp = scores.residual_rows(a, e, torch.linalg.inv(lay.factors.A), a.T @ e / obs.n)
@@ -148,7 +148,7 @@ def test_batched_candidates_and_jitter():
 
 def test_absolute_score_is_at_most_one_for_the_output_layer_with_identity_metric():
     """Identity metric, exact G, undamped: Δη ≤ η_layer(aug) ≤ E‖∇_yℓ‖² for the output layer (one output),
-    so Δη′/E‖∇_yℓ‖² ∈ [0, 1] (spec §1)."""
+    so Δη′/E‖∇_yℓ‖² ∈ [0, 1] (SENN's absolute, scale-free score)."""
     torch.manual_seed(3)
     net = nn.Sequential(nn.Linear(3, 4), RationalActivation(4), nn.Linear(4, 1)).to(DT)
     g = torch.Generator().manual_seed(9)

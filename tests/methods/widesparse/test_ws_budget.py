@@ -1,4 +1,5 @@
-"""Weight counts (spec §2), the cap rule (§3.2) and the MLP split (§3.6), checked against spec §9.1-9.2."""
+"""Weight counts (Golubeva et al. 2021, App. A), the allocation "according to layer size" (App. B/D: a cap)
+and the MLP split (§2.3), checked against exact counts and allocations worked out independently."""
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def test_mlp_counts_exclude_biases():
     assert N("mlp", 123, (1, 28, 28), 10) == 794 * 123
 
 
-# ------------------------------------------------------------------------------- spec §9.2 allocations
+# ------------------------------------------------------------------------------ reference allocations
 
 IMAGENET = model_builder("resnet18_imagenet", input_shape=(3, 224, 224), num_outputs=1000)
 
@@ -84,7 +85,7 @@ def test_cifar10_18_to_64():
     assert (a.m, len(a.sizes), a.cap) == (13, 21, 53_019)
     assert round(sparse.connectivity, 5) == 0.07923
     c = a.layer_connectivity
-    # Spec §3.2 example: layer-4 3x3 convs keep 2.25%, layer-3 9.0%, layer-2 36%, layer4 shortcut 40%.
+    # Allocation example: layer-4 3x3 convs keep 2.25%, layer-3 9.0%, layer-2 36%, layer4 shortcut 40%.
     assert c["layer4.1.conv2"] == pytest.approx(0.0225, abs=5e-4)
     assert c["layer3.1.conv2"] == pytest.approx(0.090, abs=1e-3)
     assert c["layer2.1.conv2"] == pytest.approx(0.36, abs=5e-3)

@@ -1,5 +1,5 @@
-"""Family members (spec §1, §9.1): every sparse member holds exactly N(w0) nonzero counted weights;
-the study-facing plan; the bottleneck variants (§4) with their reported mismatch."""
+"""Family members (Golubeva et al. 2021, §2): every sparse member holds exactly N(w0) nonzero counted weights;
+the study-facing plan; the bottleneck variants (§2.2, Fig. 3) with their reported mismatch."""
 
 import pytest
 import torch
@@ -82,7 +82,7 @@ def test_ntk_mlp_member_keeps_ntk_forward():
     plan = build(model, None, seed=0, base_width=8, fract_cl=0.0)
     fc = plan.model.layers[0]
     assert isinstance(fc, MaskedNTKLinear) and fc.num_nonzero_weights() == 6352 - 1280
-    # O(1) weights with variance 1/c_l (spec §6.2), 1/sqrt(784) in the forward.
+    # O(1) weights with variance 1/c_l (the paper's NTK-style Fig. 8 MLP), 1/sqrt(784) in the forward.
     free = fc.weight[fc.weight_mask]
     assert free.var().item() == pytest.approx(1 / fc.connectivity, rel=0.1)
 

@@ -1,4 +1,5 @@
-"""The image-folder dataset (spec §6.4 pipeline) on a tiny folder of generated PNG and JPEG files."""
+"""The image-folder dataset (the ImageNet pipeline of Golubeva et al. 2021, App. A.1) on a tiny folder of
+generated PNG and JPEG files."""
 
 import numpy as np
 import pytest

