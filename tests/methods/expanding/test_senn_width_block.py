@@ -1,16 +1,15 @@
 """Width candidates of several units (``ExpansionConfig.width_block``), float64.
 
-A block of k units is refined on its joint lower-bound score and decided per unit; a passing block keeps
-the greedy prefix of its units whose marginal gains pass. The gains are checked against subset scores
-of the independent references (``unit_score.delta_eta_rows`` for MLP units, ``proposals.unit_score_fn``
-over ``proposals.conv_unit_features`` for CNN channels), their FLOP charge against the counting mode,
-the trimming against hand-made gains, and whole events on an MLP and a CNN: every commit is at most one
-block, the function is preserved (the controller's check) and the counters count units.
+A block of k units is refined on its joint lower-bound score, decided like one unit on each proposal's
+best unit scored alone, and a passing block keeps the greedy prefix of its units whose marginal gains
+pass. Single-unit scores and gains are checked against subset scores of the independent references
+(``unit_score.delta_eta_rows`` for MLP units, ``proposals.unit_score_fn`` over
+``proposals.conv_unit_features`` for CNN channels), their FLOP charges against the counting mode, the
+decision and trimming against hand-made scores, and whole events on an MLP and a CNN: every commit is
+at most one block, the function is preserved (the controller's check) and the counters count units.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 import torch
@@ -58,7 +57,13 @@ def test_mlp_block_gains_are_greedy_differences_of_the_reference_subset_scores()
         th, lay = subset_units(layout, theta, units)
         return float(unit_score.delta_eta_rows(lay, th[None], site, N)[0])
 
-    _check_greedy(scorer.unit_gains(theta[None]), reference, k)
+    mo = scorer.moments(theta[None])
+    assert float(mo.score[0]) == pytest.approx(reference(list(range(k))), rel=1e-10)
+    _check_greedy(mo.gains(0), reference, k)
+    single = mo.single()[0]
+    for u in range(k):
+        assert float(single[u]) == pytest.approx(reference([u]), rel=1e-10)
+    assert float(mo.gains(0)[1][0]) == pytest.approx(float(single.max()), rel=1e-10)  # greedy starts there
 
 
 @pytest.mark.parametrize("head", [False, True])
@@ -83,7 +88,11 @@ def test_cnn_block_gains_are_greedy_differences_of_the_reference_subset_scores(h
 
         return float(proposals.unit_score_fn(feats, r, G_inv, N, 0.7, jitter=jitter)(th[None])[0])
 
-    _check_greedy(scorer.unit_gains(theta[None]), reference, k)
+    mo = scorer.moments(theta[None])
+    _check_greedy(mo.gains(0), reference, k)
+    single = mo.single()[0]
+    for u in range(k):
+        assert float(single[u]) == pytest.approx(reference([u]), rel=1e-9)
 
 
 @pytest.mark.parametrize("k,cols,m", [(1, 1, 3), (3, 1, 4), (3, 9, 5)])
@@ -95,6 +104,16 @@ def test_greedy_gains_flops_equal_the_counting_mode(k, cols, m):
     G_inv = _spd_inverse(m, g)
     assert unit_score.greedy_gains_flops(k, cols, m) == cost.counted(
         unit_score.greedy_gains, C, A, G_inv, cols, 1.0, 1e-10)[1]
+
+
+@pytest.mark.parametrize("k,cols,m", [(1, 1, 3), (4, 1, 4), (3, 9, 5)])
+def test_single_unit_score_flops_equal_the_counting_mode(k, cols, m):
+    g = torch.Generator().manual_seed(4)
+    P, K = 5, k * cols
+    f = torch.randn(P, K, 30, generator=g, dtype=DT)
+    C, A = torch.randn(P, K, m, generator=g, dtype=DT), f @ f.transpose(1, 2) / 30
+    assert unit_score.single_unit_flops(P, k, cols, m) == cost.counted(
+        unit_score.single_unit_scores, C, A, _spd_inverse(m, g), cols, 1.0, 1e-10)[1]
 
 
 def test_subset_units_takes_the_units_parameters_in_the_given_order():
@@ -113,25 +132,44 @@ class _Search(CandidateSearch):
         self.generator = torch.Generator().manual_seed(0)
 
 
-def _decide(gains, *, tau=0.01, alpha=0.0, chance=False, k=4):
-    """One passing block of k units whose (hand-made) marginal gains are ``gains`` (in units of s)."""
-    layout = proposals.UnitLayout(k, 2)
+def _decide(gains, *, unit_scores=(0.6, 0.55, 0.5), tau=0.01, alpha=0.0, chance=False, decision="chosen"):
+    """A block of 4 units from 3 proposals; proposal 1 has the best joint score and is kept, and its
+    (hand-made) greedy order and marginal gains are ``gains`` (in units of s; η = 2, ρ = 4, N = 50)."""
+    layout = proposals.UnitLayout(4, 2)
     thetas = torch.randn(3, layout.size, generator=torch.Generator().manual_seed(3), dtype=DT)
-    order = [3, 1, 0, 2][:k]
+    order, asked = [3, 1, 0, 2], []
     ctx = type("Ctx", (), {"obs": type("Obs", (), {"n": 50})()})()
-    search = _Search(tau=tau, alpha=alpha, chance_correction=chance, decision="chosen")
-    score = torch.tensor([1.0, 0.2, 0.1], dtype=DT)  # proposal 0 is kept (argmax)
+    search = _Search(tau=tau, alpha=alpha, chance_correction=chance, decision=decision)
+    score = torch.tensor([0.2, 1.0, 0.1], dtype=DT)  # joint scores: proposal 1 is kept (argmax)
+
+    def gains_of(row):
+        asked.append(row)
+        return order, torch.tensor(gains, dtype=DT)
+
     cand = search._candidate(ctx, "width", 0, score, 2.0, thetas, layout, 4.0,
-                             gains=lambda th: (order, torch.tensor(gains, dtype=DT)))
-    return cand, thetas[0], layout, order
+                             unit_scores=torch.tensor(unit_scores, dtype=DT), gains=gains_of)
+    return cand, thetas[1], layout, order, asked
 
 
-def test_a_block_keeps_the_prefix_of_units_whose_gains_pass():
-    cand, theta, layout, order = _decide([0.5, 0.3, 0.001, 0.2])  # the third fails: the fourth goes too
+def test_a_block_keeps_the_prefix_of_the_kept_proposals_units_whose_gains_pass():
+    cand, theta, layout, order, asked = _decide([0.5, 0.3, 0.001, 0.2])  # the third fails: so does the 4th
+    assert asked == [1]  # the kept proposal's gains, not proposal 0's
     assert cand.passes and cand.layout.k == 2
     assert torch.equal(cand.theta, subset_units(layout, theta, order[:2])[0])
-    assert cand.delta == pytest.approx((0.5 + 0.3) * 2.0)  # Δη′ of the kept units (η = 2)
-    assert cand.rel == pytest.approx(0.4) and cand.abs == pytest.approx(0.8 * 2.0 / (2 * 4.0))
+    # decided like one unit: the kept proposal's best unit alone (decision "chosen"), per unit
+    assert cand.delta == pytest.approx(0.55 * 2.0) and cand.rel == pytest.approx(0.55)
+    assert cand.abs == pytest.approx(0.55 * 2.0 / 4.0)
+
+
+def test_a_block_is_decided_on_the_proposals_best_units_not_on_its_joint_score():
+    # joint scores 0.2, 1.0, 0.1 would pass τ = 0.3 even per unit (1.0 / 4); the best units do not
+    cand, *_ = _decide([0.5, 0.3, 0.3, 0.3], unit_scores=(0.25, 0.28, 0.2), tau=0.3)
+    assert not cand.passes
+    # and the softmax-weighted mean of the best units, the default rule, is below the kept one's
+    cand, *_ = _decide([0.5, 0.3, 0.3, 0.3], unit_scores=(0.01, 0.3, 0.01), tau=0.2, decision="softmax_mean")
+    assert not cand.passes
+    cand, *_ = _decide([0.5, 0.3, 0.3, 0.3], unit_scores=(0.01, 0.3, 0.01), tau=0.2, decision="chosen")
+    assert cand.passes
 
 
 def test_a_block_whose_first_gain_fails_does_not_pass():
@@ -139,13 +177,15 @@ def test_a_block_whose_first_gain_fails_does_not_pass():
     assert not cand.passes
 
 
-def test_the_chance_level_is_taken_from_every_units_gain():
-    # with chance_correction each gain loses ρ/N = 4/50 = 0.08 (in Δη′), i.e. 0.04 in units of s (η = 2)
+def test_the_chance_level_of_one_unit_is_taken_from_the_decision_and_every_gain():
+    # chance_correction: ρ/N = 4/50 = 0.08 in Δη′ = 0.04 in units of s (η = 2), once per unit
     cand, *_ = _decide([0.5, 0.045, 0.5, 0.5], chance=True, tau=0.0)
     assert cand.passes and cand.layout.k == 4
-    assert cand.delta == pytest.approx((1.545 * 2.0) - 4 * 0.08)
+    assert cand.delta == pytest.approx(0.55 * 2.0 - 0.08)
     cand, *_ = _decide([0.5, 0.035, 0.5, 0.5], chance=True, tau=0.0)
     assert cand.passes and cand.layout.k == 1
+    cand, *_ = _decide([0.5, 0.5, 0.5, 0.5], unit_scores=(0.03, 0.035, 0.03), chance=True, tau=0.0)
+    assert not cand.passes
 
 
 class _Trainer:
@@ -205,12 +245,14 @@ def test_width_block_on_a_users_model_is_refused():
         ExpansionController(net, ExpansionConfig(width_block=2), "cross_entropy")
 
 
-def test_unit_gains_refuse_several_rows():
+def test_moments_are_for_one_site():
     g = torch.Generator().manual_seed(0)
-    site = unit_score.Site(torch.randn(8, 2, generator=g, dtype=DT), torch.randn(8, 2, generator=g, dtype=DT),
-                           torch.eye(2, dtype=DT))
-    scorer = unit_score.UnitScore(2, [site], 8)
+    def randn():
+        return torch.randn(8, 2, generator=g, dtype=DT)
+
+    rows = [(randn(), randn()) for _ in range(2)]
+    sites = [unit_score.Site(h, r, torch.eye(2, dtype=DT)) for h, r in rows]
+    scorer = unit_score.UnitScore(2, sites, 8)
     theta = proposals.random_candidates(proposals.UnitLayout(2, 2), 2, generator=g, dtype=DT)
-    with pytest.raises(ValueError, match="one candidate"):
-        scorer.unit_gains(theta)
-    assert list(itertools.chain(scorer.unit_gains(theta[:1])[0])) in ([0, 1], [1, 0])
+    with pytest.raises(ValueError, match="one site"):
+        scorer.moments(theta)

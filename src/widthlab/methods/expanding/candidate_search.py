@@ -26,9 +26,9 @@ class Candidate:
 
     kind: str  # "width" | "depth"
     index: int  # hidden layer (width) or insertion position (depth)
-    delta: float  # Δη′ of the chosen candidate (depth: divided by layer_cost_mul)
-    rel: float  # delta / η_layer (a block of k width units: per unit, / k), compared with τ
-    abs: float  # delta / the absolute normaliser (per unit, as rel), compared with α or α_layer
+    delta: float  # the decision's Δη′ (depth: divided by layer_cost_mul; a block of width units: per unit)
+    rel: float  # delta / η_layer, compared with τ
+    abs: float  # delta / the absolute normaliser, compared with α or α_layer
     theta: torch.Tensor = field(repr=False)
     layout: proposals.UnitLayout = field(repr=False)
     passes: bool = False
@@ -156,25 +156,33 @@ class CandidateSearch:
                 continue
             one = unit_score.UnitScore(k, [site], ctx.obs.n, jitter=1e-10)
             one_tag = ("rescore", k, cost.shapes_key(one.hT, one.r))
-            exact = cost.MeteredScore(one, self.flops, one_tag)(thetas)
-            exact = torch.where(torch.isfinite(exact), exact, res.score[rows].to(torch.float64))
-            out.append(self._candidate(ctx, kind, index, exact, site.norm, thetas, fn.layouts[i],
-                                       self._abs_norm(ctx, consumer, residual),
-                                       gains=self._gains(one, k, 1, site.r_perp.shape[1],
-                                                         lambda t, one=one: cost.counted(one, t)[1])
-                                       if kind == "width" and k > 1 else None))
+            out.append(self._decide(ctx, kind, index, cost.MeteredScore(one, self.flops, one_tag), thetas,
+                                    res.score[rows], site.norm, fn.layouts[i],
+                                    self._abs_norm(ctx, consumer, residual)))
         return out
 
-    def _gains(self, scorer, k: int, cols: int, m: int, feature_flops):
-        """θ row -> (greedy unit order, marginal gains) of a width block (``unit_gains``), charged to
-        the FLOP meter: ``feature_flops(θ row)`` for its one evaluation of the features, then
-        ``greedy_gains_flops`` in closed form (the subset solves are many tiny operations, which the
-        counting mode would slow down more than they cost)."""
-        def gains(theta: torch.Tensor):
-            self.flops.add(feature_flops(theta[None]) + unit_score.greedy_gains_flops(k, cols, m))
-            return scorer.unit_gains(theta[None])
+    def _decide(self, ctx: Context, kind: str, index: int, rescorer: cost.MeteredScore,
+                thetas: torch.Tensor, searched: torch.Tensor, eta: float, layout: proposals.UnitLayout,
+                abs_norm: float) -> Candidate:
+        """Re-score the refined proposals in float64 (``rescorer``, charged to the FLOP meter) and decide
+        (:meth:`_candidate`); a block of width units (k > 1) also gets its units' scores and gains."""
+        if not (kind == "width" and layout.k > 1):
+            exact = rescorer(thetas)
+            exact = torch.where(torch.isfinite(exact), exact, searched.to(torch.float64))
+            return self._candidate(ctx, kind, index, exact, eta, thetas, layout, abs_norm)
+        mo = rescorer.moments(thetas)
+        cols, m = mo.cols, mo.G_inv.shape[0]
+        self.flops.add(unit_score.single_unit_flops(thetas.shape[0], layout.k, cols, m))
+        exact = torch.where(torch.isfinite(mo.score), mo.score, searched.to(torch.float64))
+        single = mo.single()
+        best_unit = torch.where(torch.isfinite(single), single, torch.zeros_like(single)).amax(1)
 
-        return gains
+        def gains(row: int):  # the subset solves are many tiny operations: charged in closed form
+            self.flops.add(unit_score.greedy_gains_flops(layout.k, cols, m))
+            return mo.gains(row)
+
+        return self._candidate(ctx, kind, index, exact, eta, thetas, layout, abs_norm, unit_scores=best_unit,
+                               gains=gains)
 
     def _evaluate_channels(self, ctx: Context, index: int, consumer: str, module: nn.Module, pool: bool,
                            kernel: tuple[int, ...], h: torch.Tensor, *, kind: str = "width", k: int = 1,
@@ -212,14 +220,9 @@ class CandidateSearch:
         elif cfg.refine == "ascent":
             self._warm[(kind, index)] = (layout, res.theta.detach(), None, None)
         thetas = res.theta.detach().to(torch.float64)
-        rescorer = make(torch.float64, 1e-10)
-        exact = cost.MeteredScore(rescorer, self.flops, ("rescore", *tag))(thetas)
-        exact = torch.where(torch.isfinite(exact), exact, res.score.to(torch.float64))
-        return self._candidate(ctx, kind, index, exact, site.norm, thetas, layout,
-                               self._abs_norm(ctx, consumer, residual),
-                               gains=self._gains(rescorer, k, rescorer.kk, rescorer.G_inv.shape[0],
-                                                 lambda t: rescorer.flops(1))
-                               if kind == "width" and k > 1 else None)
+        rescorer = cost.MeteredScore(make(torch.float64, 1e-10), self.flops, ("rescore", *tag))
+        return self._decide(ctx, kind, index, rescorer, thetas, res.score, site.norm, layout,
+                            self._abs_norm(ctx, consumer, residual))
 
     def _held_out_candidate(self, ctx: Context, kind: str, index: int, site: unit_score.Site,
                             thetas: torch.Tensor, layout: proposals.UnitLayout, split: held_out.Split,
@@ -254,7 +257,7 @@ class CandidateSearch:
     def _candidate(self, ctx: Context, kind: str, index: int, score: torch.Tensor, eta: float,
                    thetas: torch.Tensor, layout: proposals.UnitLayout, abs_norm: float, *,
                    decide: float | None = None, n: int | None = None, chosen: int | None = None,
-                   gains=None) -> Candidate:
+                   unit_scores: torch.Tensor | None = None, gains=None) -> Candidate:
         """Choose one of the refined proposals and decide on it (Mitchell et al. 2023, the expansion loop).
 
         ``score`` (P,) holds every proposal's Δη′/η_layer, re-scored in float64. The proposal kept is the
@@ -262,48 +265,47 @@ class CandidateSearch:
         (``decision="softmax_mean"``, as the official code does for every selection rule), the
         softmax(s/T)-weighted mean of all proposals' scores, else (``"chosen"``) the kept one's own.
         It passes if Δη′/η_layer > τ and Δη′/N > α, N the absolute normaliser (depth: Δη′/layer_cost_mul
-        against τ and α_layer; a block of k width units, ``width_block``: Δη′/k); with
-        ``chance_correction`` Δη′ first loses its chance level k·ρ/N.
+        against τ and α_layer); with ``chance_correction`` Δη′ first loses its chance level k·ρ/N.
         ``decide``, ``n``, ``chosen``: a decision score, its number of examples and the kept proposal
-        given by the caller (held-out decisions). ``gains``: for a block of width units
-        (``width_block``), θ row -> (greedy unit order, marginal gains) (``unit_score.greedy_gains``);
-        a passing block keeps only the prefix of its units whose own marginal gains pass τ and α,
-        and fails if none does.
+        given by the caller (held-out decisions).
+
+        A block of k width units (``width_block``) is kept by its joint ``score`` but decided like a
+        one-unit candidate on ``unit_scores`` (P,), each proposal's best unit scored alone (the same
+        rule for k = 1), the chance level that of one unit; a passing block keeps the prefix, in greedy
+        order, of the kept proposal's units whose marginal gains (``gains(row)``:
+        ``unit_score.greedy_gains``) pass τ and α themselves, and fails if none does. Its ``delta``
+        is then, as for one unit, the decision's Δη′ per unit.
         """
         cfg = self.cfg
         j = chosen if chosen is not None else proposals.select(score, cfg.selection, cfg.temperature,
                                                                self.generator)
+        decision = score if unit_scores is None else unit_scores
         if decide is not None:
             s = decide
         elif cfg.decision == "softmax_mean":
-            s = proposals.decision_score(score, cfg.temperature)
+            s = proposals.decision_score(decision, cfg.temperature)
         else:
-            s = score[j]
+            s = decision[j]
         delta = float(s) * eta
-        if cfg.chance_correction:  # E[Δη′] of k units unrelated to the residual: k·ρ/N (ρ = abs_norm)
-            delta -= getattr(layout, "k", 1) * abs_norm / (n or ctx.obs.n)
+        units = getattr(layout, "k", 1) if unit_scores is None else 1  # whose chance level is taken
+        chance = abs_norm / (n or ctx.obs.n) if cfg.chance_correction else 0.0
+        delta -= units * chance  # E[Δη′] of k units unrelated to the residual: k·ρ/N (ρ = abs_norm)
         if kind == "depth":
             delta /= cfg.layer_cost_mul
         alpha = cfg.alpha_layer if kind == "depth" else cfg.alpha
-        # a block of k width units (width_block) is judged by its per-unit share of the joint Δη′
-        units = 1 if kind == "depth" else getattr(layout, "k", 1)
-        rel = delta / (units * eta)
-        ab = delta / (units * max(abs_norm, 1e-30))
+        rel = delta / eta
+        ab = delta / max(abs_norm, 1e-30)
         passes = bool(rel > cfg.tau and ab > alpha and math.isfinite(delta))
         theta = thetas[j]
         if passes and gains is not None:
-            order, g = gains(theta)
-            g = g * eta  # what each unit adds to the block's Δη′, given those before it
-            if cfg.chance_correction:
-                g = g - abs_norm / (n or ctx.obs.n)
+            order, g = gains(j)
+            g = g * eta - chance  # what each unit adds to the block's Δη′, given those before it
             ok = (g / eta > cfg.tau) & (g / max(abs_norm, 1e-30) > alpha)
             kept = len(order) if bool(ok.all()) else int(ok.to(torch.int64).argmin())
             if kept == 0:
                 passes = False
             else:
                 theta, layout = subset_units(layout, theta, order[:kept])
-                delta = float(g[:kept].sum())
-                rel, ab = delta / (kept * eta), delta / (kept * max(abs_norm, 1e-30))
         return Candidate(kind, index, delta, rel, ab, theta, layout, passes=passes)
 
     def _width_candidates(self, model: nn.Module, ctx: Context, layers: list[int]) -> dict[int, Candidate]:

@@ -14,8 +14,9 @@ Every ``cooldown`` epochs (and before the first epoch) it runs an *expansion eve
    Δη′/``layer_cost_mul`` and α_layer. The width candidates of all MLP layers are refined together in
    one batched search (``unit_score.UnitScore``), so an event costs about two searches per addition.
 3. Commit the passing candidate with the largest (cost-adjusted) Δη′ (``insertion.py``) and, with
-   ``recursive`` (always in the official code), observe again and repeat, one unit at a time, until no
-   candidate passes. A layer insertion sets the layer cooldown, which counts down once per event.
+   ``recursive`` (always in the official code), observe again and repeat, one candidate at a time (one
+   unit, or a block of ``width_block`` units), until no candidate passes. A layer insertion sets the
+   layer cooldown, which counts down once per event.
    After a width commit the observation is brought up to date rather than redone (the new units have
    zero outgoing weights: only their consumer's inputs change, ``kfac.grown_observation``), only the
    grown site and the one reading it are searched again, and with ``warm_start`` their searches

@@ -251,6 +251,13 @@ class MeteredScore:
             return self.fn(theta)
         return self.cache.run((self.tag, "value", shapes_key(theta)), self.fn, theta)
 
+    def moments(self, theta: torch.Tensor):
+        """``fn.moments(θ)``: the value with the statistics it was computed from (the same operations)."""
+        if hasattr(self.fn, "flops"):
+            self.cache.add(self.fn.flops(theta.shape[0]))
+            return self.fn.moments(theta)
+        return self.cache.run((self.tag, "value", shapes_key(theta)), self.fn.moments, theta)
+
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if hasattr(self.fn, "flops") and hasattr(self.fn, "value_and_grad"):
             self.cache.add(self.fn.flops(theta.shape[0], grad=True))

@@ -37,17 +37,19 @@ class ExpansionConfig:
         layer_init: ``"identity"`` (exact) or ``"basis"`` (official basis change with the candidate's B, β).
         score_batch: None scores on the whole training set; an int on a fixed random subset of that size.
         expand_at_start, expand_at_end: also expand before the first / after the last epoch.
-        recursive: keep adding one unit at a time within an event until nothing passes.
+        recursive: keep adding one candidate at a time within an event until nothing passes.
         max_additions: safety cap on additions (commits) per event; a block of ``width_block`` units
             counts once.
         width_block: units per width candidate (1: the paper's one-neuron candidates). With k > 1 a
             width candidate is k new units at one site, refined jointly on their joint score
-            Δη′ = tr(Cᵀ A_f⁻¹ C G⁻¹), the score a layer candidate gets (Mitchell et al. 2023, the score
-            bound), and decided on its per-unit share Δη′/k against τ and α; a passing block keeps the
-            prefix, in greedy order, of its units whose marginal gains (``unit_score.greedy_gains``)
-            pass τ and α themselves. At a site with less room the block is what fits. One search then
-            adds up to k units where the one-unit loop searches once per unit: for CNNs, whose channel
-            searches are costly, the cheap way to grow several channels per event.
+            Δη′ = tr(Cᵀ A_f⁻¹ C G⁻¹) (Mitchell et al. 2023, the score bound; a layer candidate's
+            score), the proposal kept by it; the block is decided like a one-unit candidate, on each
+            proposal's best unit scored alone (``decision`` and the chance level as for one unit), and
+            a passing block keeps the prefix, in greedy order, of its units whose marginal gains
+            (``unit_score.greedy_gains``) pass τ and α themselves. At a site with less room the block
+            is what fits. One search then adds up to k units where the one-unit loop searches once per
+            unit: for CNNs, whose channel searches are costly, the cheap way to grow several channels
+            per event.
         eta_damping, eta_maxiter, eta_tol: CG for the global η and the natural-gradient residual.
         optimizer_mode: how the trainer remaps optimizer state (``"keep"``; ``"reset"`` for K-FAC).
         check_tol: largest relative loss change an insertion may cause before it is reported as a bug.

@@ -140,19 +140,21 @@ class UnitScore:
             M = torch.linalg.solve(scores.damp(A_f, self.jitter), C3)
         MG = M.reshape(L, P * k, -1) @ self.G_inv  # M G⁻¹, (L, P·k, m)
         s = (C * MG).view(L, P, -1).sum(-1) / self.norm[:, None]  # (L, P)
-        return s.reshape(L * P), (pre, den, pd, f, M, MG, q, nrm, a, b, e, v, c, l)
+        return s.reshape(L * P), (pre, den, pd, f, M, MG, q, nrm, a, b, e, v, c, l, C3, A_f)
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         return self._forward(theta)[0]
 
-    def unit_gains(self, theta: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """The greedy order of one candidate's k units and their marginal gains (:func:`greedy_gains`);
-        one site, one row."""
-        if self.sites != 1 or theta.shape[0] != 1:
-            raise ValueError("unit_gains scores one candidate at one site")
-        f = self._forward(theta)[1][3].view(self.k, -1)  # (k, N)
-        return greedy_gains(f @ self.r[0] / self.n, f @ f.T / f.shape[1], self.G_inv[0], 1,
-                            float(self.norm[0]), self.jitter)
+    def moments(self, theta: torch.Tensor) -> BlockMoments:
+        """s(θ) with the statistics C, A_f of every row's k units, for :func:`single_unit_scores` and
+        :func:`greedy_gains` (one site)."""
+        if self.sites != 1:
+            raise ValueError("moments scores the candidates of one site")
+        s, cache = self._forward(theta)
+        C, A_f = cache[-2], cache[-1]
+        if self.k == 1:
+            A_f = A_f.view(-1, 1, 1)
+        return BlockMoments(s, C, A_f, self.G_inv[0], 1, float(self.norm[0]), self.jitter)
 
     def official_value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """s and the gradient the official sampler follows: half of ∂s/∂θ with the residual term scaled
@@ -166,7 +168,7 @@ class UnitScore:
         """s(θ) and ∂s/∂θ; ``residual_scale`` (per site) multiplies the r_⊥ term of ∂s/∂f."""
         L, k = self.sites, self.k
         P = theta.shape[0] // L
-        s, (pre, den, pd, f, M, MG, q, nrm, a, b, e, v, c, l) = self._forward(theta)
+        s, (pre, den, pd, f, M, MG, q, nrm, a, b, e, v, c, l, _, _) = self._forward(theta)
         # ∂s/∂fᵀ = (2/N)(M G⁻¹ r_⊥ᵀ − (M G⁻¹ Mᵀ) fᵀ) / η in the (unit, sample) layout; the scale goes on
         # the small factors
         scale = (2.0 / self.n) / self.norm[:, None, None]
@@ -190,6 +192,51 @@ class UnitScore:
                  "c": ((s_den - gff * c) / nrm).reshape(L * P, k),
                  "l": ((s_pre - gff * l) / nrm).reshape(L * P, k)}
         return s, self.layout.join(grads).to(theta.dtype)
+
+
+@dataclass(frozen=True)
+class BlockMoments:
+    """The scores of P candidates of k units each and what they were computed from: C = fᵀr_⊥/N
+    (P, K, m), A_f (P, K, K), ``cols`` consecutive features per unit (K = k·cols), G⁻¹, η and the
+    jitter of A_f."""
+
+    score: torch.Tensor  # (P,) s = tr(Cᵀ A_f⁻¹ C G⁻¹)/η
+    C: torch.Tensor
+    A_f: torch.Tensor
+    G_inv: torch.Tensor
+    cols: int
+    norm: float
+    jitter: float
+
+    def single(self) -> torch.Tensor:
+        """(P, k) :func:`single_unit_scores`."""
+        return single_unit_scores(self.C, self.A_f, self.G_inv, self.cols, self.norm, self.jitter)
+
+    def gains(self, row: int) -> tuple[list[int], torch.Tensor]:
+        """:func:`greedy_gains` of candidate ``row``."""
+        return greedy_gains(self.C[row], self.A_f[row], self.G_inv, self.cols, self.norm, self.jitter)
+
+
+def single_unit_scores(C: torch.Tensor, A_f: torch.Tensor, G_inv: torch.Tensor, cols: int, norm: float,
+                       jitter: float = 0.0) -> torch.Tensor:
+    """s({u}) of every unit u of P candidates of k units, (P, k): each unit scored alone, from its own
+    rows of C (P, K, m) and its diagonal block of A_f (P, K, K), ``cols`` features per unit. With k = 1
+    this is the candidates' score."""
+    P, K, m = C.shape
+    k = K // cols
+    A_u = A_f.view(P, k, cols, k, cols).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (P, k, cols, cols)
+    C_u = C.view(P, k, cols, m)
+    if cols == 1:
+        M = C_u / (A_u * (1 + jitter))
+    else:
+        M = torch.linalg.solve(scores.damp(A_u, jitter), C_u)
+    return (C_u * (M @ G_inv)).sum((2, 3)) / norm
+
+
+def single_unit_flops(rows: int, k: int, cols: int, m: int) -> int:
+    """FLOPs of :func:`single_unit_scores` (``cost.counted``'s convention)."""
+    solve = rows * k * (2 * cols ** 3 // 3 + 2 * cols * cols * m) if cols > 1 else 0
+    return solve + 2 * rows * k * cols * m * m
 
 
 def greedy_gains(C: torch.Tensor, A_f: torch.Tensor, G_inv: torch.Tensor, cols: int, norm: float,
@@ -394,19 +441,16 @@ class ChannelScore:
             M = torch.linalg.solve(scores.damp(A_f, self.jitter), C)
         MG = M @ self.G_inv
         s = (C * MG).sum((1, 2)) / self.norm
-        return s, (P, k, x, idx, fT, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l)
+        return s, (P, k, x, idx, fT, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l, C, A_f)
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         return self._features(theta)[0]
 
-    def unit_gains(self, theta: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """The greedy order of one candidate's k channels and their marginal gains
-        (:func:`greedy_gains`; a channel owns its kh·kw patch columns of the consumer)."""
-        if theta.shape[0] != 1:
-            raise ValueError("unit_gains scores one candidate")
-        fT = self._features(theta)[1][4][0]  # (K, rows)
-        return greedy_gains(fT @ self.r / self.n, fT @ fT.T / fT.shape[1], self.G_inv, self.kk, self.norm,
-                            self.jitter)
+    def moments(self, theta: torch.Tensor) -> BlockMoments:
+        """s(θ) with the statistics C, A_f of every row's k channels (a channel owns its kh·kw patch
+        columns of the consumer), for :func:`single_unit_scores` and :func:`greedy_gains`."""
+        s, cache = self._features(theta)
+        return BlockMoments(s, cache[-2], cache[-1], self.G_inv, self.kk, self.norm, self.jitter)
 
     def flops(self, rows: int, grad: bool = False) -> int:
         """The FLOPs ``cost.counted`` measures for one evaluation of ``rows`` candidates (its
@@ -430,7 +474,7 @@ class ChannelScore:
     @torch.no_grad()
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, cache = self._features(theta)
-        P, k, x, idx, fT, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l = cache
+        P, k, x, idx, fT, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l, _, _ = cache
         scale = 2.0 / (self.n * self.norm)
         # ∂s/∂fᵀ = (2/N)(M G⁻¹ r_⊥ᵀ − (M G⁻¹ Mᵀ) fᵀ / T)/η, (P, K, rows); M G⁻¹ Mᵀ is symmetric
         K = M.shape[1]
