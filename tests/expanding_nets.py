@@ -16,3 +16,12 @@ def small_cnn(seed: int = 0):
     x = torch.randn(12, 2, 6, 6, generator=g, dtype=DT)
     y = torch.randint(0, 3, (12,), generator=g)
     return model, x, y
+
+
+class EventTrainer:
+    """What an expansion event reads from a trainer: the model, the epoch, the training set, the device."""
+
+    def __init__(self, model, x, y):
+        self.model, self.epoch = model, 0
+        self.data = type("D", (), {"train": torch.utils.data.TensorDataset(x, y)})()
+        self.device = torch.device("cpu")

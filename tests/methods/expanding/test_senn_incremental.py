@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expanding_nets import small_cnn
+from expanding_nets import EventTrainer, small_cnn
 from rounding import assert_equal_up_to_rounding
 from widthlab.methods.expanding import kfac, proposals
 from widthlab.methods.expanding.controller import Candidate, ExpansionConfig, ExpansionController
@@ -77,13 +77,6 @@ def test_grown_observation_equals_a_fresh_observation(make, index, with_residual
     # G entries are exact zeros
     g_new = fresh.layers[producer].factors.G[-1]
     assert torch.equal(g_new, torch.zeros_like(g_new))
-
-
-class _Trainer:
-    def __init__(self, model, x, y):
-        self.model, self.epoch = model, 0
-        self.data = type("D", (), {"train": torch.utils.data.TensorDataset(x, y)})()
-        self.device = torch.device("cpu")
 
 
 @pytest.mark.numerics
@@ -149,7 +142,7 @@ def test_warm_ascent_continues_the_neighbours_proposals_for_the_shorter_budget(m
         return res
 
     monkeypatch.setattr(proposals, "refine", spy)
-    events = ctrl.expand(_Trainer(model, x, y))
+    events = ctrl.expand(EventTrainer(model, x, y))
     assert len(events) == 4
     grown = [a["index"] for a in ctrl.log[-1]["additions"]]
     depth = model.depth
@@ -199,7 +192,7 @@ def test_the_preservation_check_reuses_the_last_commits_loss_within_an_event(mon
         return real(key, fn, *a, **kw)
 
     monkeypatch.setattr(ctrl.flops, "run", run)
-    events = ctrl.expand(_Trainer(model, x, y))
+    events = ctrl.expand(EventTrainer(model, x, y))
     assert len(events) == 3 and len(checks) == 4
     checks.clear()
     layout = proposals.UnitLayout(1, model.layers[0].in_features)

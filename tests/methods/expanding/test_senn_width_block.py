@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from expanding_nets import small_cnn
+from expanding_nets import EventTrainer, small_cnn
 from widthlab.methods.expanding import cost, proposals, unit_score
 from widthlab.methods.expanding.candidate_search import CandidateSearch, subset_units
 from widthlab.methods.expanding.controller import ExpansionConfig, ExpansionController
@@ -188,13 +188,6 @@ def test_the_chance_level_of_one_unit_is_taken_from_the_decision_and_every_gain(
     assert not cand.passes
 
 
-class _Trainer:
-    def __init__(self, model, x, y):
-        self.model, self.epoch = model, 0
-        self.data = type("D", (), {"train": torch.utils.data.TensorDataset(x, y)})()
-        self.device = torch.device("cpu")
-
-
 def _mlp():
     model = ExpandableMLP(3, 4, (5,), generator=torch.Generator().manual_seed(0)).to(DT)
     g = torch.Generator().manual_seed(1)
@@ -209,7 +202,7 @@ def test_an_event_commits_blocks_of_at_most_width_block_units(make):
                           proposals=3, layer_proposals=2, refine="ascent", ascent_steps=3, layer_cooldown=99)
     ctrl = ExpansionController(model, cfg, "cross_entropy")
     ctrl.layer_cd = 99  # width only
-    events = ctrl.expand(_Trainer(model, x, y))  # every commit is checked to preserve the loss
+    events = ctrl.expand(EventTrainer(model, x, y))  # every commit is checked to preserve the loss
     adds = ctrl.log[-1]["additions"]
     assert len(events) == len(adds) >= 1
     assert all(a["kind"] == "width" and 1 <= a["units"] <= 3 for a in adds)
@@ -223,7 +216,7 @@ def test_block_size_is_capped_by_the_room_left():
     cfg = ExpansionConfig(tau=0.0, alpha=0.0, width_block=8, max_additions=5, max_widths=(7,), proposals=2,
                           refine="ascent", ascent_steps=2)
     ctrl = ExpansionController(model, cfg, "cross_entropy")
-    ctrl.expand(_Trainer(model, x, y))
+    ctrl.expand(EventTrainer(model, x, y))
     assert model.hidden_widths() == [7]
     assert [a["units"] for a in ctrl.log[-1]["additions"] if a["kind"] == "width"] == [2]
 
