@@ -151,10 +151,7 @@ class UnitScore:
         if self.sites != 1:
             raise ValueError("moments scores the candidates of one site")
         s, cache = self._forward(theta)
-        C, A_f = cache[-2], cache[-1]
-        if self.k == 1:
-            A_f = A_f.view(-1, 1, 1)
-        return BlockMoments(s, C, A_f, self.G_inv[0], 1, float(self.norm[0]), self.jitter)
+        return BlockMoments(s, cache[-2], cache[-1], self.G_inv[0], 1, float(self.norm[0]), self.jitter)
 
     def official_value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """s and the gradient the official sampler follows: half of ∂s/∂θ with the residual term scaled
@@ -255,8 +252,7 @@ def greedy_gains(C: torch.Tensor, A_f: torch.Tensor, G_inv: torch.Tensor, cols: 
     Returns:
         the units in greedy order and their gains (k,), in units of s.
     """
-    # (no FLOP meter here: the callers charge greedy_gains_flops)
-    k = C.shape[0] // cols
+    k = C.shape[0] // cols  # (no FLOP meter here: the callers charge greedy_gains_flops)
     chosen: list[int] = []
     gains = []
     last = 0.0
