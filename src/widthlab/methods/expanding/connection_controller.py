@@ -38,6 +38,8 @@ the score is positive and above ``depth_threshold``·η_global (official 8·3e-4
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -136,11 +138,19 @@ class ConnectionController:
         self.model.set_record(True)
         self._apply_masks()
 
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Count the wall time of the block in ``seconds`` (the method's own work)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
+
     def on_after_backward(self, trainer=None) -> None:
         """Update the statistics from this batch, then mask the gradients of inactive rows."""
-        t0 = time.perf_counter()
-        self._update_statistics()
-        self.seconds += time.perf_counter() - t0
+        with self._timed():
+            self._update_statistics()
 
     def _update_statistics(self) -> None:
         r = self.cfg.ema_rate
@@ -162,19 +172,15 @@ class ConnectionController:
         self._mask_grads()
 
     def on_step_end(self, trainer=None) -> None:
-        t0 = time.perf_counter()
-        self._apply_masks()
-        self.steps += 1
-        if self.cfg.adapt and self.steps % self.cfg.decide_every == 0:
-            self.decide()
-        self.seconds += time.perf_counter() - t0
+        with self._timed():
+            self._apply_masks()
+            self.steps += 1
+            if self.cfg.adapt and self.steps % self.cfg.decide_every == 0:
+                self.decide()
 
     def on_epoch_end(self, trainer=None) -> list[ResizeEvent] | None:
-        t0 = time.perf_counter()
-        try:
+        with self._timed():
             return self._grow()
-        finally:
-            self.seconds += time.perf_counter() - t0
 
     def _grow(self) -> list[ResizeEvent] | None:
         events: list[ResizeEvent] = []
