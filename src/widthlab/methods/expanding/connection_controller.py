@@ -46,7 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from widthlab.methods.expanding.connection_scores import connection_scores, prune_row
+from widthlab.methods.expanding.connection_scores import (connection_scores, freeze_prune_scores,
+                                                          natural_gradient, prune_row, thaw_scores)
 from widthlab.methods.expanding.dense_cnn import ConnLayer, ExpandableDense, _init_rows
 from widthlab.nn.resize import ResizeEvent
 
@@ -158,16 +159,16 @@ class ConnectionController:
             st = self._stat(layer)
             grad = layer.rows("grad").double()
             if layer.last_input is not None:
-                x = layer.last_input
-                x = x.transpose(0, 1).reshape(x.shape[1], -1)
+                x = layer.last_input  # (C_in, N·H·W)
                 # the batch moment in the model's precision, accumulated in float64
                 st.A.mul_(1 - r).add_((x @ x.T).double() / x.shape[1], alpha=r)
-            st.G.mul_(1 - r).add_((grad * grad).mean(0), alpha=r)
+            sq_mean = (grad * grad).mean(0)
+            st.G.mul_(1 - r).add_(sq_mean, alpha=r)
             st.g.mul_(1 - r).add_(grad, alpha=r)
             st.g_mass = st.g_mass * (1 - r) + r
-            col_zero = torch.stack([c.weight.grad.flatten(1).eq(0).all(1) if c.weight.grad is not None
-                                    else torch.ones(layer.c_out, dtype=torch.bool, device=st.dead.device)
-                                    for c in layer.all_chunks()]).all(0)
+            # output channels whose gradient is exactly zero in every row have a zero mean square (a
+            # nonzero float32 value squared is never 0 in float64); the columns are channel-major
+            col_zero = sq_mean.view(layer.c_out, -1).eq(0).all(1)
             st.dead = torch.where(col_zero, st.dead + 1, torch.zeros_like(st.dead))
         self._mask_grads()
 
@@ -261,53 +262,73 @@ class ConnectionController:
 
     # ------------------------------------------------------------------ scores
 
+    @staticmethod
+    def _whitening(st: _Stats) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G^{1/2}, the slow gradient's debiasing mass): g̃ = (ĝ/mass)/G^{1/2} and θ̃ = θ·G^{1/2}."""
+        return (st.G + 1e-30).sqrt(), max(st.g_mass, 1e-12)
+
     def scores(self) -> list[tuple[ConnLayer, Any]]:
+        """Every row's thaw, freeze and prune scores, per layer with active rows (sets ``eta_global``)."""
         out = []
         for layer in self.model.kernels():
             st = self._stat(layer)
-            theta = layer.rows().double()
             mask = layer.mask()
             if not bool(mask.any()):
                 continue
-            sG = st.G + 1e-30
-            g = (st.g / max(st.g_mass, 1e-12)) / sG.sqrt()
-            th = theta * sG.sqrt()
-            out.append((layer, connection_scores(st.A, g, th, mask)))
+            sq, mass = self._whitening(st)
+            out.append((layer, connection_scores(st.A, st.g / mass / sq, layer.rows().double() * sq, mask)))
         self.eta_global = float(sum(float(sc.eta) for _, sc in out))
         return out
 
     def decide(self) -> None:
-        """One round of thaw / freeze+prune decisions (module docstring)."""
+        """One round of thaw / freeze+prune decisions (module docstring).
+
+        The draws come first and only the drawn rows are scored (a few per step at the official
+        probabilities), which decides exactly as scoring every row would: the natural gradient of each
+        layer's active rows is solved for first, since the threshold needs η_global."""
         cfg = self.cfg
-        allsc = self.scores()
+        layers = []
+        for layer in self.model.kernels():
+            mask = layer.mask()
+            if bool(mask.any()):
+                st = self._stat(layer)
+                sq, mass = self._whitening(st)
+                act = mask.nonzero().flatten()
+                layers.append((layer, st, mask, sq, mass, natural_gradient(st.A, st.g[act] / mass / sq, act)))
+        self.eta_global = float(torch.stack([ng.eta for *_, ng in layers]).sum()) if layers else 0.0
         thr = cfg.rel_threshold * self.eta_global
-        for layer, sc in allsc:
-            mask = layer.mask().clone()
-            theta = layer.rows().double()
+        for layer, st, active, sq, mass, ng in layers:
+            mask = active.clone()
             thawable = layer.thawable() & ~mask
             n_inact = int(thawable.sum())
             changed = False
             if n_inact > 0:
                 p = min(1.0, cfg.thaw_prob * mask.numel() / n_inact * cfg.decide_every)
-                draw = self._rand(mask.numel(), mask.device) < p
-                thaw = thawable & draw & (torch.nan_to_num(sc.thaw, nan=-1.0) > thr)
-                if bool(thaw.any()):
-                    mask |= thaw
-                    self.counts["thawed"] += int(thaw.sum())
-                    changed = True
+                rows = (thawable & (self._rand(mask.numel(), mask.device) < p)).nonzero().flatten()
+                if rows.numel():
+                    score = thaw_scores(st.A, st.g[rows] / mass / sq, ng, rows)
+                    thaw = rows[torch.nan_to_num(score, nan=-1.0) > thr]
+                    if thaw.numel():
+                        mask[thaw] = True
+                        self.counts["thawed"] += int(thaw.numel())
+                        changed = True
             p = min(1.0, cfg.freeze_prob * cfg.decide_every)
-            draw = self._rand(mask.numel(), mask.device) < p
-            low = (torch.nan_to_num(sc.freeze, nan=float("inf")) < thr) & \
-                (torch.nan_to_num(sc.prune, nan=float("inf")) < thr)
-            st = self._stat(layer)
-            for i in (draw & low & layer.mask()).nonzero().flatten().tolist():
-                if int(mask.sum()) <= cfg.min_active:
-                    break
-                theta, mask = prune_row(theta, st.A, mask, i)
-                self.counts["frozen"] += 1
-                self.counts["pruned"] += 1
-                changed = True
+            rows = (active & (self._rand(mask.numel(), mask.device) < p)).nonzero().flatten()
+            theta = None
+            if rows.numel():
+                theta = layer.rows().double()
+                freeze, prune = freeze_prune_scores(ng, theta[rows] * sq, rows)
+                low = (torch.nan_to_num(freeze, nan=float("inf")) < thr) & \
+                    (torch.nan_to_num(prune, nan=float("inf")) < thr)
+                for i in rows[low].tolist():
+                    if int(mask.sum()) <= cfg.min_active:
+                        break
+                    theta, mask = prune_row(theta, st.A, mask, i)
+                    self.counts["frozen"] += 1
+                    self.counts["pruned"] += 1
+                    changed = True
             if changed:
+                theta = layer.rows().double() if theta is None else theta
                 layer.set_rows(theta.to(layer.chunks[0].weight.dtype), mask)
 
     # ------------------------------------------------------------------ per epoch

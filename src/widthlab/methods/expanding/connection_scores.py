@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ConnectionScores", "connection_scores", "prune_row", "whiten"]
+__all__ = ["ConnectionScores", "NaturalGradient", "connection_scores", "freeze_prune_scores", "natural_gradient",
+           "prune_row", "thaw_scores", "whiten"]
 
 
 @dataclass
@@ -51,24 +52,70 @@ def whiten(grad: torch.Tensor, theta: torch.Tensor, G: torch.Tensor, s: float | 
     return grad @ _inv_sqrt(G, -0.5) / s.sqrt(), theta @ _inv_sqrt(G, 0.5) * s.sqrt()
 
 
+@dataclass
+class NaturalGradient:
+    """The natural gradient of one layer's active rows ``act`` (sorted indices): ``n_act = A_act⁻¹ g̃_act``
+    and η = Σ g̃_act·n_act, with the factorisation of A_act they came from; the thaw, freeze and prune
+    scores of any rows follow from it."""
+
+    act: torch.Tensor
+    n_act: torch.Tensor
+    eta: torch.Tensor  # scalar
+    _chol: torch.Tensor | None  # Cholesky factor of A_act, or None where A_act was solved by LU
+    _A_act: torch.Tensor
+
+    def inverse_diagonal(self) -> torch.Tensor:
+        """diag(A_act⁻¹), for the freeze and prune scores."""
+        if self._chol is not None:
+            return torch.cholesky_inverse(self._chol).diagonal()
+        return torch.linalg.inv(self._A_act).diagonal()
+
+
+def natural_gradient(A: torch.Tensor, g_act: torch.Tensor, act: torch.Tensor) -> NaturalGradient:
+    """n = A_act⁻¹ g̃_act and η (module docstring) from the whitened g̃ of the active rows ``act``.
+    A_act is symmetric positive definite (a moment matrix plus prior precision); by Cholesky, with LU as
+    the fallback where rounding leaves it indefinite."""
+    A_act = A[act][:, act]
+    L, info = torch.linalg.cholesky_ex(A_act)
+    if int(info) == 0:
+        n_act = torch.cholesky_solve(g_act, L)
+    else:
+        L, n_act = None, torch.linalg.solve(A_act, g_act)
+    return NaturalGradient(act, n_act, (g_act * n_act).sum(), L, A_act)
+
+
+def thaw_scores(A: torch.Tensor, g_rows: torch.Tensor, ng: NaturalGradient, rows: torch.Tensor
+                ) -> torch.Tensor:
+    """Σ_out (g̃ − A n)_i² / A_ii of the inactive ``rows`` (indices), whose whitened gradient is
+    ``g_rows``."""
+    resid = g_rows - A[rows][:, ng.act] @ ng.n_act
+    return (resid * resid).sum(1) / A[rows, rows]
+
+
+def freeze_prune_scores(ng: NaturalGradient, theta: torch.Tensor, rows: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(freeze, prune) scores of the active ``rows`` (indices into the layer's rows); ``theta`` holds
+    θ̃ of those rows only, (len(rows), K)."""
+    pos = torch.searchsorted(ng.act, rows)  # rows' positions among the active ones
+    n = ng.n_act[pos]
+    diag = ng.inverse_diagonal()[pos]
+    d = n - theta
+    return (n * n).sum(1) / diag, (d * d).sum(1) / diag
+
+
 def connection_scores(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, active: torch.Tensor
                       ) -> ConnectionScores:
     """Thaw, freeze and prune scores of every row (module docstring), from whitened g̃ and θ̃ (C_in, K),
     the input factor A (C_in, C_in) and the boolean mask of active rows."""
-    act = active.nonzero().flatten()
+    act, inact = active.nonzero().flatten(), (~active).nonzero().flatten()
+    ng = natural_gradient(A, g[act], act)
     nan = torch.full((A.shape[0],), float("nan"), dtype=A.dtype, device=A.device)
-    A_act_inv = torch.linalg.inv(A[act][:, act])
     n = torch.zeros_like(g)
-    n[act] = A_act_inv @ g[act]
-    eta = (g * n).sum()
-    resid = g - A[:, act] @ n[act]
-    thaw = torch.where(active, nan, (resid * resid).sum(1) / A.diagonal())
-    diag = A_act_inv.diagonal()
-    freeze, prune = nan.clone(), nan.clone()
-    freeze[act] = (n[act] * n[act]).sum(1) / diag
-    d = n[act] - theta[act]
-    prune[act] = (d * d).sum(1) / diag
-    return ConnectionScores(eta, n, thaw, freeze, prune)
+    n[act] = ng.n_act
+    thaw, freeze, prune = nan.clone(), nan.clone(), nan.clone()
+    thaw[inact] = thaw_scores(A, g[inact], ng, inact)
+    freeze[act], prune[act] = freeze_prune_scores(ng, theta[act], act)
+    return ConnectionScores(ng.eta, n, thaw, freeze, prune)
 
 
 def prune_row(theta: torch.Tensor, A: torch.Tensor, active: torch.Tensor, i: int

@@ -65,6 +65,7 @@ class ConnLayer(nn.Module):
         self.bud = ConnLayer(in_sizes, bud_width, k, act) if bud_width else None
         self.bud_rows = Chunk(c_out, bud_width, k, frozen=True) if bud_width else None
         self.record = False
+        # with ``record``: the last input as rows, (C_in, N·H·W), channel-major for the input factor
         self.last_input: torch.Tensor | None = None
         self.activation_hook = None  # callable(z) -> swish(z), e.g. the curvature sampler's probe
 
@@ -84,7 +85,8 @@ class ConnLayer(nn.Module):
             inputs.append(b)
             z = z + F.conv2d(b, self.bud_rows.weight, padding=pad)
         if self.record:
-            self.last_input = torch.cat([t.detach() for t in inputs], 1)
+            x = torch.cat([t.detach() for t in inputs], 1)
+            self.last_input = x.transpose(0, 1).reshape(x.shape[1], -1)
         if not self.act:
             return z
         return F.silu(z) if self.activation_hook is None else self.activation_hook(z)
@@ -230,7 +232,8 @@ class ExpandableDense(nn.Module):
         return list(zip(names + ["head"], self.kernels()))
 
     def set_record(self, on: bool) -> None:
-        """Keep (or stop keeping) every kernel's concatenated input for the input factors (buds: never)."""
+        """Keep (or stop keeping) every kernel's concatenated input, as rows (C_in, N·H·W), for the input
+        factors (buds: never)."""
         kernels = {id(k) for k in self.kernels()}
         for layer in self.kernels(with_buds=True):
             layer.record = on and id(layer) in kernels
