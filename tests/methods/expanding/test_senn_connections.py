@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from widthlab.methods.expanding import scores
-from widthlab.methods.expanding.connection_scores import connection_scores, prune_row, whiten
+from widthlab.methods.expanding.connection_scores import (connection_scores, freeze_prune_scores,
+                                                          natural_gradient, prune_row, thaw_scores,
+                                                          whiten)
 
 DT = torch.float64
 pytestmark = pytest.mark.numerics  # closed forms against other solves of the same systems
@@ -97,3 +99,35 @@ def test_prune_score_is_twice_the_rise_of_the_quadratic_model():
         y[r] = torch.linalg.solve(A[r][:, r], -g_w[r] - A[r][:, [i]] @ y[[i]])
         q = (g_w * y).sum() + 0.5 * torch.trace(y.T @ A @ y)
         torch.testing.assert_close(2 * q + sc.eta, sc.prune[i], rtol=1e-9, atol=1e-12)
+
+
+def test_scores_of_a_subset_of_rows_are_those_rows_of_the_full_scores():
+    # The controller scores only the rows it drew; that must equal reading them off the full scores.
+    a, e, A, G, gbar, theta, active = _stats(2)
+    g_w, t_w = whiten(gbar, theta, G, 1.3)
+    full = connection_scores(A, g_w, t_w, active)
+    act = active.nonzero().flatten()
+    ng = natural_gradient(A, g_w[act], act)
+    inact_sub, act_sub = torch.tensor([4]), act[[1, 3]]
+    torch.testing.assert_close(thaw_scores(A, g_w[inact_sub], ng, inact_sub), full.thaw[inact_sub],
+                               rtol=1e-12, atol=0)
+    freeze, prune = freeze_prune_scores(ng, t_w[act_sub], act_sub)
+    torch.testing.assert_close(freeze, full.freeze[act_sub], rtol=1e-12, atol=0)
+    torch.testing.assert_close(prune, full.prune[act_sub], rtol=1e-12, atol=0)
+
+
+def test_indefinite_active_block_falls_back_to_lu_and_matches_a_direct_inverse():
+    # Rounding can leave A_act indefinite; Cholesky fails and the LU solve must give the same closed
+    # forms: n = A_act⁻¹ g̃, freeze_i = Σ n_i² / (A_act⁻¹)_ii.
+    A = torch.tensor([[2.0, 3.0, 0.0], [3.0, 1.0, 0.5], [0.0, 0.5, 4.0]], dtype=DT)  # eigenvalue < 0
+    assert torch.linalg.eigvalsh(A).min() < 0
+    g = torch.tensor([[1.0, -2.0], [0.5, 0.25], [3.0, 1.0]], dtype=DT)
+    act = torch.arange(3)
+    ng = natural_gradient(A, g, act)
+    assert ng._chol is None
+    inv = torch.linalg.inv(A)
+    n = inv @ g
+    torch.testing.assert_close(ng.n_act, n, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ng.eta, (g * n).sum(), rtol=1e-12, atol=0)
+    freeze, _ = freeze_prune_scores(ng, torch.zeros_like(g), act)
+    torch.testing.assert_close(freeze, (n * n).sum(1) / inv.diagonal(), rtol=1e-12, atol=0)
