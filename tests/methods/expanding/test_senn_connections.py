@@ -14,9 +14,14 @@ import pytest
 import torch
 
 from widthlab.methods.expanding import scores
-from widthlab.methods.expanding.connection_scores import (connection_scores, freeze_prune_scores,
-                                                          natural_gradient, prune_row, thaw_scores,
-                                                          whiten)
+from widthlab.methods.expanding.connection_scores import (
+    connection_scores,
+    freeze_prune_scores,
+    natural_gradient,
+    prune_row,
+    thaw_scores,
+    whiten,
+)
 
 DT = torch.float64
 pytestmark = pytest.mark.numerics  # closed forms against other solves of the same systems
