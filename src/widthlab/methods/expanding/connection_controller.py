@@ -46,8 +46,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from widthlab.methods.expanding.connection_scores import (connection_scores, freeze_prune_scores,
-                                                          natural_gradient, prune_row, thaw_scores)
+from widthlab.methods.expanding.connection_scores import (
+    connection_scores,
+    freeze_prune_scores,
+    natural_gradient,
+    prune_row,
+    thaw_scores,
+)
 from widthlab.methods.expanding.dense_cnn import ConnLayer, ExpandableDense, _init_rows
 from widthlab.nn.resize import ResizeEvent
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ConnectionScores", "NaturalGradient", "connection_scores", "freeze_prune_scores", "natural_gradient",
-           "prune_row", "thaw_scores", "whiten"]
+__all__ = ["ConnectionScores", "NaturalGradient", "connection_scores", "freeze_prune_scores",
+           "natural_gradient", "prune_row", "thaw_scores", "whiten"]
 
 
 @dataclass
