@@ -136,3 +136,29 @@ def test_indefinite_active_block_falls_back_to_lu_and_matches_a_direct_inverse()
     torch.testing.assert_close(ng.eta, (g * n).sum(), rtol=1e-12, atol=0)
     freeze, _ = freeze_prune_scores(ng, torch.zeros_like(g), act)
     torch.testing.assert_close(freeze, (n * n).sum(1) / inv.diagonal(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_closed_form_flop_counts_equal_the_counted_products(indefinite):
+    # A run charges these closed forms as method_flops; the dispatcher's count of the products and
+    # decompositions each function runs (cost.counted) is the independent reference, on both solve paths.
+    from widthlab.methods.expanding import connection_scores as cs
+    from widthlab.methods.expanding import cost
+
+    a, e, A, G, gbar, theta, active = _stats(3, k=5)
+    if indefinite:
+        A = A.clone()
+        A[0, 0] = -1.0  # row 0 is active: Cholesky of A_act fails
+    act = active.nonzero().flatten()
+    n, k, c_in = act.numel(), gbar.shape[1], A.shape[0]
+    ng, flops = cost.counted(natural_gradient, A, gbar[act], act)
+    assert ng.cholesky is not indefinite
+    assert flops == cs.natural_gradient_flops(n, k, ng.cholesky)
+    rows = (~active).nonzero().flatten()
+    assert cost.counted(thaw_scores, A, gbar[rows], ng, rows)[1] == cs.thaw_flops(rows.numel(), n, k)
+    assert cost.counted(freeze_prune_scores, ng, theta[act[:2]], act[:2])[1] == \
+        cs.freeze_prune_flops(n, ng.cholesky)
+    sc, flops = cost.counted(connection_scores, A, gbar, theta, active)
+    assert sc.cholesky is not indefinite and flops == cs.connection_scores_flops(c_in, n, k, sc.cholesky)
+    if not indefinite:
+        assert cost.counted(prune_row, theta, A, active, int(act[1]))[1] == cs.prune_row_flops(n, k)

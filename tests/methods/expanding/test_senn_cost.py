@@ -64,6 +64,9 @@ def test_decomposition_counts():
     assert cost.counted(torch.linalg.cholesky, a)[1] == 7 ** 3 // 3
     assert cost.counted(lambda t: torch.linalg.pinv(t, hermitian=True), a)[1] == 11 * 7 ** 3
     assert cost.counted(torch.linalg.solve, a, a[:, :2])[1] == 2 * 7 ** 3 // 3 + 2 * 7 * 7 * 2
+    L = torch.linalg.cholesky(a)
+    assert cost.counted(torch.cholesky_solve, a[:, :3], L)[1] == 2 * 7 * 7 * 3  # two triangular solves
+    assert cost.counted(torch.linalg.inv, a)[1] == 2 * 7 ** 3
 
 
 def _net(seed=0):

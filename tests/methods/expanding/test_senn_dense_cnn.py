@@ -172,6 +172,65 @@ def test_epoch_growth_is_function_preserving_and_remaps_adam():
     _train(net, ctl, x, y, 2, opt)
 
 
+def test_the_controller_charges_exactly_the_flops_its_hooks_compute():
+    # method_flops comes from closed forms (connection_scores.*_flops); the dispatcher's count of every
+    # product and decomposition the hooks run (cost.counted) is the independent reference, over steps
+    # that thaw, freeze, prune (one of them through the LU fallback) and an epoch's growth.
+    from widthlab.methods.expanding import connection_scores as cs
+    from widthlab.methods.expanding import cost
+
+    net, (x, y) = _net(), _data()
+    ctl = _controller(net, thaw_prob=0.5, freeze_prob=0.3, rel_threshold=1e-3, depth_threshold=0.0)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    counted = 0
+    real = cs.natural_gradient
+    lu = {"left": 1}
+
+    def sometimes_lu(A, g, act):  # one indefinite block: the LU path of the solve and of diag(A⁻¹)
+        if lu["left"] and act.numel() > 1:
+            lu["left"] = 0
+            bad = A.clone()
+            bad[act[0], act[0]] = -1.0
+            return real(bad, g, act)
+        return real(A, g, act)
+
+    import widthlab.methods.expanding.connection_controller as cc
+    cc.natural_gradient = sometimes_lu
+    try:
+        for step in range(12):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            counted += cost.counted(ctl.on_after_backward)[1]
+            opt.step()
+            counted += cost.counted(ctl.on_step_end)[1]
+            if step == 5:
+                events, flops = cost.counted(ctl.on_epoch_end)
+                counted += flops
+                apply_events(opt, events or [])
+    finally:
+        cc.natural_gradient = real
+    assert lu["left"] == 0 and ctl.counts["thawed"] > 0 and ctl.counts["pruned"] > 0
+    assert ctl.events == 1 and counted > 0
+    assert ctl.flops == counted
+
+
+def test_expansion_share_of_a_resumed_fit_counts_the_earlier_sessions():
+    # The checkpoint carries the method's seconds of the earlier sessions; the share must divide them by
+    # the whole fit's wall time (the trainer's wall_before plus this session), not this session's alone.
+    import time
+
+    net = _net()
+    ctl = _controller(net)
+    ctl.seconds = 3.0
+
+    class Resumed:
+        wall_before = 10.0
+    ctl._fit_t0 = time.perf_counter() - 2.0
+    ctl.on_fit_end(Resumed)
+    assert 3.0 / 13.0 < ctl.summary["expansion_share"] <= 3.0 / 12.0
+
+
 def test_checkpoint_round_trip():
     net, (x, y) = _net(), _data()
     ctl = _controller(net, thaw_prob=0.5, rel_threshold=0.0, depth_threshold=0.0)
@@ -183,6 +242,8 @@ def test_checkpoint_round_trip():
     ctl2 = ConnectionController(net2, ConnectionConfig(**state["config"]), seed=0)
     ctl2.load_state_dict(state, net2)
     net2.load_state_dict(weights)
+    assert ctl.events == 2 and ctl.flops > 0  # the cost counters travel too
+    assert (ctl2.events, ctl2.flops, ctl2.seconds) == (ctl.events, ctl.flops, ctl.seconds)
     assert net2.block_widths() == net.block_widths()
     with torch.no_grad():
         assert torch.equal(net2(x), net(x))
@@ -312,5 +373,6 @@ def test_trainer_resume_is_exact_across_growth(tmp_path):
     assert s_full["layers_added"] + s_full["channels_added"] > 0
     for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), n
-    assert {k: s_res[k] for k in ("thawed", "pruned", "reinit")} == \
-        {k: s_full[k] for k in ("thawed", "pruned", "reinit")}
+    keys = ("thawed", "pruned", "reinit", "expansion_events", "method_flops")
+    assert {k: s_res[k] for k in keys} == {k: s_full[k] for k in keys}
+    assert s_full["expansion_events"] == 4 and s_full["method_flops"] > 0

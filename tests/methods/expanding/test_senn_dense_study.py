@@ -34,5 +34,7 @@ def test_densecnn_digits_study_grows(tmp_path):
     assert s["final_layers"] > 2 and s["layers_added"] >= 1
     # the method's own work (statistics, decisions, growth) is timed against the fit
     assert 0 < s["expansion_seconds"] < s["wall_seconds"] and 0 < s["expansion_share"] < 1
+    # and its FLOPs are charged next to the trainer's (a comparison adds them), one event per epoch
+    assert s["expansion_events"] == 3 and s["method_flops"] == s["expansion_flops"] > 0
     assert s["widths"] == {f"blocks.{i}.{j}": w for i, b in enumerate(s["final_widths"])
                            for j, w in enumerate(b)}

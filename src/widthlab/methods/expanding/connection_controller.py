@@ -33,6 +33,12 @@ output channels free (read by no active row downstream) gets ⌊``width_factor``
 (Σ top-8 bud-row thaw scores / (Σ top-8 other thaw scores + 1)) gets its bud promoted to a new layer if
 the score is positive and above ``depth_threshold``·η_global (official 8·3e-4). Blocks already holding
 ``max_layers`` layers and the first layer of the first block are skipped.
+
+Cost accounting, as for the other architectures: the wall time of all of this (statistics, decisions,
+growth) is ``expansion_seconds``, the epoch-end growth rounds are ``expansion_events``, and the FLOPs of
+its products and decompositions (the A statistics, the natural-gradient solves, the scores and the
+prune compensations, in the closed forms of :mod:`.connection_scores`) are ``method_flops``, which a
+comparison adds to the trainer's ``train_flops``.
 """
 
 from __future__ import annotations
@@ -48,9 +54,14 @@ from torch import nn
 
 from widthlab.methods.expanding.connection_scores import (
     connection_scores,
+    connection_scores_flops,
+    freeze_prune_flops,
     freeze_prune_scores,
     natural_gradient,
+    natural_gradient_flops,
     prune_row,
+    prune_row_flops,
+    thaw_flops,
     thaw_scores,
 )
 from widthlab.methods.expanding.dense_cnn import ConnLayer, ExpandableDense, _init_rows
@@ -134,6 +145,8 @@ class ConnectionController:
         # wall time of the method's own work in this fit (statistics, decisions, growth), against the
         # fit's: expansion_seconds and expansion_share, as the expansion controller reports its events
         self.seconds = 0.0
+        self.events = 0  # epoch-end growth rounds
+        self.flops = 0.0  # FLOPs of the method's own work (module docstring), for ``method_flops``
         self._fit_t0: float | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -167,6 +180,7 @@ class ConnectionController:
                 x = layer.last_input  # (C_in, N·H·W)
                 # the batch moment in the model's precision, accumulated in float64
                 st.A.mul_(1 - r).add_((x @ x.T).double() / x.shape[1], alpha=r)
+                self.flops += 2 * x.shape[0] ** 2 * x.shape[1]
             sq_mean = (grad * grad).mean(0)
             st.G.mul_(1 - r).add_(sq_mean, alpha=r)
             st.g.mul_(1 - r).add_(grad, alpha=r)
@@ -189,6 +203,7 @@ class ConnectionController:
             return self._grow()
 
     def _grow(self) -> list[ResizeEvent] | None:
+        self.events += 1
         events: list[ResizeEvent] = []
         if self.cfg.reinit:
             self.reinit_dead()
@@ -201,16 +216,20 @@ class ConnectionController:
         return events or None
 
     def on_fit_end(self, trainer=None) -> None:
-        wall = time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else float("nan")
+        # a resumed fit: the trainer's wall time of the earlier sessions, whose expansion seconds the
+        # checkpoint carried
+        wall = (getattr(trainer, "wall_before", 0.0) + time.perf_counter() - self._fit_t0
+                if self._fit_t0 is not None else float("nan"))
         self.summary.update(expansion_seconds=self.seconds,
                             expansion_share=self.seconds / wall if wall > 0 else None,
+                            expansion_events=self.events, method_flops=self.flops, expansion_flops=self.flops,
                             final_widths=self.model.block_widths(), final_layers=self.model.depth,
                             active_connections=self.model.active_connections(), **self.counts)
 
     def metrics(self, trainer=None) -> dict[str, Any]:
         return {"layers": self.model.depth, "block_widths": self.model.block_widths(),
                 "active_connections": self.model.active_connections(), "eta_global": self.eta_global,
-                **self.counts}
+                "expansion_seconds": self.seconds, "expansion_flops": self.flops, **self.counts}
 
     # ------------------------------------------------------------------ masks
 
@@ -281,7 +300,9 @@ class ConnectionController:
             if not bool(mask.any()):
                 continue
             sq, mass = self._whitening(st)
-            out.append((layer, connection_scores(st.A, st.g / mass / sq, layer.rows().double() * sq, mask)))
+            sc = connection_scores(st.A, st.g / mass / sq, layer.rows().double() * sq, mask)
+            self.flops += connection_scores_flops(mask.numel(), int(mask.sum()), st.g.shape[1], sc.cholesky)
+            out.append((layer, sc))
         self.eta_global = float(sum(float(sc.eta) for _, sc in out))
         return out
 
@@ -299,7 +320,9 @@ class ConnectionController:
                 st = self._stat(layer)
                 sq, mass = self._whitening(st)
                 act = mask.nonzero().flatten()
-                layers.append((layer, st, mask, sq, mass, natural_gradient(st.A, st.g[act] / mass / sq, act)))
+                ng = natural_gradient(st.A, st.g[act] / mass / sq, act)
+                self.flops += natural_gradient_flops(act.numel(), st.g.shape[1], ng.cholesky)
+                layers.append((layer, st, mask, sq, mass, ng))
         self.eta_global = float(torch.stack([ng.eta for *_, ng in layers]).sum()) if layers else 0.0
         thr = cfg.rel_threshold * self.eta_global
         for layer, st, active, sq, mass, ng in layers:
@@ -312,6 +335,7 @@ class ConnectionController:
                 rows = (thawable & (self._rand(mask.numel(), mask.device) < p)).nonzero().flatten()
                 if rows.numel():
                     score = thaw_scores(st.A, st.g[rows] / mass / sq, ng, rows)
+                    self.flops += thaw_flops(rows.numel(), ng.act.numel(), st.g.shape[1])
                     thaw = rows[torch.nan_to_num(score, nan=-1.0) > thr]
                     if thaw.numel():
                         mask[thaw] = True
@@ -323,11 +347,13 @@ class ConnectionController:
             if rows.numel():
                 theta = layer.rows().double()
                 freeze, prune = freeze_prune_scores(ng, theta[rows] * sq, rows)
+                self.flops += freeze_prune_flops(ng.act.numel(), ng.cholesky)
                 low = (torch.nan_to_num(freeze, nan=float("inf")) < thr) & \
                     (torch.nan_to_num(prune, nan=float("inf")) < thr)
                 for i in rows[low].tolist():
                     if int(mask.sum()) <= cfg.min_active:
                         break
+                    self.flops += prune_row_flops(int(mask.sum()), theta.shape[1])
                     theta, mask = prune_row(theta, st.A, mask, i)
                     self.counts["frozen"] += 1
                     self.counts["pruned"] += 1
@@ -412,6 +438,7 @@ class ConnectionController:
         kern = self.model.kernels()
         return {"arch": self.model.architecture(), "counts": dict(self.counts), "steps": self.steps,
                 "eta_global": self.eta_global, "generator": self.generator.get_state(),
+                "seconds": self.seconds, "events": self.events, "flops": self.flops,
                 "stats": [self.stats[id(k)].state() if id(k) in self.stats else None for k in kern],
                 "config": asdict(self.cfg)}
 
@@ -422,6 +449,9 @@ class ConnectionController:
         self.model.set_record(True)
         self.counts = dict(state["counts"])
         self.steps, self.eta_global = int(state["steps"]), float(state["eta_global"])
+        # cost counters (absent from checkpoints written before they were kept: counted from here on)
+        self.seconds, self.events = float(state.get("seconds", 0.0)), int(state.get("events", 0))
+        self.flops = float(state.get("flops", 0.0))
         self.generator.set_state(state["generator"])
         self.stats = {}
         for layer, st in zip(self.model.kernels(), state["stats"]):

@@ -16,6 +16,11 @@ g̃ = ĝ·s^{-1/2}·G^{-1/2} and θ̃ = θ·G^{1/2}·s^{1/2}, every score is a c
   i while the other active rows compensate optimally;
 * compensation: θ_act∖i ← θ_act∖i + A_rr⁻¹ A_{r,i} θ_i, the minimiser of (θ′ − θ)ᵀ A (θ′ − θ) (per
   column) over θ′ with θ′_i = 0.
+
+Each computation has its FLOP count in closed form next to it (``*_flops``), in the convention of
+:mod:`.cost` (products 2·m·n·k, Cholesky n³/3, inverse from a factor n³, inverse by LU 2n³, LU solve
+2n³/3 + 2n²k, triangular solves n²k; elementwise work not counted), so that a run can charge the
+method's per-step work without measuring it.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ConnectionScores", "NaturalGradient", "connection_scores", "freeze_prune_scores",
-           "natural_gradient", "prune_row", "thaw_scores", "whiten"]
+__all__ = ["ConnectionScores", "NaturalGradient", "connection_scores", "connection_scores_flops",
+           "freeze_prune_flops", "freeze_prune_scores", "natural_gradient", "natural_gradient_flops",
+           "prune_row", "prune_row_flops", "thaw_flops", "thaw_scores", "whiten"]
 
 
 @dataclass
@@ -38,6 +44,7 @@ class ConnectionScores:
     thaw: torch.Tensor  # (C_in,)
     freeze: torch.Tensor  # (C_in,)
     prune: torch.Tensor  # (C_in,)
+    cholesky: bool = True  # A_act factorised by Cholesky (else solved by LU), for the FLOP count
 
 
 def _inv_sqrt(M: torch.Tensor, power: float) -> torch.Tensor:
@@ -64,6 +71,11 @@ class NaturalGradient:
     _chol: torch.Tensor | None  # Cholesky factor of A_act, or None where A_act was solved by LU
     _A_act: torch.Tensor
 
+    @property
+    def cholesky(self) -> bool:
+        """Whether A_act was factorised by Cholesky (else it was solved by LU, see ``natural_gradient``)."""
+        return self._chol is not None
+
     def inverse_diagonal(self) -> torch.Tensor:
         """diag(A_act⁻¹), for the freeze and prune scores."""
         if self._chol is not None:
@@ -84,12 +96,23 @@ def natural_gradient(A: torch.Tensor, g_act: torch.Tensor, act: torch.Tensor) ->
     return NaturalGradient(act, n_act, (g_act * n_act).sum(), L, A_act)
 
 
+def natural_gradient_flops(n: int, k: int, cholesky: bool = True) -> int:
+    """FLOPs of :func:`natural_gradient` on n active rows and k columns: the Cholesky attempt (n³/3),
+    then two triangular solves (2n²k), or where it failed an LU solve (2n³/3 + 2n²k)."""
+    return n ** 3 // 3 + (0 if cholesky else 2 * n ** 3 // 3) + 2 * n * n * k
+
+
 def thaw_scores(A: torch.Tensor, g_rows: torch.Tensor, ng: NaturalGradient, rows: torch.Tensor
                 ) -> torch.Tensor:
     """Σ_out (g̃ − A n)_i² / A_ii of the inactive ``rows`` (indices), whose whitened gradient is
     ``g_rows``."""
     resid = g_rows - A[rows][:, ng.act] @ ng.n_act
     return (resid * resid).sum(1) / A[rows, rows]
+
+
+def thaw_flops(rows: int, n: int, k: int) -> int:
+    """FLOPs of :func:`thaw_scores` for ``rows`` rows against n active ones: A_{rows,act} n (2·rows·n·k)."""
+    return 2 * rows * n * k
 
 
 def freeze_prune_scores(ng: NaturalGradient, theta: torch.Tensor, rows: torch.Tensor
@@ -101,6 +124,12 @@ def freeze_prune_scores(ng: NaturalGradient, theta: torch.Tensor, rows: torch.Te
     diag = ng.inverse_diagonal()[pos]
     d = n - theta
     return (n * n).sum(1) / diag, (d * d).sum(1) / diag
+
+
+def freeze_prune_flops(n: int, cholesky: bool = True) -> int:
+    """FLOPs of :func:`freeze_prune_scores` on n active rows: diag(A_act⁻¹) from the Cholesky factor
+    (n³), or where A_act was solved by LU an inverse by LU (2n³)."""
+    return n ** 3 if cholesky else 2 * n ** 3
 
 
 def connection_scores(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, active: torch.Tensor
@@ -115,7 +144,13 @@ def connection_scores(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, act
     thaw, freeze, prune = nan.clone(), nan.clone(), nan.clone()
     thaw[inact] = thaw_scores(A, g[inact], ng, inact)
     freeze[act], prune[act] = freeze_prune_scores(ng, theta[act], act)
-    return ConnectionScores(ng.eta, n, thaw, freeze, prune)
+    return ConnectionScores(ng.eta, n, thaw, freeze, prune, ng.cholesky)
+
+
+def connection_scores_flops(c_in: int, n: int, k: int, cholesky: bool = True) -> int:
+    """FLOPs of :func:`connection_scores` on a layer of ``c_in`` rows, n of them active, k columns."""
+    return (natural_gradient_flops(n, k, cholesky) + thaw_flops(c_in - n, n, k)
+            + freeze_prune_flops(n, cholesky))
 
 
 def prune_row(theta: torch.Tensor, A: torch.Tensor, active: torch.Tensor, i: int
@@ -131,3 +166,10 @@ def prune_row(theta: torch.Tensor, A: torch.Tensor, active: torch.Tensor, i: int
     out[r] = theta[r] + torch.linalg.solve(A[r][:, r], A[r, i:i + 1] @ theta[i:i + 1])
     out[i] = 0
     return out, keep
+
+
+def prune_row_flops(n: int, k: int) -> int:
+    """FLOPs of :func:`prune_row` on a layer with n active rows (n − 1 kept) and k columns: the product
+    A_{r,i} θ_i (2(n − 1)k) and the LU solve on the kept rows (2(n − 1)³/3 + 2(n − 1)²k)."""
+    r = n - 1
+    return 2 * r * k + 2 * r ** 3 // 3 + 2 * r * r * k

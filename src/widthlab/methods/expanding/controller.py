@@ -124,7 +124,10 @@ class ExpansionController(ModelObserver, CandidateSearch):
 
     def on_fit_end(self, trainer) -> None:
         model = trainer.model
-        wall = time.perf_counter() - self._fit_t0 if self._fit_t0 is not None else float("nan")
+        # a resumed fit: the trainer's wall time of the earlier sessions, whose expansion seconds the
+        # checkpoint carried
+        wall = (getattr(trainer, "wall_before", 0.0) + time.perf_counter() - self._fit_t0
+                if self._fit_t0 is not None else float("nan"))
         opt_flops = float(getattr(trainer.optimizer, "method_flops", 0.0) or 0.0)
         dist = getattr(trainer, "dist", None)
         opt_flops *= dist.world if dist is not None and dist.active else 1  # every rank solves its slice

@@ -9,9 +9,10 @@ records it as ``method_flops``, which the comparison adds to ``train_flops``.
 
 Counting convention, the same as the training meter's: floating-point operations of matrix products
 (2·m·n·k per (m×n)·(n×k) product, convolutions as their products) and of matrix decompositions
-(textbook counts: Cholesky n³/3, LU 2n³/3, inverse from a factor n³, symmetric eigendecomposition with
-vectors 9n³ (Golub & Van Loan, §8.3), pseudo-inverse of a symmetric matrix 11n³, triangular
-solves n²·k); elementwise operations are not counted.
+(textbook counts: Cholesky n³/3, LU 2n³/3, inverse from a factor n³, inverse by LU 2n³, symmetric
+eigendecomposition with vectors 9n³ (Golub & Van Loan, §8.3), pseudo-inverse of a symmetric matrix 11n³,
+triangular solves n²·k, two of them for a solve from a Cholesky factor); elementwise operations are not
+counted.
 
 How: ``torch.utils.flop_counter.FlopCounterMode`` counts the products of a computation exactly, but it
 slows every operation down, so :class:`FlopCache` measures a computation only the first time it sees
@@ -58,6 +59,14 @@ def _cholesky_inverse(a, *args, out_shape=None, **kw) -> int:
     return _batch(a) * _n(a) ** 3
 
 
+def _inverse(a, *args, out_shape=None, **kw) -> int:
+    return _batch(a) * 2 * _n(a) ** 3
+
+
+def _cholesky_solve(b, L, *args, out_shape=None, **kw) -> int:
+    return _batch(L) * 2 * _n(L) ** 2 * (b[-1] if len(b) > 1 else 1)
+
+
 def _eigh(a, *args, out_shape=None, **kw) -> int:
     return _batch(a) * 9 * _n(a) ** 3
 
@@ -88,6 +97,7 @@ def _triangular(a, b, *args, out_shape=None, **kw) -> int:
 EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {
     aten.mv: _mv, aten.dot: _dot, aten.vdot: _dot,
     aten.linalg_cholesky_ex: _cholesky, aten.cholesky_inverse: _cholesky_inverse,
+    aten.cholesky_solve: _cholesky_solve, aten.linalg_inv_ex: _inverse,
     aten._linalg_eigh: _eigh, aten.linalg_lu_factor_ex: _lu_factor, aten._linalg_solve_ex: _solve,
     aten.linalg_lu_solve: _lu_solve, aten.linalg_solve_triangular: _triangular,
     aten.linalg_pinv: _pinv,
