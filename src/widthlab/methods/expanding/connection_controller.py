@@ -15,7 +15,11 @@ Per kernel (seen as [C_in, k·k·C_out]) it keeps, as exponential moving average
 Deviation from the official code (documented): the official code builds A, G and s from curvature-
 propagation samples (``curvature_sampler``) projected on random unit vectors and keeps inverse square
 roots by rank-n updates; here A is the exact outer-product EMA of the inputs and G a diagonal EMA of the
-gradient's columns, which are cheap, deterministic and need no extra backward pass.
+gradient's columns, which are deterministic and need no extra backward pass. In FLOPs the exact A (one
+2·C_in²·N·H·W product per kernel and step, every input row included) is not small: where layers read
+many input channels and write few, as in ``expanding-densecnn-digits``, it exceeds the training passes
+(the run's ``method_flops`` are 1.6x its ``train_flops``), though as one large product it takes a small
+part of the wall time.
 
 Every ``decide_every`` steps, per kernel, with the scores of :mod:`.connection_scores` and
 η_global = Σ_layers η_l:
