@@ -138,27 +138,44 @@ def test_indefinite_active_block_falls_back_to_lu_and_matches_a_direct_inverse()
     torch.testing.assert_close(freeze, (n * n).sum(1) / inv.diagonal(), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("indefinite", [False, True])
-def test_closed_form_flop_counts_equal_the_counted_products(indefinite):
+def test_closed_form_flop_counts_equal_the_counted_products(indefinite, weighted):
     # A run charges these closed forms as method_flops; the dispatcher's count of the products and
-    # decompositions each function runs (cost.counted) is the independent reference, on both solve paths.
+    # decompositions each function runs (cost.counted) is the independent reference, on both solve paths,
+    # with the gradient whitened or raw with column weights (as the controller passes it).
     from widthlab.methods.expanding import connection_scores as cs
     from widthlab.methods.expanding import cost
 
     a, e, A, G, gbar, theta, active = _stats(3, k=5)
+    w = torch.linspace(0.5, 2.0, gbar.shape[1], dtype=DT) if weighted else None
     if indefinite:
         A = A.clone()
         A[0, 0] = -1.0  # row 0 is active: Cholesky of A_act fails
     act = active.nonzero().flatten()
     n, k, c_in = act.numel(), gbar.shape[1], A.shape[0]
-    ng, flops = cost.counted(natural_gradient, A, gbar[act], act)
+    ng, flops = cost.counted(natural_gradient, A, gbar[act], act, w)
     assert ng.cholesky is not indefinite
     assert flops == cs.natural_gradient_flops(n, k, ng.cholesky)
     rows = (~active).nonzero().flatten()
-    assert cost.counted(thaw_scores, A, gbar[rows], ng, rows)[1] == cs.thaw_flops(rows.numel(), n, k)
+    assert cost.counted(thaw_scores, A, gbar[rows], ng, rows)[1] == \
+        cs.thaw_flops(rows.numel(), n, k, ng.cholesky)
     assert cost.counted(freeze_prune_scores, ng, theta[act[:2]], act[:2])[1] == \
-        cs.freeze_prune_flops(n, ng.cholesky)
-    sc, flops = cost.counted(connection_scores, A, gbar, theta, active)
+        cs.freeze_prune_flops(n, k, ng.cholesky)
+    sc, flops = cost.counted(connection_scores, A, gbar, theta, active, w)
     assert sc.cholesky is not indefinite and flops == cs.connection_scores_flops(c_in, n, k, sc.cholesky)
     if not indefinite:
         assert cost.counted(prune_row, theta, A, active, int(act[1]))[1] == cs.prune_row_flops(n, k)
+
+
+def test_column_weights_are_the_whitening():
+    # Passing the raw gradient with column weights w must give the scores of the whitened g̃ = ĝ·diag(w)
+    # (the controller's diagonal whitening), on the Cholesky path and on the LU path.
+    a, e, A, G, gbar, theta, active = _stats(4)
+    w = torch.linspace(0.3, 3.0, gbar.shape[1], dtype=DT)
+    for M in (A, A - 2 * torch.eye(A.shape[0], dtype=DT) * A.diagonal().max()):
+        ref = connection_scores(M, gbar * w, theta, active)
+        got = connection_scores(M, gbar, theta, active, w)
+        for name in ("eta", "n", "thaw", "freeze", "prune"):
+            torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-10, atol=1e-12,
+                                       equal_nan=True)

@@ -186,13 +186,13 @@ def test_the_controller_charges_exactly_the_flops_its_hooks_compute():
     real = cs.natural_gradient
     lu = {"left": 1}
 
-    def sometimes_lu(A, g, act):  # one indefinite block: the LU path of the solve and of diag(A⁻¹)
+    def sometimes_lu(A, g, act, w=None):  # one indefinite block: the LU path of every score
         if lu["left"] and act.numel() > 1:
             lu["left"] = 0
             bad = A.clone()
             bad[act[0], act[0]] = -1.0
-            return real(bad, g, act)
-        return real(A, g, act)
+            return real(bad, g, act, w)
+        return real(A, g, act, w)
 
     import widthlab.methods.expanding.connection_controller as cc
     cc.natural_gradient = sometimes_lu
@@ -204,14 +204,16 @@ def test_the_controller_charges_exactly_the_flops_its_hooks_compute():
             counted += cost.counted(ctl.on_after_backward)[1]
             opt.step()
             counted += cost.counted(ctl.on_step_end)[1]
-            if step == 5:
+            if step in (5, 9):  # growth: width at the first, depth (all rows scored) at the second
+                ctl.cfg.width = step == 5
                 events, flops = cost.counted(ctl.on_epoch_end)
                 counted += flops
                 apply_events(opt, events or [])
     finally:
         cc.natural_gradient = real
     assert lu["left"] == 0 and ctl.counts["thawed"] > 0 and ctl.counts["pruned"] > 0
-    assert ctl.events == 1 and counted > 0
+    assert ctl.counts["channels_added"] > 0 and ctl.counts["layers_added"] == 1
+    assert ctl.events == 2 and counted > 0
     assert ctl.flops == counted
 
 
@@ -344,9 +346,7 @@ def test_unknown_dense_option_is_an_error():
         build_dense(D(), seed=0, options={"widths": [8, 8]})
 
 
-def test_trainer_resume_is_exact_across_growth(tmp_path):
-    """A digits run stopped after epoch 2 and resumed ends with the same architecture, masks and
-    bit-identical weights as an uninterrupted one (controller statistics and RNG travel in checkpoints)."""
+def _digits_fit(run_dir=None, select_best=False, upto=None, resume=False, epochs=4):
     from widthlab.data.registry import load_dataset
     from widthlab.methods.expanding.plan import build
     from widthlab.train.config import TrainConfig
@@ -355,23 +355,54 @@ def test_trainer_resume_is_exact_across_growth(tmp_path):
     data = load_dataset("digits", as_image=True, subset=96)
     dense = {"widths": [[4], [4]], "bud_width": 2, "max_width": 16, "ema_rate": 0.2, "thaw_prob": 0.2,
              "freeze_prob": 0.05, "depth_threshold": 0.0, "min_active": 2}
+    seed_everything(3)
+    plan = build(None, data, seed=3, architecture="dense_cnn", dense=dense)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, progress="none", select_best=select_best,
+                      checkpoint_every=1, max_steps=upto)
+    trainer = Trainer(plan.model, data, cfg, plan.callbacks, run_dir=run_dir)
+    res = trainer.fit(resume=resume)
+    assert res.status == "done", res.error
+    return plan, res, len(data.train)
 
-    def run(run_dir, resume=False, upto=None):
-        seed_everything(3)
-        plan = build(None, data, seed=3, architecture="dense_cnn", dense=dense)
-        cfg = TrainConfig(epochs=4, batch_size=32, progress="none", select_best=False, checkpoint_every=1,
-                          max_steps=upto)
-        res = Trainer(plan.model, data, cfg, plan.callbacks, run_dir=run_dir).fit(resume=resume)
-        assert res.status == "done", res.error
-        return plan.model, plan.summary
 
-    full, s_full = run(tmp_path / "a")
-    steps = -(-len(data.train) // 32)
-    run(tmp_path / "b", upto=2 * steps)
-    resumed, s_res = run(tmp_path / "b", resume=True)
-    assert resumed.block_widths() == full.block_widths()
+def test_select_best_restore_keeps_the_whole_fits_counts_and_costs():
+    # Going back to the best epoch's snapshot restores the architecture, not the run's totals: the
+    # summary must report every thaw, event and FLOP of the fit, as a run without select_best does.
+    plain, _, _ = _digits_fit(select_best=False, epochs=6)
+    best, res, _ = _digits_fit(select_best=True, epochs=6)
+    assert res.best_epoch < 6  # the snapshot restore did happen
+    keys = ("thawed", "pruned", "reinit", "channels_added", "layers_added", "expansion_events",
+            "method_flops")
+    assert {k: best.summary[k] for k in keys} == {k: plain.summary[k] for k in keys}
+    assert plain.summary["expansion_events"] == 6
+    assert best.model.block_widths() == best.summary["final_widths"]
+
+
+def test_resume_from_a_checkpoint_without_cost_counters_reports_them_unknown():
+    net = _net()
+    ctl = _controller(net)
+    state = ctl.state_dict()
+    for k in ("seconds", "events", "flops"):
+        del state[k]
+    ctl2 = ConnectionController(_net(), ConnectionConfig(**state["config"]), seed=0)
+    ctl2.load_state_dict(state, _net())
+    ctl2._fit_t0 = 0.0
+    ctl2.on_fit_end()
+    s = ctl2.summary
+    assert s["method_flops"] is None and s["expansion_events"] is None and s["expansion_share"] is None
+    assert "cost counters" in s["cost_note"]
+
+
+def test_trainer_resume_is_exact_across_growth(tmp_path):
+    """A digits run stopped after epoch 2 and resumed ends with the same architecture, masks and
+    bit-identical weights as an uninterrupted one (controller statistics and RNG travel in checkpoints)."""
+    full, _, n_train = _digits_fit(tmp_path / "a")
+    _digits_fit(tmp_path / "b", upto=2 * -(-n_train // 32))
+    resumed, _, _ = _digits_fit(tmp_path / "b", resume=True)
+    s_full, s_res = full.summary, resumed.summary
+    assert resumed.model.block_widths() == full.model.block_widths()
     assert s_full["layers_added"] + s_full["channels_added"] > 0
-    for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+    for (n, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), n
     keys = ("thawed", "pruned", "reinit", "expansion_events", "method_flops")
     assert {k: s_res[k] for k in keys} == {k: s_full[k] for k in keys}

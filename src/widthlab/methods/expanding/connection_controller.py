@@ -152,12 +152,15 @@ class ConnectionController:
         self.events = 0  # epoch-end growth rounds
         self.flops = 0.0  # FLOPs of the method's own work (module docstring), for ``method_flops``
         self._fit_t0: float | None = None
+        self._epochs_seen = 0  # epochs finished in this fit (tells a resume from a select_best restore)
+        self._partial_costs = False  # resumed from a checkpoint without the cost counters
 
     # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer) -> None:
         self.model = trainer.model
         self._fit_t0 = time.perf_counter()
+        self._epochs_seen = 0
         self.model.set_record(True)
         self._apply_masks()
 
@@ -180,8 +183,8 @@ class ConnectionController:
         for layer in self.model.kernels():
             st = self._stat(layer)
             grad = layer.rows("grad").double()
-            if layer.last_input is not None:
-                x = layer.last_input  # (C_in, N·H·W)
+            x = layer.input_rows()  # (C_in, N·H·W)
+            if x is not None:
                 # the batch moment in the model's precision, accumulated in float64
                 st.A.mul_(1 - r).add_((x @ x.T).double() / x.shape[1], alpha=r)
                 self.flops += 2 * x.shape[0] ** 2 * x.shape[1]
@@ -203,6 +206,7 @@ class ConnectionController:
                 self.decide()
 
     def on_epoch_end(self, trainer=None) -> list[ResizeEvent] | None:
+        self._epochs_seen += 1
         with self._timed():
             return self._grow()
 
@@ -224,9 +228,14 @@ class ConnectionController:
         # checkpoint carried
         wall = (getattr(trainer, "wall_before", 0.0) + time.perf_counter() - self._fit_t0
                 if self._fit_t0 is not None else float("nan"))
-        self.summary.update(expansion_seconds=self.seconds,
-                            expansion_share=self.seconds / wall if wall > 0 else None,
-                            expansion_events=self.events, method_flops=self.flops, expansion_flops=self.flops,
+        share = self.seconds / wall if wall > 0 else None
+        costs = dict(expansion_seconds=self.seconds, expansion_share=share, expansion_events=self.events,
+                     method_flops=self.flops, expansion_flops=self.flops)
+        if self._partial_costs:  # unknown, rather than the later sessions' part passed off as the whole
+            costs = dict.fromkeys(costs)
+            costs["cost_note"] = ("resumed from a checkpoint written before the method's cost counters "
+                                  "were kept: its seconds, events and FLOPs are unknown")
+        self.summary.update(**costs,
                             final_widths=self.model.block_widths(), final_layers=self.model.depth,
                             active_connections=self.model.active_connections(), **self.counts)
 
@@ -304,7 +313,7 @@ class ConnectionController:
             if not bool(mask.any()):
                 continue
             sq, mass = self._whitening(st)
-            sc = connection_scores(st.A, st.g / mass / sq, layer.rows().double() * sq, mask)
+            sc = connection_scores(st.A, st.g, layer.rows().double() * sq, mask, 1.0 / (sq * mass))
             self.flops += connection_scores_flops(mask.numel(), int(mask.sum()), st.g.shape[1], sc.cholesky)
             out.append((layer, sc))
         self.eta_global = float(sum(float(sc.eta) for _, sc in out))
@@ -314,8 +323,9 @@ class ConnectionController:
         """One round of thaw / freeze+prune decisions (module docstring).
 
         The draws come first and only the drawn rows are scored (a few per step at the official
-        probabilities), which decides exactly as scoring every row would: the natural gradient of each
-        layer's active rows is solved for first, since the threshold needs η_global."""
+        probabilities), which decides as scoring every row would (the same scores up to rounding: the
+        product for one row can take another kernel than the product for all): the natural gradient of
+        each layer's active rows is solved for first, since the threshold needs η_global."""
         cfg = self.cfg
         layers = []
         for layer in self.model.kernels():
@@ -324,12 +334,12 @@ class ConnectionController:
                 st = self._stat(layer)
                 sq, mass = self._whitening(st)
                 act = mask.nonzero().flatten()
-                ng = natural_gradient(st.A, st.g[act] / mass / sq, act)
+                ng = natural_gradient(st.A, st.g[act], act, 1.0 / (sq * mass))  # g̃ = ĝ/mass/G^{1/2}
                 self.flops += natural_gradient_flops(act.numel(), st.g.shape[1], ng.cholesky)
-                layers.append((layer, st, mask, sq, mass, ng))
-        self.eta_global = float(torch.stack([ng.eta for *_, ng in layers]).sum()) if layers else 0.0
+                layers.append((layer, st, mask, sq, ng))
+        self.eta_global = float(sum(float(ng.eta) for *_, ng in layers))  # as ``scores``
         thr = cfg.rel_threshold * self.eta_global
-        for layer, st, active, sq, mass, ng in layers:
+        for layer, st, active, sq, ng in layers:
             mask = active.clone()
             thawable = layer.thawable() & ~mask
             n_inact = int(thawable.sum())
@@ -338,8 +348,8 @@ class ConnectionController:
                 p = min(1.0, cfg.thaw_prob * mask.numel() / n_inact * cfg.decide_every)
                 rows = (thawable & (self._rand(mask.numel(), mask.device) < p)).nonzero().flatten()
                 if rows.numel():
-                    score = thaw_scores(st.A, st.g[rows] / mass / sq, ng, rows)
-                    self.flops += thaw_flops(rows.numel(), ng.act.numel(), st.g.shape[1])
+                    score = thaw_scores(st.A, st.g[rows], ng, rows)
+                    self.flops += thaw_flops(rows.numel(), ng.act.numel(), st.g.shape[1], ng.cholesky)
                     thaw = rows[torch.nan_to_num(score, nan=-1.0) > thr]
                     if thaw.numel():
                         mask[thaw] = True
@@ -351,7 +361,7 @@ class ConnectionController:
             if rows.numel():
                 theta = layer.rows().double()
                 freeze, prune = freeze_prune_scores(ng, theta[rows] * sq, rows)
-                self.flops += freeze_prune_flops(ng.act.numel(), ng.cholesky)
+                self.flops += freeze_prune_flops(ng.act.numel(), theta.shape[1], ng.cholesky)
                 low = (torch.nan_to_num(freeze, nan=float("inf")) < thr) & \
                     (torch.nan_to_num(prune, nan=float("inf")) < thr)
                 for i in rows[low].tolist():
@@ -447,16 +457,21 @@ class ConnectionController:
                 "config": asdict(self.cfg)}
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
+        """Restore the architecture and statistics of ``state`` (the weights and masks load next), and,
+        when this fit has not finished an epoch yet (a resume), the counters and draw RNG as well. The
+        other use, ``select_best`` going back to the best epoch's snapshot at the end of the fit, keeps
+        the whole fit's counts, seconds, events and FLOPs, so the summary reports what the run did."""
         if model is not None:
             self.model = model
         self.model.set_architecture(state["arch"])
         self.model.set_record(True)
-        self.counts = dict(state["counts"])
-        self.steps, self.eta_global = int(state["steps"]), float(state["eta_global"])
-        # cost counters (absent from checkpoints written before they were kept: counted from here on)
-        self.seconds, self.events = float(state.get("seconds", 0.0)), int(state.get("events", 0))
-        self.flops = float(state.get("flops", 0.0))
-        self.generator.set_state(state["generator"])
+        if self._epochs_seen == 0:
+            self.counts = dict(state["counts"])
+            self.steps, self.eta_global = int(state["steps"]), float(state["eta_global"])
+            self.generator.set_state(state["generator"])
+            self._partial_costs = "flops" not in state  # a checkpoint from before the cost counters
+            self.seconds, self.events = float(state.get("seconds", 0.0)), int(state.get("events", 0))
+            self.flops = float(state.get("flops", 0.0))
         self.stats = {}
         for layer, st in zip(self.model.kernels(), state["stats"]):
             if st is None:

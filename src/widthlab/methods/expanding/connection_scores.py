@@ -61,20 +61,44 @@ def whiten(grad: torch.Tensor, theta: torch.Tensor, G: torch.Tensor, s: float | 
 
 @dataclass
 class NaturalGradient:
-    """The natural gradient of one layer's active rows ``act`` (sorted indices): ``n_act = A_act⁻¹ g̃_act``
-    and η = Σ g̃_act·n_act, with the factorisation of A_act they came from; the thaw, freeze and prune
-    scores of any rows follow from it."""
+    """The natural gradient of one layer's active rows ``act`` (sorted indices), ``n_act = A_act⁻¹ g̃_act``,
+    and η = Σ g̃_act·n_act, kept in the factored form the scores need.
+
+    The whitened gradient is g̃ = ĝ·diag(w) for a column weight w (``w`` None: ``g_act`` came whitened).
+    With the Cholesky factor L of A_act only y = L⁻¹ĝ_act is solved for: η = Σ_k w_k²‖y_k‖², and a thaw
+    score needs A_{i,act}A_act⁻¹ĝ_act = (L⁻¹A_{act,i})ᵀy, a solve on one column per scored row. ``n_act``
+    itself (freeze and prune scores) costs the second triangular solve, on demand. Where rounding leaves
+    A_act indefinite, it is solved by LU instead and A_act⁻¹ĝ_act is kept."""
 
     act: torch.Tensor
-    n_act: torch.Tensor
     eta: torch.Tensor  # scalar
-    _chol: torch.Tensor | None  # Cholesky factor of A_act, or None where A_act was solved by LU
+    w: torch.Tensor | None  # column weights of the whitening (None: the gradient came whitened)
     _A_act: torch.Tensor
+    _chol: torch.Tensor | None  # Cholesky factor L of A_act, or None where A_act was solved by LU
+    _y: torch.Tensor | None  # L⁻¹ ĝ_act (Cholesky), or A_act⁻¹ ĝ_act (LU)
 
     @property
     def cholesky(self) -> bool:
         """Whether A_act was factorised by Cholesky (else it was solved by LU, see ``natural_gradient``)."""
         return self._chol is not None
+
+    def _solved(self) -> torch.Tensor:
+        """A_act⁻¹ ĝ_act (unweighted)."""
+        if self._chol is None:
+            return self._y
+        return torch.linalg.solve_triangular(self._chol.mT, self._y, upper=True)
+
+    @property
+    def n_act(self) -> torch.Tensor:
+        """A_act⁻¹ g̃_act (a triangular solve on every call on the Cholesky path)."""
+        n = self._solved()
+        return n if self.w is None else n * self.w
+
+    def predict(self, A_act_rows: torch.Tensor) -> torch.Tensor:
+        """A_{rows,act} A_act⁻¹ ĝ_act, (R, K), from the columns A_{act,rows} (n, R)."""
+        if self._chol is None:
+            return A_act_rows.mT @ self._y
+        return torch.linalg.solve_triangular(self._chol, A_act_rows, upper=False).mT @ self._y
 
     def inverse_diagonal(self) -> torch.Tensor:
         """diag(A_act⁻¹), for the freeze and prune scores."""
@@ -83,36 +107,46 @@ class NaturalGradient:
         return torch.linalg.inv(self._A_act).diagonal()
 
 
-def natural_gradient(A: torch.Tensor, g_act: torch.Tensor, act: torch.Tensor) -> NaturalGradient:
-    """n = A_act⁻¹ g̃_act and η (module docstring) from the whitened g̃ of the active rows ``act``.
-    A_act is symmetric positive definite (a moment matrix plus prior precision); by Cholesky, with LU as
-    the fallback where rounding leaves it indefinite."""
+def _weighted_sum(sq: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Σ_k w_k² sq[..., k] over the last (column) dimension."""
+    return sq.sum(-1) if w is None else (sq * (w * w)).sum(-1)
+
+
+def natural_gradient(A: torch.Tensor, g_act: torch.Tensor, act: torch.Tensor,
+                     w: torch.Tensor | None = None) -> NaturalGradient:
+    """n = A_act⁻¹ g̃_act and η (module docstring) from the gradient rows ``g_act`` of the active rows
+    ``act``: whitened, or raw with the whitening's column weights ``w`` (g̃ = ĝ·diag(w)). A_act is
+    symmetric positive definite (a moment matrix plus prior precision); by Cholesky, with LU as the
+    fallback where rounding leaves it indefinite."""
     A_act = A[act][:, act]
     L, info = torch.linalg.cholesky_ex(A_act)
     if int(info) == 0:
-        n_act = torch.cholesky_solve(g_act, L)
+        y = torch.linalg.solve_triangular(L, g_act, upper=False)
+        eta = _weighted_sum((y * y).sum(0), w)
     else:
-        L, n_act = None, torch.linalg.solve(A_act, g_act)
-    return NaturalGradient(act, n_act, (g_act * n_act).sum(), L, A_act)
+        L, y = None, torch.linalg.solve(A_act, g_act)
+        eta = _weighted_sum((g_act * y).sum(0), w)
+    return NaturalGradient(act, eta, w, A_act, L, y)
 
 
 def natural_gradient_flops(n: int, k: int, cholesky: bool = True) -> int:
     """FLOPs of :func:`natural_gradient` on n active rows and k columns: the Cholesky attempt (n³/3),
-    then two triangular solves (2n²k), or where it failed an LU solve (2n³/3 + 2n²k)."""
-    return n ** 3 // 3 + (0 if cholesky else 2 * n ** 3 // 3) + 2 * n * n * k
+    then one triangular solve (n²k), or where it failed an LU solve (2n³/3 + 2n²k)."""
+    return n ** 3 // 3 + (n * n * k if cholesky else 2 * n ** 3 // 3 + 2 * n * n * k)
 
 
 def thaw_scores(A: torch.Tensor, g_rows: torch.Tensor, ng: NaturalGradient, rows: torch.Tensor
                 ) -> torch.Tensor:
-    """Σ_out (g̃ − A n)_i² / A_ii of the inactive ``rows`` (indices), whose whitened gradient is
-    ``g_rows``."""
-    resid = g_rows - A[rows][:, ng.act] @ ng.n_act
-    return (resid * resid).sum(1) / A[rows, rows]
+    """Σ_out (g̃ − A n)_i² / A_ii of the inactive ``rows`` (indices), whose gradient rows are ``g_rows``
+    (whitened as the ones ``ng`` was solved from)."""
+    resid = g_rows - ng.predict(A[ng.act][:, rows])
+    return _weighted_sum(resid * resid, ng.w) / A[rows, rows]
 
 
-def thaw_flops(rows: int, n: int, k: int) -> int:
-    """FLOPs of :func:`thaw_scores` for ``rows`` rows against n active ones: A_{rows,act} n (2·rows·n·k)."""
-    return 2 * rows * n * k
+def thaw_flops(rows: int, n: int, k: int, cholesky: bool = True) -> int:
+    """FLOPs of :func:`thaw_scores` for ``rows`` rows against n active ones: L⁻¹A_{act,rows} (n²·rows,
+    Cholesky path) and the product with the solved gradient (2·rows·n·k)."""
+    return (n * n * rows if cholesky else 0) + 2 * rows * n * k
 
 
 def freeze_prune_scores(ng: NaturalGradient, theta: torch.Tensor, rows: torch.Tensor
@@ -126,18 +160,20 @@ def freeze_prune_scores(ng: NaturalGradient, theta: torch.Tensor, rows: torch.Te
     return (n * n).sum(1) / diag, (d * d).sum(1) / diag
 
 
-def freeze_prune_flops(n: int, cholesky: bool = True) -> int:
-    """FLOPs of :func:`freeze_prune_scores` on n active rows: diag(A_act⁻¹) from the Cholesky factor
-    (n³), or where A_act was solved by LU an inverse by LU (2n³)."""
-    return n ** 3 if cholesky else 2 * n ** 3
+def freeze_prune_flops(n: int, k: int, cholesky: bool = True) -> int:
+    """FLOPs of :func:`freeze_prune_scores` on n active rows and k columns: on the Cholesky path the
+    second triangular solve for n_act (n²k) and diag(A_act⁻¹) from the factor (n³); on the LU path an
+    inverse by LU (2n³)."""
+    return n * n * k + n ** 3 if cholesky else 2 * n ** 3
 
 
-def connection_scores(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, active: torch.Tensor
-                      ) -> ConnectionScores:
-    """Thaw, freeze and prune scores of every row (module docstring), from whitened g̃ and θ̃ (C_in, K),
-    the input factor A (C_in, C_in) and the boolean mask of active rows."""
+def connection_scores(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, active: torch.Tensor,
+                      w: torch.Tensor | None = None) -> ConnectionScores:
+    """Thaw, freeze and prune scores of every row (module docstring), from the gradient g (C_in, K),
+    whitened or raw with the whitening's column weights ``w`` (see :func:`natural_gradient`), whitened
+    θ̃ (C_in, K), the input factor A (C_in, C_in) and the boolean mask of active rows."""
     act, inact = active.nonzero().flatten(), (~active).nonzero().flatten()
-    ng = natural_gradient(A, g[act], act)
+    ng = natural_gradient(A, g[act], act, w)
     nan = torch.full((A.shape[0],), float("nan"), dtype=A.dtype, device=A.device)
     n = torch.zeros_like(g)
     n[act] = ng.n_act
@@ -149,8 +185,9 @@ def connection_scores(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, act
 
 def connection_scores_flops(c_in: int, n: int, k: int, cholesky: bool = True) -> int:
     """FLOPs of :func:`connection_scores` on a layer of ``c_in`` rows, n of them active, k columns."""
-    return (natural_gradient_flops(n, k, cholesky) + thaw_flops(c_in - n, n, k)
-            + freeze_prune_flops(n, cholesky))
+    n_act = n * n * k if cholesky else 0  # the n of the result: a triangular solve
+    return (natural_gradient_flops(n, k, cholesky) + n_act + thaw_flops(c_in - n, n, k, cholesky)
+            + freeze_prune_flops(n, k, cholesky))
 
 
 def prune_row(theta: torch.Tensor, A: torch.Tensor, active: torch.Tensor, i: int

@@ -65,8 +65,10 @@ class ConnLayer(nn.Module):
         self.bud = ConnLayer(in_sizes, bud_width, k, act) if bud_width else None
         self.bud_rows = Chunk(c_out, bud_width, k, frozen=True) if bud_width else None
         self.record = False
-        # with ``record``: the last input as rows, (C_in, N·H·W), channel-major for the input factor
-        self.last_input: torch.Tensor | None = None
+        # with ``record``: the sources (and bud output) of the last forward pass that tracked gradients,
+        # detached; ``input_rows`` lays them out for the input factor. Only references here: the copy
+        # is the controller's (timed) work, and evaluation passes record nothing.
+        self.last_inputs: list[torch.Tensor] | None = None
         self.activation_hook = None  # callable(z) -> swish(z), e.g. the curvature sampler's probe
 
     def all_chunks(self) -> list[Chunk]:
@@ -84,12 +86,18 @@ class ConnLayer(nn.Module):
             b = self.bud(sources)
             inputs.append(b)
             z = z + F.conv2d(b, self.bud_rows.weight, padding=pad)
-        if self.record:
-            x = torch.cat([t.detach() for t in inputs], 1)
-            self.last_input = x.transpose(0, 1).reshape(x.shape[1], -1)
+        if self.record and torch.is_grad_enabled():
+            self.last_inputs = [t.detach() for t in inputs]
         if not self.act:
             return z
         return F.silu(z) if self.activation_hook is None else self.activation_hook(z)
+
+    def input_rows(self) -> torch.Tensor | None:
+        """The last recorded input as rows, (C_in, N·H·W), channel-major (one copy), or None."""
+        if self.last_inputs is None:
+            return None
+        x = torch.cat([t.transpose(0, 1) for t in self.last_inputs])  # (C_in, N, H, W), contiguous
+        return x.reshape(x.shape[0], -1)
 
     def mask(self) -> torch.Tensor:
         return torch.cat([c.mask for c in self.all_chunks()])
@@ -232,13 +240,13 @@ class ExpandableDense(nn.Module):
         return list(zip(names + ["head"], self.kernels()))
 
     def set_record(self, on: bool) -> None:
-        """Keep (or stop keeping) every kernel's concatenated input, as rows (C_in, N·H·W), for the input
-        factors (buds: never)."""
+        """Keep (or stop keeping) every kernel's last training input (``ConnLayer.input_rows``), for the
+        input factors (buds: never)."""
         kernels = {id(k) for k in self.kernels()}
         for layer in self.kernels(with_buds=True):
             layer.record = on and id(layer) in kernels
             if not layer.record:
-                layer.last_input = None
+                layer.last_inputs = None
 
     def active_connections(self) -> int:
         return int(sum(int(layer.mask().sum()) for layer in self.kernels()))
