@@ -182,7 +182,7 @@ class ConnectionController:
         r = self.cfg.ema_rate
         for layer in self.model.kernels():
             st = self._stat(layer)
-            grad = layer.rows("grad").double()
+            grad = layer.rows("grad", torch.float64)
             x = layer.input_rows()  # (C_in, N·H·W)
             if x is not None:
                 # the batch moment in the model's precision, accumulated in float64
@@ -195,7 +195,7 @@ class ConnectionController:
             # output channels whose gradient is exactly zero in every row have a zero mean square (a
             # nonzero float32 value squared is never 0 in float64); the columns are channel-major
             col_zero = sq_mean.view(layer.c_out, -1).eq(0).all(1)
-            st.dead = torch.where(col_zero, st.dead + 1, torch.zeros_like(st.dead))
+            st.dead.add_(1).masked_fill_(~col_zero, 0)
         self._mask_grads()
 
     def on_step_end(self, trainer=None) -> None:
@@ -264,8 +264,9 @@ class ConnectionController:
 
     def _stat(self, layer: ConnLayer) -> _Stats:
         st = self.stats.get(id(layer))
-        n, k = layer.mask().numel(), layer.k * layer.k * layer.c_out
-        layout = [id(c) for c in layer.all_chunks()]
+        chunks = layer.all_chunks()
+        n, k = sum(c.mask.numel() for c in chunks), layer.k * layer.k * layer.c_out
+        layout = [id(c) for c in chunks]
         if st is None or st.A.shape[0] != n or st.G.shape[0] != k or [t[0] for t in st.layout] != layout:
             st = self._resize_stat(layer, st)
             self.stats[id(layer)] = st
@@ -313,7 +314,7 @@ class ConnectionController:
             if not bool(mask.any()):
                 continue
             sq, mass = self._whitening(st)
-            sc = connection_scores(st.A, st.g, layer.rows().double() * sq, mask, 1.0 / (sq * mass))
+            sc = connection_scores(st.A, st.g, layer.rows(dtype=torch.float64) * sq, mask, 1.0 / (sq * mass))
             self.flops += connection_scores_flops(mask.numel(), int(mask.sum()), st.g.shape[1], sc.cholesky)
             out.append((layer, sc))
         self.eta_global = float(sum(float(sc.eta) for _, sc in out))
@@ -359,7 +360,7 @@ class ConnectionController:
             rows = (active & (self._rand(mask.numel(), mask.device) < p)).nonzero().flatten()
             theta = None
             if rows.numel():
-                theta = layer.rows().double()
+                theta = layer.rows(dtype=torch.float64)
                 freeze, prune = freeze_prune_scores(ng, theta[rows] * sq, rows)
                 self.flops += freeze_prune_flops(ng.act.numel(), theta.shape[1], ng.cholesky)
                 low = (torch.nan_to_num(freeze, nan=float("inf")) < thr) & \
@@ -373,7 +374,7 @@ class ConnectionController:
                     self.counts["pruned"] += 1
                     changed = True
             if changed:
-                theta = layer.rows().double() if theta is None else theta
+                theta = layer.rows(dtype=torch.float64) if theta is None else theta
                 layer.set_rows(theta.to(layer.chunks[0].weight.dtype), mask)
 
     # ------------------------------------------------------------------ per epoch

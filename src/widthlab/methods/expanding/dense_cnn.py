@@ -49,10 +49,6 @@ class Chunk(nn.Module):
         self.register_buffer("mask", mask)
         self.frozen = frozen  # bud rows: never thawed
 
-    def rows(self, t: torch.Tensor) -> torch.Tensor:
-        """(C_in, k·k·C_out) view of a weight-shaped tensor."""
-        return t.transpose(0, 1).reshape(t.shape[1], -1)
-
 
 class ConnLayer(nn.Module):
     """One kernel over a list of sources (a conv layer, a bud, or the head); optionally with a bud."""
@@ -102,13 +98,15 @@ class ConnLayer(nn.Module):
     def mask(self) -> torch.Tensor:
         return torch.cat([c.mask for c in self.all_chunks()])
 
-    def rows(self, attr: str = "weight") -> torch.Tensor:
-        """The kernel (or its gradient, ``attr="grad"``) as [C_in, k·k·C_out] over all chunks."""
+    def rows(self, attr: str = "weight", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The kernel (or its gradient, ``attr="grad"``) as [C_in, k·k·C_out] over all chunks, optionally
+        converted to ``dtype`` (in the one copy that lays the rows out)."""
         parts = []
         for c in self.all_chunks():
             t = c.weight if attr == "weight" else c.weight.grad
-            parts.append(c.rows(torch.zeros_like(c.weight) if t is None else t.detach()))
-        return torch.cat(parts)
+            parts.append((torch.zeros_like(c.weight) if t is None else t.detach()).transpose(0, 1))
+        x = torch.cat(parts) if dtype is None else torch.cat(parts, out=parts[0].new_empty(0, dtype=dtype))
+        return x.reshape(x.shape[0], -1)
 
     def set_rows(self, theta: torch.Tensor, mask: torch.Tensor) -> None:
         """Write [C_in, k·k·C_out] weights and a row mask back into the chunks."""
