@@ -18,7 +18,7 @@ roots by rank-n updates; here A is the exact outer-product EMA of the inputs and
 gradient's columns, which are deterministic and need no extra backward pass. In FLOPs the exact A (one
 2·C_in²·N·H·W product per kernel and step, every input row included) is not small: where layers read
 many input channels and write few, as in ``expanding-densecnn-digits``, it exceeds the training passes
-(the run's ``method_flops`` are 1.6x its ``train_flops``), though as one large product it takes a small
+(the run's ``method_flops`` are 1.5x its ``train_flops``), though as one large product it takes a small
 part of the wall time.
 
 Every ``decide_every`` steps, per kernel, with the scores of :mod:`.connection_scores` and
@@ -302,8 +302,10 @@ class ConnectionController:
 
     @staticmethod
     def _whitening(st: _Stats) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G^{1/2}, the slow gradient's debiasing mass): g̃ = (ĝ/mass)/G^{1/2} and θ̃ = θ·G^{1/2}."""
-        return (st.G + 1e-30).sqrt(), max(st.g_mass, 1e-12)
+        """(G^{1/2}, w) with θ̃ = θ·G^{1/2} and g̃ = ĝ·diag(w), w = 1 / (G^{1/2}·mass): the slow gradient
+        debiased by its mass and whitened, as the column weights the scores take."""
+        sq = (st.G + 1e-30).sqrt()
+        return sq, 1.0 / (sq * max(st.g_mass, 1e-12))
 
     def scores(self) -> list[tuple[ConnLayer, Any]]:
         """Every row's thaw, freeze and prune scores, per layer with active rows (sets ``eta_global``)."""
@@ -313,8 +315,8 @@ class ConnectionController:
             mask = layer.mask()
             if not bool(mask.any()):
                 continue
-            sq, mass = self._whitening(st)
-            sc = connection_scores(st.A, st.g, layer.rows(dtype=torch.float64) * sq, mask, 1.0 / (sq * mass))
+            sq, w = self._whitening(st)
+            sc = connection_scores(st.A, st.g, layer.rows(dtype=torch.float64) * sq, mask, w)
             self.flops += connection_scores_flops(mask.numel(), int(mask.sum()), st.g.shape[1], sc.cholesky)
             out.append((layer, sc))
         self.eta_global = float(sum(float(sc.eta) for _, sc in out))
@@ -333,9 +335,9 @@ class ConnectionController:
             mask = layer.mask()
             if bool(mask.any()):
                 st = self._stat(layer)
-                sq, mass = self._whitening(st)
+                sq, w = self._whitening(st)
                 act = mask.nonzero().flatten()
-                ng = natural_gradient(st.A, st.g[act], act, 1.0 / (sq * mass))  # g̃ = ĝ/mass/G^{1/2}
+                ng = natural_gradient(st.A, st.g[act], act, w)
                 self.flops += natural_gradient_flops(act.numel(), st.g.shape[1], ng.cholesky)
                 layers.append((layer, st, mask, sq, ng))
         self.eta_global = float(sum(float(ng.eta) for *_, ng in layers))  # as ``scores``

@@ -50,6 +50,13 @@ class Chunk(nn.Module):
         self.frozen = frozen  # bud rows: never thawed
 
 
+def _as_rows(parts: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Tensors (A, c_i, ...) stacked channel-major as rows (Σ c_i, A·...), in one copy (in ``dtype``)."""
+    ts = [t.transpose(0, 1) for t in parts]
+    x = torch.cat(ts) if dtype is None else torch.cat(ts, out=ts[0].new_empty(0, dtype=dtype))
+    return x.reshape(x.shape[0], -1)
+
+
 class ConnLayer(nn.Module):
     """One kernel over a list of sources (a conv layer, a bud, or the head); optionally with a bud."""
 
@@ -90,10 +97,7 @@ class ConnLayer(nn.Module):
 
     def input_rows(self) -> torch.Tensor | None:
         """The last recorded input as rows, (C_in, N·H·W), channel-major (one copy), or None."""
-        if self.last_inputs is None:
-            return None
-        x = torch.cat([t.transpose(0, 1) for t in self.last_inputs])  # (C_in, N, H, W), contiguous
-        return x.reshape(x.shape[0], -1)
+        return None if self.last_inputs is None else _as_rows(self.last_inputs)
 
     def mask(self) -> torch.Tensor:
         return torch.cat([c.mask for c in self.all_chunks()])
@@ -104,9 +108,8 @@ class ConnLayer(nn.Module):
         parts = []
         for c in self.all_chunks():
             t = c.weight if attr == "weight" else c.weight.grad
-            parts.append((torch.zeros_like(c.weight) if t is None else t.detach()).transpose(0, 1))
-        x = torch.cat(parts) if dtype is None else torch.cat(parts, out=parts[0].new_empty(0, dtype=dtype))
-        return x.reshape(x.shape[0], -1)
+            parts.append(torch.zeros_like(c.weight) if t is None else t.detach())
+        return _as_rows(parts, dtype)  # a weight (C_out, C_in, k, k) -> rows (C_in, C_out·k·k)
 
     def set_rows(self, theta: torch.Tensor, mask: torch.Tensor) -> None:
         """Write [C_in, k·k·C_out] weights and a row mask back into the chunks."""
