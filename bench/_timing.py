@@ -63,6 +63,7 @@ def time_interleaved(
     min_sample_s: float = 0.02,
     max_inner: int = 1000,
     sync: Callable[[], object] | None = None,
+    period: Mapping[str, int] | None = None,
 ) -> dict[str, Timing]:
     """Time several variants round-robin and return each one's per-call samples.
 
@@ -75,6 +76,9 @@ def time_interleaved(
         max_inner: cap on those repeats.
         sync: called before reading the clock (e.g. ``torch.cuda.synchronize``) for asynchronous
             devices; None on CPU.
+        period: name -> the period of a variant whose calls differ in cost on a cycle (an optimizer
+            that refreshes statistics every k steps): its samples hold whole cycles, so each one
+            amortises the periodic work exactly instead of holding one or two of its calls by chance.
 
     Returns:
         name -> :class:`Timing`, in the order of ``fns``.
@@ -86,6 +90,8 @@ def time_interleaved(
     if sync is not None:
         sync()
     inner = {n: _calibrate(fns[n], min_sample_s, max_inner) for n in names}
+    for n, k in (period or {}).items():
+        inner[n] = -(-inner[n] // k) * k
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         # Rotate the order each round so no variant always runs right after the same neighbour

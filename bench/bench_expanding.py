@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -98,11 +99,12 @@ def bench_optimizers(rounds: int, cg_iters: int) -> tuple[str, list[float]]:
     for label, d_in, widths, classes, batch in SHAPES:
         fns, opts = optimizer_steps(d_in, widths, classes, batch, cg_iters)
         # 20 warm-up steps: the first K-FAC steps compute statistics and inverses every time.
-        t = time_interleaved(fns, rounds=rounds, warmup=20, min_sample_s=0.2)
+        kfac = opts["kfac"]
+        cycle = math.lcm(kfac.stat_every, kfac.inv_every)  # samples of whole statistics cycles
+        t = time_interleaved(fns, rounds=rounds, warmup=20, min_sample_s=0.2, period={"kfac": cycle})
         r = ratio(t["kfac"], t["adam"])
         ratios.append(r)
         adam, pre = flop_floor(d_in, widths, classes, batch)
-        kfac = opts["kfac"]
         counted = kfac.method_flops / kfac.param_groups[0]["kfac_step"]  # statistics and inverses in
         rows.append([label, t["adam"].ms, t["kfac"].ms, r, 1 + pre / adam, 1 + counted / adam,
                      ratio(t["cg"], t["adam"]), max(x.spread for x in t.values())])

@@ -252,3 +252,14 @@ def test_without_logging_eta_global_no_solve_runs_and_the_run_is_the_same(moons,
     assert logged.summary["neurons_added"] >= 1
     for (name, p), q in zip(logged.model.state_dict().items(), quiet.model.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_kfac_options_reach_the_optimizer(moons):
+    def optimizer(**options):
+        plan = build(None, moons, seed=0, start_widths=[3], optimizer="kfac", **options, **CHEAP)
+        hook = next(c for c in plan.callbacks if hasattr(c, "make_optimizer"))
+        return hook.make_optimizer(plan.model, None)
+
+    opt = optimizer(kfac_stat_batch=5, kfac_stat_every=4)
+    assert (opt.stat_batch, opt.stat_every) == (5, 4)
+    assert optimizer().stat_batch == 256

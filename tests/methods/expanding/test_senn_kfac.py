@@ -223,3 +223,47 @@ def test_running_average_and_reset():
     # π = 1, so each factor gets √λ = 0.2
     torch.testing.assert_close(a_inv, torch.eye(3, dtype=DT) / 1.2)
     torch.testing.assert_close(g_inv, torch.eye(1, dtype=DT) / 1.2)
+
+
+def test_optimizer_statistics_use_evenly_spaced_samples_of_a_large_batch():
+    """stat_batch = 4 of a 10-sample batch: the factors are those of samples round(i·9/3) = 0, 3, 6, 9."""
+    net = _net(2)
+    g = _gen(7)
+    x = torch.randn(10, 3, generator=g, dtype=DT)
+    y = torch.randn(10, 2, generator=g, dtype=DT)
+    keep = [0, 3, 6, 9]
+    want = kfac.observe(net, x[keep], y[keep], "mse")  # before the step moves the parameters
+    opt = KFACOptimizer(net.parameters(), net, "mse", lr=0.1, stat_every=1, inv_every=1, ema_decay=0.0,
+                        g_estimator="exact", stat_batch=4)
+    fisher.per_sample_loss("mse", net(x), y).mean().backward()
+    opt.set_batch(x, y)
+    opt.step()
+    a = torch.cat([x[keep], torch.ones(4, 1, dtype=DT)], 1)
+    torch.testing.assert_close(opt.state[net[0].weight]["A"], a.T @ a / 4, rtol=1e-12, atol=1e-14)
+    for name, layer in (("0", net[0]), ("2", net[2])):
+        torch.testing.assert_close(opt.state[layer.weight]["A"], want.layers[name].factors.A,
+                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt.state[layer.weight]["G"], want.layers[name].factors.G,
+                                   rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("stat_batch", [10, 11, None])
+def test_optimizer_statistics_of_a_batch_within_stat_batch_use_all_of_it(stat_batch):
+    net = _net(2)
+    g = _gen(8)
+    x = torch.randn(10, 3, generator=g, dtype=DT)
+    y = torch.randn(10, 2, generator=g, dtype=DT)
+    opt = KFACOptimizer(net.parameters(), net, "mse", lr=0.1, stat_every=1, inv_every=1, ema_decay=0.0,
+                        g_estimator="exact", stat_batch=stat_batch)
+    fisher.per_sample_loss("mse", net(x), y).mean().backward()
+    opt.set_batch(x, y)
+    opt.step()
+    a = torch.cat([x, torch.ones(10, 1, dtype=DT)], 1)
+    torch.testing.assert_close(opt.state[net[0].weight]["A"], a.T @ a / 10, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "all"])
+def test_optimizer_rejects_a_bad_stat_batch(bad):
+    net = _net()
+    with pytest.raises(ValueError, match="stat_batch"):
+        KFACOptimizer(net.parameters(), net, "mse", stat_batch=bad)

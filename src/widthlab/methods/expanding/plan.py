@@ -174,6 +174,7 @@ def build(
     kfac_ema_decay: float = 0.95,
     kfac_stat_every: int = 10,
     kfac_inv_every: int = 10,
+    kfac_stat_batch: int | None = 256,
     kfac_momentum: float = 0.0,
     kfac_kl_clip: float | None = None,
     kfac_g_estimator: str = "sampled",
@@ -241,8 +242,9 @@ def build(
         optimizer: ``cg`` (official), ``kfac`` or ``default`` (the study's ``train.optimizer``).
         lr, damping, weight_decay, cg_maxiter, cg_tol: natural-gradient step (official 0.1, 0.1, 0, 100,
             1e-5); for K-FAC ``damping`` is λ of its factored damping.
-        kfac_ema_decay, kfac_stat_every, kfac_inv_every, kfac_momentum, kfac_kl_clip, kfac_g_estimator:
-            K-FAC options (``kfac_g_estimator``: ``sampled`` Monte-Carlo Fisher, or ``exact``).
+        kfac_ema_decay, kfac_stat_every, kfac_inv_every, kfac_stat_batch, kfac_momentum, kfac_kl_clip,
+        kfac_g_estimator: K-FAC options (``kfac_stat_batch``: the most samples of a batch its factors are
+            estimated on, None: all; ``kfac_g_estimator``: ``sampled`` Monte-Carlo Fisher, or ``exact``).
         output_metric: ``fisher`` (the loss's Gauss-Newton, default) or ``identity`` (official) for the
             optimiser, η and the G factors.
         eta_maxiter: CG iterations for the global η and the natural-gradient residual of the scores.
@@ -282,7 +284,8 @@ def build(
     elif optimizer == "kfac":
         opt_options = {"lr": lr, "damping": damping, "weight_decay": weight_decay,
                        "ema_decay": kfac_ema_decay,
-                       "stat_every": kfac_stat_every, "inv_every": kfac_inv_every, "momentum": kfac_momentum,
+                       "stat_every": kfac_stat_every, "inv_every": kfac_inv_every,
+                       "stat_batch": kfac_stat_batch, "momentum": kfac_momentum,
                        "kl_clip": kfac_kl_clip, "output_metric": output_metric,
                        "g_estimator": kfac_g_estimator}
     else:
