@@ -191,8 +191,9 @@ def main(argv=None) -> int:
         "",
         "## One training step: K-FAC natural gradient vs Adam (target K-FAC/Adam <= 2)",
         "",
-        "K-FAC with its defaults (statistics from one sampled-Fisher backward and inverses every 10 steps, "
-        "amortised); CG with a fixed number of iterations (each one JVP + one VJP). FLOP floor: "
+        "K-FAC with its defaults (statistics from one sampled-Fisher backward on at most 256 samples and "
+        "inverses every 10 steps, amortised: each timing sample holds whole 10-step cycles); CG with a "
+        "fixed number of iterations (each one JVP + one VJP). FLOP floor: "
         "1 + (preconditioning FLOPs) / (Adam step FLOPs), in closed form (``flop_floor``): no K-FAC step "
         "can have a smaller FLOP ratio, whatever the implementation. Counted FLOPs: the same with the "
         "FLOPs the optimizer counted per step (preconditioning, statistics and inverses, amortised).",
