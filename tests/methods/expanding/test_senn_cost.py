@@ -67,6 +67,9 @@ def test_decomposition_counts():
     L = torch.linalg.cholesky(a)
     assert cost.counted(torch.cholesky_solve, a[:, :3], L)[1] == 2 * 7 * 7 * 3  # two triangular solves
     assert cost.counted(torch.linalg.inv, a)[1] == 2 * 7 ** 3
+    v = torch.ones(7, dtype=DT)
+    assert cost.counted(torch.addmv, v[:5], a[:5], v)[1] == 2 * 5 * 7  # a matrix-vector product
+    assert cost.counted(torch.addr, a, v, v)[1] == 0  # a rank-one update: elementwise
 
 
 def _net(seed=0):

@@ -20,7 +20,7 @@ from torch import nn
 
 from rounding import assert_equal_up_to_rounding
 from widthlab.methods.expanding import cost
-from widthlab.methods.expanding.kfac_optimizer import KFACOptimizer
+from widthlab.methods.expanding.kfac_optimizer import KFACOptimizer, precondition_flops
 
 DT = torch.float64
 LR = 0.3
@@ -261,6 +261,31 @@ def test_factored_step_flops_equal_a_direct_count():
     assert opt.method_flops == direct > 0
     for p, q in zip(net.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+
+@pytest.mark.parametrize("rows", [None, 3, 11])
+@pytest.mark.parametrize("layer_bias, opt_bias", [(True, True), (False, True), (True, False)])
+def test_precondition_flops_are_the_counted_products(rows, layer_bias, opt_bias):
+    """``precondition_flops`` (behind the bench's FLOP floor and the choice of form) equals the
+    dispatcher's count of one layer's preconditioning, in both forms, with and without a bias."""
+    m, d = 5, 7
+    lin = nn.Linear(d, m, bias=layer_bias).to(DT)
+    opt = KFACOptimizer(lin.parameters(), lin, "mse", lr=LR, bias=opt_bias)
+    D = d + (1 if opt_bias and layer_bias else 0)
+    g = _gen(3)
+    a_inv, g_inv = (torch.randn(k, 2 * k, generator=g, dtype=DT) for k in (D, m))
+    A_inv, G_inv = a_inv @ a_inv.T, g_inv @ g_inv.T
+    R = rows or 4
+    a, e = torch.randn(R, d, generator=g, dtype=DT), torch.randn(R, m, generator=g, dtype=DT)
+    lin.weight.grad = e.T @ a
+    if layer_bias:
+        lin.bias.grad = e.sum(0)
+    _, flops = cost.counted(opt._precondition, lin, A_inv, G_inv, 0.0, None if rows is None else (a, e))
+    want = precondition_flops(m, d, D, rows)
+    if layer_bias and not opt_bias:
+        want = precondition_flops(m, d, d, rows)  # the bias steps by its plain gradient
+    assert flops == want
 
 
 # ------------------------------------------------------------------------------- what is recorded

@@ -11,8 +11,9 @@ Counting convention, the same as the training meter's: floating-point operations
 (2·m·n·k per (m×n)·(n×k) product, convolutions as their products) and of matrix decompositions
 (textbook counts: Cholesky n³/3, LU 2n³/3, inverse from a factor n³, inverse by LU 2n³, symmetric
 eigendecomposition with vectors 9n³ (Golub & Van Loan, §8.3), pseudo-inverse of a symmetric matrix 11n³,
-triangular solves n²·k, two of them for a solve from a Cholesky factor); elementwise operations are not
-counted.
+triangular solves n²·k, two of them for a solve from a Cholesky factor); matrix-vector products count
+2·m·n (``mv``, and ``addmv``, which ``FlopCounterMode`` leaves out); elementwise operations, rank-one
+updates (``addr``) among them, are not counted.
 
 How: ``torch.utils.flop_counter.FlopCounterMode`` counts the products of a computation exactly, but it
 slows every operation down, so :class:`FlopCache` measures a computation only the first time it sees
@@ -44,6 +45,10 @@ def _batch(shape) -> int:
 
 
 def _mv(a, b, *args, out_shape=None, **kw) -> int:
+    return 2 * a[0] * a[1]
+
+
+def _addmv(c, a, b, *args, out_shape=None, **kw) -> int:
     return 2 * a[0] * a[1]
 
 
@@ -95,7 +100,7 @@ def _triangular(a, b, *args, out_shape=None, **kw) -> int:
 
 
 EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {
-    aten.mv: _mv, aten.dot: _dot, aten.vdot: _dot,
+    aten.mv: _mv, aten.addmv: _addmv, aten.dot: _dot, aten.vdot: _dot,
     aten.linalg_cholesky_ex: _cholesky, aten.cholesky_inverse: _cholesky_inverse,
     aten.cholesky_solve: _cholesky_solve, aten.linalg_inv_ex: _inverse,
     aten._linalg_eigh: _eigh, aten.linalg_lu_factor_ex: _lu_factor, aten._linalg_solve_ex: _solve,
