@@ -193,6 +193,31 @@ def test_mlp_observation_flops_in_closed_form_equal_a_direct_count(moons, g_esti
     assert cost.linear_observe_flops(layers, len(x), 2 + cot, cot, bias) == direct
 
 
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("subset", [False, True])
+def test_statistics_flops_in_closed_form_equal_a_direct_count(moons, arch, subset):
+    """The per-layer statistics of an event (pseudo-inverses, ḡ, r_⊥, η_layer), with a second residual:
+    ``statistics_flops`` equals FlopCounterMode's count of ``ModelObserver._statistics``."""
+    from widthlab.methods.expanding import kfac
+    from widthlab.methods.expanding.controller import ExpansionConfig, ExpansionController
+    from widthlab.methods.expanding.model import ExpandableCNN, ExpandableMLP
+    from widthlab.methods.expanding.observation import statistics_flops
+
+    gen = torch.Generator().manual_seed(2)
+    if arch == "mlp":
+        model = ExpandableMLP(2, 2, [3, 5], generator=gen).to(DT)
+        x, y = moons.train.tensors
+        x = x.to(DT)
+    else:
+        model = ExpandableCNN((2, 5, 5), 2, [3, 4], generator=gen).to(DT)
+        x, y = torch.randn(6, 2, 5, 5, generator=gen, dtype=DT), torch.randint(0, 2, (6,), generator=gen)
+    obs = kfac.observe(model, x, y, "cross_entropy", residuals={"natural": torch.randn(len(x), 2, dtype=DT)})
+    names = set(list(obs.layers)[1:]) if subset else None  # as after a commit: some layers only
+    ctrl = ExpansionController(model, ExpansionConfig(), "cross_entropy")
+    _, direct = cost.counted(ctrl._statistics, obs, y, 0.0, names)
+    assert statistics_flops(obs, names) == direct > 0
+
+
 @pytest.mark.parametrize("optimizer", ["cg", "kfac"])
 def test_method_flops_resume_exactly(moons, tmp_path, optimizer):
     """A run stopped after epoch 2 and resumed records the same method_flops as an uninterrupted one

@@ -78,7 +78,7 @@ class ModelObserver:
                                                      residuals={k: r[:m] for k, r in residuals.items()}))
             obs = self.flops.run_per_sample(("observe", arch[1:]), x.shape[0], probe, kfac.observe, model,
                                             x, y, self.loss, residuals=residuals, **kw)
-        return self.flops.run(("statistics", arch), self._statistics, obs, y, eta_global)
+        return self._metered_statistics(("statistics", arch), obs, y, eta_global)
 
     def _grown_layers(self, model: nn.Module, cand: Candidate) -> tuple[str, str, int] | None:
         """(producer, consumer, units added) of a width commit that :meth:`_observe_grown` can follow:
@@ -117,7 +117,7 @@ class ModelObserver:
         changed = {producer, consumer} | ({name for name in obs.layers} if residuals else set())
         key = ("statistics-grown", cost.shapes_key({k: obs.layers[k].a_rows for k in sorted(changed)},
                                                    tuple(residuals)))
-        fresh = self.flops.run(key, self._statistics, obs, y, eta_global, changed)
+        fresh = self._metered_statistics(key, obs, y, eta_global, changed)
         per_layer = {}
         for name in obs.layers:
             if name in changed:
@@ -131,6 +131,15 @@ class ModelObserver:
                   ) -> torch.Tensor:
         loss = per_sample_loss(self.loss, model(x), y).mean()
         return torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(params.values()))])
+
+    def _metered_statistics(self, key: Any, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
+                            names: set[str] | None = None) -> Context:
+        """:meth:`_statistics`, charged in closed form (:func:`statistics_flops`); measured under ``key``
+        where the metric normaliser adds products of the loss's own (``abs_normalizer: metric``)."""
+        if self.cfg.abs_normalizer == "metric":
+            return self.flops.run(key, self._statistics, obs, y, eta_global, names)
+        self.flops.add(statistics_flops(obs, names))
+        return self._statistics(obs, y, eta_global, names)
 
     def _statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
                     names: set[str] | None = None) -> Context:
@@ -156,3 +165,22 @@ class ModelObserver:
             eta = scores.layer_eta(gbar, A_pinv, scores.psd_pinv(f.G))
             per_layer[name] = {"G_inv": G_inv, "eta": float(eta), "r_perp": r_perp, "t": f.t}
         return Context(obs, eta_global, per_layer, bound)
+
+
+def statistics_flops(obs: kfac.Observation, names: set[str] | None = None) -> int:
+    """FLOPs of :meth:`ModelObserver._statistics` (other than the metric normaliser) on the layers in
+    ``names`` (default all), per layer with R rows, a D×D factor A, an m×m factor G and K residuals:
+    three symmetric pseudo-inverses (A, the damped G, G: 11D³ + 22m³, the ``cost.py`` convention),
+    ḡ = aᵀe (2RDm), per residual its gradient (2RDm) and r_⊥ = e − a(A⁺ḡ) (2D²m + 2RDm), and η_layer =
+    Σ ḡ ⊙ (A⁺ḡG⁺) (2D²m + 2Dm²). In closed form because an event's shapes are new at every event, and
+    measuring them by dispatch costs several times the computation (a test checks it against the count)."""
+    total = 0
+    for name, lay in obs.layers.items():
+        if names is not None and name not in names:
+            continue
+        R, D = lay.a_rows.shape
+        m = lay.factors.G.shape[0]
+        K = len(lay.e_rows)
+        total += 11 * D ** 3 + 22 * m ** 3 + 2 * R * D * m + K * (4 * R * D * m + 2 * D * D * m)
+        total += 2 * D * D * m + 2 * D * m * m
+    return total
