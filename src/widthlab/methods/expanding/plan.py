@@ -242,9 +242,9 @@ def build(
         optimizer: ``cg`` (official), ``kfac`` or ``default`` (the study's ``train.optimizer``).
         lr, damping, weight_decay, cg_maxiter, cg_tol: natural-gradient step (official 0.1, 0.1, 0, 100,
             1e-5); for K-FAC ``damping`` is λ of its factored damping.
-        kfac_ema_decay, kfac_stat_every, kfac_inv_every, kfac_stat_batch, kfac_momentum, kfac_kl_clip,
-        kfac_g_estimator: K-FAC options (``kfac_stat_batch``: the most samples of a batch its factors are
-            estimated on, None: all; ``kfac_g_estimator``: ``sampled`` Monte-Carlo Fisher, or ``exact``).
+        kfac_ema_decay, kfac_stat_every, kfac_inv_every, kfac_momentum, kfac_kl_clip, kfac_g_estimator:
+            K-FAC options (``kfac_g_estimator``: ``sampled`` Monte-Carlo Fisher, or ``exact``).
+        kfac_stat_batch: K-FAC: the most samples of a batch its factors are estimated on (None: all).
         output_metric: ``fisher`` (the loss's Gauss-Newton, default) or ``identity`` (official) for the
             optimiser, η and the G factors.
         eta_maxiter: CG iterations for the global η and the natural-gradient residual of the scores.
