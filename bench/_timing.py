@@ -91,7 +91,9 @@ def time_interleaved(
         sync()
     inner = {n: _calibrate(fns[n], min_sample_s, max_inner) for n in names}
     for n, k in (period or {}).items():
-        inner[n] = -(-inner[n] // k) * k
+        if n not in inner or not isinstance(k, int) or k < 1:
+            raise ValueError(f"period: a positive integer per timed variant, got {n!r}: {k!r}")
+        inner[n] = -(-inner[n] // k) * k  # may exceed max_inner: whole cycles come first
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         # Rotate the order each round so no variant always runs right after the same neighbour

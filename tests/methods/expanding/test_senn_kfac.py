@@ -225,26 +225,54 @@ def test_running_average_and_reset():
     torch.testing.assert_close(g_inv, torch.eye(1, dtype=DT) / 1.2)
 
 
+def _kfac_step(opt, net, x, y):
+    opt.zero_grad()
+    fisher.per_sample_loss("mse", net(x), y).mean().backward()
+    opt.set_batch(x, y)
+    opt.step()
+
+
 def test_optimizer_statistics_use_evenly_spaced_samples_of_a_large_batch():
-    """stat_batch = 4 of a 10-sample batch: the factors are those of samples round(i·9/3) = 0, 3, 6, 9."""
+    """stat_batch = 4 of a 10-sample batch, running average 0.5: the first (fresh) factors come from the
+    whole batch, the next refresh from samples round(i·9/3) = 0, 3, 6, 9 only."""
     net = _net(2)
     g = _gen(7)
     x = torch.randn(10, 3, generator=g, dtype=DT)
     y = torch.randn(10, 2, generator=g, dtype=DT)
     keep = [0, 3, 6, 9]
-    want = kfac.observe(net, x[keep], y[keep], "mse")  # before the step moves the parameters
+    opt = KFACOptimizer(net.parameters(), net, "mse", lr=0.1, stat_every=1, inv_every=1, ema_decay=0.5,
+                        g_estimator="exact", stat_batch=4)
+    first = kfac.observe(net, x, y, "mse")  # at the parameters of the first step
+    _kfac_step(opt, net, x, y)
+    second = kfac.observe(net, x[keep], y[keep], "mse")  # the second step's subsample
+    _kfac_step(opt, net, x, y)
+    # the first layer's input is x itself: A in closed form
+    a = torch.cat([x, torch.ones(10, 1, dtype=DT)], 1)
+    closed = 0.5 * a.T @ a / 10 + 0.5 * a[keep].T @ a[keep] / 4
+    torch.testing.assert_close(opt.state[net[0].weight]["A"], closed, rtol=1e-12, atol=1e-14)
+    for name, layer in (("0", net[0]), ("2", net[2])):
+        for f in ("A", "G"):
+            old, new = (getattr(o.layers[name].factors, f) for o in (first, second))
+            want = 0.5 * old + 0.5 * new
+            torch.testing.assert_close(opt.state[layer.weight][f], want, rtol=1e-12, atol=1e-14)
+
+
+def test_optimizer_statistics_without_a_running_average_use_the_whole_batch():
+    """ema_decay = 0: every estimate is the factor itself, so stat_batch does not subsample it."""
+    net = _net(2)
+    g = _gen(9)
+    x = torch.randn(10, 3, generator=g, dtype=DT)
+    y = torch.randn(10, 2, generator=g, dtype=DT)
     opt = KFACOptimizer(net.parameters(), net, "mse", lr=0.1, stat_every=1, inv_every=1, ema_decay=0.0,
                         g_estimator="exact", stat_batch=4)
-    fisher.per_sample_loss("mse", net(x), y).mean().backward()
-    opt.set_batch(x, y)
-    opt.step()
-    a = torch.cat([x[keep], torch.ones(4, 1, dtype=DT)], 1)
-    torch.testing.assert_close(opt.state[net[0].weight]["A"], a.T @ a / 4, rtol=1e-12, atol=1e-14)
+    _kfac_step(opt, net, x, y)
+    want = kfac.observe(net, x, y, "mse")
+    _kfac_step(opt, net, x, y)
     for name, layer in (("0", net[0]), ("2", net[2])):
-        torch.testing.assert_close(opt.state[layer.weight]["A"], want.layers[name].factors.A,
-                                   rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(opt.state[layer.weight]["G"], want.layers[name].factors.G,
                                    rtol=1e-12, atol=1e-14)
+    a = torch.cat([x, torch.ones(10, 1, dtype=DT)], 1)
+    torch.testing.assert_close(opt.state[net[0].weight]["A"], a.T @ a / 10, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("stat_batch", [10, 11, None])

@@ -272,7 +272,7 @@ def test_precondition_flops_are_the_counted_products(rows, layer_bias, opt_bias)
     m, d = 5, 7
     lin = nn.Linear(d, m, bias=layer_bias).to(DT)
     opt = KFACOptimizer(lin.parameters(), lin, "mse", lr=LR, bias=opt_bias)
-    D = d + (1 if opt_bias and layer_bias else 0)
+    D = d + (1 if opt_bias and layer_bias else 0)  # the bias folded into A as a ones column
     g = _gen(3)
     a_inv, g_inv = (torch.randn(k, 2 * k, generator=g, dtype=DT) for k in (D, m))
     A_inv, G_inv = a_inv @ a_inv.T, g_inv @ g_inv.T
@@ -282,10 +282,7 @@ def test_precondition_flops_are_the_counted_products(rows, layer_bias, opt_bias)
     if layer_bias:
         lin.bias.grad = e.sum(0)
     _, flops = cost.counted(opt._precondition, lin, A_inv, G_inv, 0.0, None if rows is None else (a, e))
-    want = precondition_flops(m, d, D, rows)
-    if layer_bias and not opt_bias:
-        want = precondition_flops(m, d, d, rows)  # the bias steps by its plain gradient
-    assert flops == want
+    assert flops == precondition_flops(m, d, D, rows)  # D = d where the bias steps by its plain gradient
 
 
 # ------------------------------------------------------------------------------- what is recorded
@@ -303,7 +300,7 @@ def test_nothing_recorded_without_grad_nor_by_the_statistics_pass():
     F.cross_entropy(net(x), y).backward()
     assert opt._rows.status(net[0]) == ("ok", 8, 0)
     opt.set_batch(x, y)
-    opt._update_factors(opt._layers())  # the statistics pass: its own forward and backprops
+    opt._update_factors(opt._layers(), (x, y))  # the statistics pass: its own forward and backprops
     torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))  # reaches no .grad
     assert opt._rows.status(net[0])[:2] == ("ok", 8)
 

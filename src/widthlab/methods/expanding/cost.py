@@ -11,9 +11,9 @@ Counting convention, the same as the training meter's: floating-point operations
 (2·m·n·k per (m×n)·(n×k) product, convolutions as their products) and of matrix decompositions
 (textbook counts: Cholesky n³/3, LU 2n³/3, inverse from a factor n³, inverse by LU 2n³, symmetric
 eigendecomposition with vectors 9n³ (Golub & Van Loan, §8.3), pseudo-inverse of a symmetric matrix 11n³,
-triangular solves n²·k, two of them for a solve from a Cholesky factor); matrix-vector products count
-2·m·n (``mv``, and ``addmv``, which ``FlopCounterMode`` leaves out); elementwise operations, rank-one
-updates (``addr``) among them, are not counted.
+triangular solves n²·k, two of them for a solve from a Cholesky factor); matrix-vector products
+(``mv``, ``addmv``: not in ``FlopCounterMode``'s table, added here) 2·m·n; elementwise operations,
+rank-one updates (``addr``) among them, are not counted.
 
 How: ``torch.utils.flop_counter.FlopCounterMode`` counts the products of a computation exactly, but it
 slows every operation down, so :class:`FlopCache` measures a computation only the first time it sees

@@ -19,7 +19,10 @@ cost is amortised (K-FAC's T₁, T₃). That pass sees at most ``stat_batch`` sa
 spaced through it: the factors are running averages of unbiased estimates of E[ããᵀ] and E[ggᵀ], and
 past a few hundred samples a larger batch buys a little less noise in one of ~1/(1 − ema_decay)
 averaged estimates at a cost linear in the batch (ãᵀã alone is 2·B·D² FLOPs: 1.26 GFLOP at
-B = 1024, D = 785, three times that layer's whole training step). Like
+B = 1024, D = 785, three times that layer's whole training step). A fresh estimate (the first, one
+after a resize, or every one with ``ema_decay=0``) is the factor itself, so it takes the whole batch.
+The pass runs the model in its current mode: a BatchNorm layer in training mode updates its running
+statistics from it. Like
 :class:`~.natural_gradient.NaturalGradientCG` the batch is handed over by a callback with
 :meth:`set_batch` between the trainer's backward and step.
 
@@ -106,8 +109,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         damping: λ of the factored Tikhonov damping.
         ema_decay: running-average decay of the factors (0: the latest batch only).
         stat_every, inv_every: refresh the factors / their inverses every this many steps.
-        stat_batch: estimate the factors on at most this many samples of the step's batch, evenly spaced
-            through it (None: all of them). Applies to tensor batches; any other input type is used whole.
+        stat_batch: refresh the running factors from at most this many samples of the step's batch,
+            evenly spaced through it (None: all of them). Applies where inputs and targets are tensors
+            with the same first (sample) dimension; other batches, and fresh factors, are used whole.
         output_metric: ``"fisher"`` or ``"identity"`` (see ``fisher.py``).
         g_estimator: ``"sampled"`` (one Monte-Carlo cotangent, default) or ``"exact"`` (C cotangents).
         momentum: heavy-ball momentum on the preconditioned update (0: none).
@@ -149,18 +153,21 @@ class KFACOptimizer(torch.optim.Optimizer):
     def set_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._batch = (x, y)
 
-    def _statistics_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's batch, or ``stat_batch`` of its samples evenly spaced through it (so that a batch
-        laid out in blocks, e.g. by class, is still sampled across its blocks)."""
+    def _statistics_batch(self, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's batch, or (unless ``whole``) ``stat_batch`` of its samples evenly spaced through it,
+        so that a batch laid out in blocks, e.g. by class, is still sampled across its blocks; the indices
+        i·(N − 1)/(n − 1) rounded half up, in integer arithmetic (the same on every device)."""
         if self._batch is None:
             raise RuntimeError("KFACOptimizer.step needs set_batch(x, y) first (add plan.OptimizerHook)")
         x, y = self._batch
         n = self.stat_batch
-        if (n is None or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() == 0
-                or y.dim() == 0 or x.shape[0] != y.shape[0] or x.shape[0] <= n):
+        if (whole or n is None or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor)
+                or x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0] or x.shape[0] <= n):
             return x, y
-        idx = torch.linspace(0, x.shape[0] - 1, n, device=x.device).round().long()
-        return x[idx], y[idx]
+        N = x.shape[0]
+        i = torch.arange(n, device=x.device)
+        idx = torch.zeros_like(i) if n == 1 else (i * (N - 1) + (n - 1) // 2) // (n - 1)
+        return x[idx], y[idx.to(y.device)]
 
     # --------------------------------------------------------------------- statistics
 
@@ -173,8 +180,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         return {n: m for n, m in self.model.named_modules()
                 if isinstance(m, RationalActivation) and id(m.v) in held}
 
-    def _update_factors(self, layers: dict[str, nn.Module]) -> None:
-        x, y = self._statistics_batch()
+    def _update_factors(self, layers: dict[str, nn.Module], batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, y = batch
         was_training = self.model.training
         acts = self._activations()
         with torch.enable_grad(), self._rows.paused(), kfac.capture({**layers, **acts}) as cap:
@@ -334,9 +341,11 @@ class KFACOptimizer(torch.optim.Optimizer):
         before = self.meter.total
         if step % self.stat_every == 0 or fresh or stale_diag:
             todo = layers if step % self.stat_every == 0 else {n: layers[n] for n in fresh}
-            key = ("stats", tuple(todo), cost.shapes_key(self._batch, [m.weight for m in layers.values()],
+            # a fresh estimate is the factor itself, not one of the running average's terms: whole batch
+            batch = self._statistics_batch(whole=bool(fresh) or stale_diag or self.ema_decay == 0)
+            key = ("stats", tuple(todo), cost.shapes_key(batch, [m.weight for m in layers.values()],
                                                          [a.v for a in self._activations().values()]))
-            self.meter.run(key, self._update_factors, todo)
+            self.meter.run(key, self._update_factors, todo, batch)
         invert = step % self.inv_every == 0
         inverting = tuple(n for n, m in layers.items() if m.weight.grad is not None
                           and (invert or "A_inv" not in self.state[m.weight]))

@@ -78,7 +78,7 @@ class ModelObserver:
                                                      residuals={k: r[:m] for k, r in residuals.items()}))
             obs = self.flops.run_per_sample(("observe", arch[1:]), x.shape[0], probe, kfac.observe, model,
                                             x, y, self.loss, residuals=residuals, **kw)
-        return self._metered_statistics(("statistics", arch), obs, y, eta_global)
+        return self._metered_statistics(obs, y, eta_global)
 
     def _grown_layers(self, model: nn.Module, cand: Candidate) -> tuple[str, str, int] | None:
         """(producer, consumer, units added) of a width commit that :meth:`_observe_grown` can follow:
@@ -115,9 +115,7 @@ class ModelObserver:
                                                                           tuple(residuals))),
                                       n, probe, lambda: None)
         changed = {producer, consumer} | ({name for name in obs.layers} if residuals else set())
-        key = ("statistics-grown", cost.shapes_key({k: obs.layers[k].a_rows for k in sorted(changed)},
-                                                   tuple(residuals)))
-        fresh = self._metered_statistics(key, obs, y, eta_global, changed)
+        fresh = self._metered_statistics(obs, y, eta_global, changed)
         per_layer = {}
         for name in obs.layers:
             if name in changed:
@@ -132,22 +130,21 @@ class ModelObserver:
         loss = per_sample_loss(self.loss, model(x), y).mean()
         return torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(params.values()))])
 
-    def _metered_statistics(self, key: Any, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
+    def _metered_statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
                             names: set[str] | None = None) -> Context:
-        """:meth:`_statistics`, charged in closed form (:func:`statistics_flops`); measured under ``key``
-        where the metric normaliser adds products of the loss's own (``abs_normalizer: metric``)."""
-        if self.cfg.abs_normalizer == "metric":
-            return self.flops.run(key, self._statistics, obs, y, eta_global, names)
+        """:meth:`_statistics`, charged in closed form (:func:`statistics_flops`)."""
         self.flops.add(statistics_flops(obs, names))
         return self._statistics(obs, y, eta_global, names)
 
     def _statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
                     names: set[str] | None = None) -> Context:
         """Per consuming layer (those in ``names``, default all): pseudo-inverses of A and the damped G,
-        η_layer and the residuals r_⊥."""
+        η_layer and the residuals r_⊥; the ``metric`` normaliser's products are charged to ``flops`` here,
+        the rest by the caller (:func:`statistics_flops`)."""
         cfg = self.cfg
         if cfg.abs_normalizer == "metric":
-            bound = float(metric_pinv_norm(self.loss, obs.out, y, cfg.output_metric))
+            key = ("metric-normaliser", cost.shapes_key(obs.out, y), cfg.output_metric)  # once per shape
+            bound = float(self.flops.run(key, metric_pinv_norm, self.loss, obs.out, y, cfg.output_metric))
         else:
             bound = float(obs.loss_sqnorm)
         per_layer = {}
@@ -168,7 +165,7 @@ class ModelObserver:
 
 
 def statistics_flops(obs: kfac.Observation, names: set[str] | None = None) -> int:
-    """FLOPs of :meth:`ModelObserver._statistics` (other than the metric normaliser) on the layers in
+    """FLOPs of :meth:`ModelObserver._statistics` (but for its ``metric`` normaliser) on the layers in
     ``names`` (default all), per layer with R rows, a D×D factor A, an m×m factor G and K residuals:
     three symmetric pseudo-inverses (A, the damped G, G: 11D³ + 22m³, the ``cost.py`` convention),
     ḡ = aᵀe (2RDm), per residual its gradient (2RDm) and r_⊥ = e − a(A⁺ḡ) (2D²m + 2RDm), and η_layer =
