@@ -133,7 +133,7 @@ class ModelObserver:
     def _metered_statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
                             names: set[str] | None = None) -> Context:
         """:meth:`_statistics`, charged in closed form (:func:`statistics_flops`)."""
-        self.flops.add(statistics_flops(obs, names))
+        self.flops.add(statistics_flops(obs, names, self.cfg.g_damping))
         return self._statistics(obs, y, eta_global, names)
 
     def _statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
@@ -153,24 +153,27 @@ class ModelObserver:
                 continue
             f = lay.factors
             A_pinv = scores.psd_pinv(f.A)
-            G_inv = scores.psd_pinv(scores.damp(f.G, cfg.g_damping))
-            gbar = kfac.gradient_from_rows(lay.a_rows, lay.e_rows["grad"], obs.n)
-            r_perp = {k: scores.residual_rows(lay.a_rows, e, A_pinv,
-                                              kfac.gradient_from_rows(lay.a_rows, e, obs.n), f.t)
-                      for k, e in lay.e_rows.items()}
             # η_layer inverts G undamped, as the official layer_baseline does; only Δη′ uses the damped G.
-            eta = scores.layer_eta(gbar, A_pinv, scores.psd_pinv(f.G))
+            G_pinv = scores.psd_pinv(f.G)
+            G_inv = G_pinv if cfg.g_damping == 0 else scores.psd_pinv(scores.damp(f.G, cfg.g_damping))
+            # per residual (ḡ is the one of "grad") its gradient and A⁺ḡ, each computed once
+            grads = {k: kfac.gradient_from_rows(lay.a_rows, e, obs.n) for k, e in lay.e_rows.items()}
+            solved = {k: A_pinv @ g for k, g in grads.items()}
+            r_perp = {k: scores.residual_rows(lay.a_rows, e, A_pinv, grads[k], f.t, A_pinv_gbar=solved[k])
+                      for k, e in lay.e_rows.items()}
+            eta = scores.layer_eta(grads["grad"], A_pinv, G_pinv, A_inv_gbar=solved["grad"])
             per_layer[name] = {"G_inv": G_inv, "eta": float(eta), "r_perp": r_perp, "t": f.t}
         return Context(obs, eta_global, per_layer, bound)
 
 
-def statistics_flops(obs: kfac.Observation, names: set[str] | None = None) -> int:
+def statistics_flops(obs: kfac.Observation, names: set[str] | None = None, g_damping: float = 0.1) -> int:
     """FLOPs of :meth:`ModelObserver._statistics` (but for its ``metric`` normaliser) on the layers in
     ``names`` (default all), per layer with R rows, a D×D factor A, an m×m factor G and K residuals:
-    three symmetric pseudo-inverses (A, the damped G, G: 11D³ + 22m³, the ``cost.py`` convention),
-    ḡ = aᵀe (2RDm), per residual its gradient (2RDm) and r_⊥ = e − a(A⁺ḡ) (2D²m + 2RDm), and η_layer =
-    Σ ḡ ⊙ (A⁺ḡG⁺) (2D²m + 2Dm²). In closed form because an event's shapes are new at every event, and
-    measuring them by dispatch costs several times the computation (a test checks it against the count)."""
+    the symmetric pseudo-inverses of A and G, and of the damped G unless ``g_damping`` is 0 (11n³
+    each, the ``cost.py`` convention); per residual its gradient aᵀe (2RDm), A⁺ḡ (2D²m) and
+    r_⊥ = e − a(A⁺ḡ) (2RDm); η_layer = Σ ḡ ⊙ ((A⁺ḡ)G⁺) (2Dm²). In closed form because an event's
+    shapes are new at every event, and measuring them by dispatch costs several times the computation
+    (a test checks it against the count)."""
     total = 0
     for name, lay in obs.layers.items():
         if names is not None and name not in names:
@@ -178,6 +181,6 @@ def statistics_flops(obs: kfac.Observation, names: set[str] | None = None) -> in
         R, D = lay.a_rows.shape
         m = lay.factors.G.shape[0]
         K = len(lay.e_rows)
-        total += 11 * D ** 3 + 22 * m ** 3 + 2 * R * D * m + K * (4 * R * D * m + 2 * D * D * m)
-        total += 2 * D * D * m + 2 * D * m * m
+        inverses = 11 * D ** 3 + 11 * m ** 3 * (1 if g_damping == 0 else 2)
+        total += inverses + K * (4 * R * D * m + 2 * D * D * m) + 2 * D * m * m
     return total

@@ -40,15 +40,20 @@ def damp(M: torch.Tensor, relative: float) -> torch.Tensor:
     return M + relative * M.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * eye
 
 
-def layer_eta(gbar: torch.Tensor, A_inv: torch.Tensor, G_inv: torch.Tensor) -> torch.Tensor:
-    """η_l = tr(ḡᵀ A⁻¹ ḡ G⁻¹) for ḡ (d, m), given the (pseudo-)inverses."""
-    return (gbar * (A_inv @ gbar @ G_inv)).sum()
+def layer_eta(gbar: torch.Tensor, A_inv: torch.Tensor, G_inv: torch.Tensor,
+              A_inv_gbar: torch.Tensor | None = None) -> torch.Tensor:
+    """η_l = tr(ḡᵀ A⁻¹ ḡ G⁻¹) for ḡ (d, m), given the (pseudo-)inverses (and A⁻¹ḡ, where the caller
+    has it)."""
+    solved = A_inv @ gbar if A_inv_gbar is None else A_inv_gbar
+    return (gbar * (solved @ G_inv)).sum()
 
 
 def residual_rows(a_rows: torch.Tensor, e_rows: torch.Tensor, A_pinv: torch.Tensor,
-                  gbar: torch.Tensor, t: int = 1) -> torch.Tensor:
-    """r_⊥ = e − a A⁻¹ḡ / T: what the layer's existing inputs cannot explain (least squares)."""
-    return e_rows - a_rows @ (A_pinv @ gbar) / t
+                  gbar: torch.Tensor, t: int = 1, A_pinv_gbar: torch.Tensor | None = None) -> torch.Tensor:
+    """r_⊥ = e − a A⁻¹ḡ / T: what the layer's existing inputs cannot explain (least squares); A⁻¹ḡ is
+    ``A_pinv_gbar`` where the caller has it."""
+    solved = A_pinv @ gbar if A_pinv_gbar is None else A_pinv_gbar
+    return e_rows - a_rows @ solved / t
 
 
 @dataclass
