@@ -221,7 +221,7 @@ def test_statistics_flops_in_closed_form_equal_a_direct_count(moons, arch, subse
     _, direct = cost.counted(ctrl._statistics, obs, y, 0.0, names)
     charged = ctrl.flops.total - before
     assert (charged > 0) == (normaliser == "metric")
-    assert statistics_flops(obs, names, g_damping) + charged == direct > 0
+    assert statistics_flops(obs, names, g_damping=g_damping) + charged == direct > 0
 
 
 @pytest.mark.parametrize("optimizer", ["cg", "kfac"])

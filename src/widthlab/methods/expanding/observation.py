@@ -133,7 +133,7 @@ class ModelObserver:
     def _metered_statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
                             names: set[str] | None = None) -> Context:
         """:meth:`_statistics`, charged in closed form (:func:`statistics_flops`)."""
-        self.flops.add(statistics_flops(obs, names, self.cfg.g_damping))
+        self.flops.add(statistics_flops(obs, names, g_damping=self.cfg.g_damping))
         return self._statistics(obs, y, eta_global, names)
 
     def _statistics(self, obs: kfac.Observation, y: torch.Tensor, eta_global: float,
@@ -166,7 +166,7 @@ class ModelObserver:
         return Context(obs, eta_global, per_layer, bound)
 
 
-def statistics_flops(obs: kfac.Observation, names: set[str] | None = None, g_damping: float = 0.1) -> int:
+def statistics_flops(obs: kfac.Observation, names: set[str] | None = None, *, g_damping: float) -> int:
     """FLOPs of :meth:`ModelObserver._statistics` (but for its ``metric`` normaliser) on the layers in
     ``names`` (default all), per layer with R rows, a D×D factor A, an m×m factor G and K residuals:
     the symmetric pseudo-inverses of A and G, and of the damped G unless ``g_damping`` is 0 (11n³
