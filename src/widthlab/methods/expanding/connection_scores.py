@@ -26,6 +26,7 @@ method's per-step work without measuring it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -88,9 +89,9 @@ class NaturalGradient:
             return self._y
         return torch.linalg.solve_triangular(self._chol.mT, self._y, upper=True)
 
-    @property
+    @cached_property
     def n_act(self) -> torch.Tensor:
-        """A_act⁻¹ g̃_act (a triangular solve on every call on the Cholesky path)."""
+        """A_act⁻¹ g̃_act (on the Cholesky path the second triangular solve, done on first use)."""
         n = self._solved()
         return n if self.w is None else n * self.w
 
@@ -185,9 +186,8 @@ def connection_scores(A: torch.Tensor, g: torch.Tensor, theta: torch.Tensor, act
 
 def connection_scores_flops(c_in: int, n: int, k: int, cholesky: bool = True) -> int:
     """FLOPs of :func:`connection_scores` on a layer of ``c_in`` rows, n of them active, k columns."""
-    n_act = n * n * k if cholesky else 0  # the n of the result: a triangular solve
-    return (natural_gradient_flops(n, k, cholesky) + n_act + thaw_flops(c_in - n, n, k, cholesky)
-            + freeze_prune_flops(n, k, cholesky))
+    return (natural_gradient_flops(n, k, cholesky) + thaw_flops(c_in - n, n, k, cholesky)
+            + freeze_prune_flops(n, k, cholesky))  # n_act solved once, for the result and the scores
 
 
 def prune_row(theta: torch.Tensor, A: torch.Tensor, active: torch.Tensor, i: int
