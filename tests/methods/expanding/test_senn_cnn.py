@@ -8,6 +8,8 @@ by exactly the Schur-complement Δη computed beforehand from those rows, and th
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -130,3 +132,46 @@ def test_cnn_adds_depth_in_training():
     assert res.status == "done", res.error
     assert plan.summary["layers_added"] >= 1 and plan.model.depth >= 2
     assert plan.model.pools[0] and not any(plan.model.pools[1:])
+
+
+def test_eta_mode_picks_the_route_of_the_natural_gradient_solve(monkeypatch):
+    """``eta_mode`` reaches the events' CG solve (the Gauss-Newton route it builds), and both routes solve
+    to the dense reference gᵀ(F + λI)⁻¹g (``fisher.eta_dense``) and give the same natural-gradient
+    residual, up to rounding (CG run to convergence: 60 iterations on 104 parameters, tolerance 0)."""
+    from widthlab.methods.expanding import observation
+    from widthlab.methods.expanding.fisher import eta_dense, gauss_newton, loss_gradient
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    ds = torch.utils.data.TensorDataset(x, y)
+    data = TaskData("toy", "classification", ds, ds, ds, (1, 6, 6), 3)
+    routes = []
+    real = observation.metered_operator
+
+    def spy(*args, **kw):
+        op, matvec = real(*args, **kw)
+        routes.append(op.mode)
+        return op, matvec
+
+    monkeypatch.setattr(observation, "metered_operator", spy)
+    out = {}
+    for mode in ("jacobian", "autograd", "auto"):
+        plan = build(None, data, seed=0, architecture="cnn", start_widths=[2, 3], max_widths=[3, 4],
+                     eta_mode=mode, eta_maxiter=60)
+        plan.model.double()
+        ctrl = next(c for c in plan.callbacks if hasattr(c, "_natural"))
+        ctrl.cfg = dataclasses.replace(ctrl.cfg, eta_tol=0.0)
+        out[mode] = ctrl._natural(plan.model, x, y)
+    assert routes == ["jacobian", "autograd", "jacobian"]  # auto: 24·3·P entries, far below 10⁷
+    (res_j, eta_j), (res_a, eta_a) = out["jacobian"], out["autograd"]
+    F = gauss_newton(plan.model, x, "cross_entropy", ctrl.cfg.output_metric)
+    eta = float(eta_dense(F, loss_gradient(plan.model, x, y, "cross_entropy"), ctrl.cfg.eta_damping))
+    # a converged solve's error: the products' rounding amplified by up to κ(F + λI)
+    ev = torch.linalg.eigvalsh(F) + ctrl.cfg.eta_damping
+    bound = 100 * float(ev[-1] / ev[0]) * torch.finfo(DT).eps
+    assert eta > 0 and bound < 1e-9
+    assert abs(eta_j - eta) <= bound * eta and abs(eta_a - eta) <= bound * eta
+    torch.testing.assert_close(res_a["natural"], res_j["natural"], rtol=bound, atol=bound)
+    with pytest.raises(ValueError, match="eta_mode"):
+        build(None, data, seed=0, architecture="cnn", start_widths=[2], eta_mode="dense")

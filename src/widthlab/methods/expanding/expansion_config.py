@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from widthlab.methods.expanding import kfac, proposals
+from widthlab.methods.expanding.natural_gradient import GN_MODES
 
 ABS_NORMALIZERS = ("room", "sqnorm", "metric")
 DECISIONS = ("softmax_mean", "chosen")
@@ -51,6 +52,10 @@ class ExpansionConfig:
             unit: for CNNs, whose channel searches are costly, the cheap way to grow several channels
             per event.
         eta_damping, eta_maxiter, eta_tol: CG for the global η and the natural-gradient residual.
+        eta_mode: that solve's Gauss-Newton products (``natural_gradient.GaussNewtonOperator``):
+            ``"auto"`` (per-sample Jacobians while they have at most 10⁷ entries, else matrix-free),
+            ``"jacobian"`` or ``"autograd"`` (matrix-free: no per-sample Jacobians, which are slow to
+            build for convolutions). The same solve either way, up to rounding.
         optimizer_mode: how the trainer remaps optimizer state (``"keep"``; ``"reset"`` for K-FAC).
         check_tol: largest relative loss change an insertion may cause before it is reported as a bug.
         search_dtype: precision of the proposal search (``"float32"`` or ``"float64"``); decisions always
@@ -131,6 +136,7 @@ class ExpansionConfig:
     eta_damping: float = 0.1
     eta_maxiter: int = 100
     eta_tol: float = 1e-5
+    eta_mode: str = "auto"
     optimizer_mode: str = "keep"
     check_tol: float = 1e-3
     search_dtype: str = "float32"
@@ -176,6 +182,7 @@ class ExpansionConfig:
             (all(w >= 1 for w in self.max_widths), "max_widths must be positive"),
             (self.optimizer_mode in ("keep", "reset"), "optimizer_mode must be 'keep' or 'reset'"),
             (self.search_dtype in ("float32", "float64"), "search_dtype must be 'float32' or 'float64'"),
+            (self.eta_mode in GN_MODES, f"eta_mode must be one of {GN_MODES}"),
             (self.abs_normalizer in ABS_NORMALIZERS, f"abs_normalizer must be one of {ABS_NORMALIZERS}"),
             (self.decision in DECISIONS, f"decision must be one of {DECISIONS}"),
             (self.mala_warm_bursts is None or self.mala_warm_bursts >= 1, "mala_warm_bursts must be >= 1"),

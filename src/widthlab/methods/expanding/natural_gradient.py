@@ -77,6 +77,9 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     return CGResult(x, it, float(rs) ** 0.5, False)
 
 
+GN_MODES = ("auto", "jacobian", "autograd")  # the routes of GaussNewtonOperator
+
+
 class GaussNewtonOperator:
     """v ↦ (F + λI) v on a fixed batch (Mitchell et al. 2023), by one of two equivalent routes.
 
@@ -112,8 +115,8 @@ class GaussNewtonOperator:
             out = model(x)
         if mode == "auto":
             mode = "jacobian" if self.n * out.shape[1] * p_count <= max_jacobian else "autograd"
-        if mode not in ("jacobian", "autograd"):
-            raise ValueError(f"mode must be 'auto', 'jacobian' or 'autograd', got {mode!r}")
+        if mode not in GN_MODES[1:]:
+            raise ValueError(f"mode must be one of {GN_MODES}, got {mode!r}")
         self.mode = mode
         if mode == "jacobian":
             self.out = out.detach()

@@ -51,7 +51,7 @@ class ModelObserver:
                                self._gradient, model, params, x, y)
             op, matvec = metered_operator(self.flops, model, x, self.loss,
                                           output_metric=cfg.output_metric, damping=cfg.eta_damping,
-                                          params=params)
+                                          params=params, mode=cfg.eta_mode)
             res = conjugate_gradient(matvec, g, maxiter=cfg.eta_maxiter, tol=cfg.eta_tol)
             self.flops.add(cg_dot_flops(g.numel(), res.iterations))
             nat = res.x

@@ -210,6 +210,7 @@ def build(
     max_additions: int = 64,
     width_block: int = 1,
     eta_maxiter: int = 100,
+    eta_mode: str = "auto",
     abs_normalizer: str = "room",
     decision: str = "softmax_mean",
     stop_below_cap: bool = False,
@@ -248,6 +249,8 @@ def build(
         output_metric: ``fisher`` (the loss's Gauss-Newton, default) or ``identity`` (official) for the
             optimiser, η and the G factors.
         eta_maxiter: CG iterations for the global η and the natural-gradient residual of the scores.
+        eta_mode: that solve's Gauss-Newton products: ``auto``, ``jacobian`` (per-sample Jacobians) or
+            ``autograd`` (matrix-free).
         dense: ``architecture: dense_cnn`` only: options of the densely connected CNN with buds and
             connection decisions (:func:`build_dense`).
         Others: see :class:`~.controller.ExpansionConfig` (``bias_in_factors`` is its ``bias``).
@@ -301,6 +304,7 @@ def build(
         g_damping=g_damping, bias=bias_in_factors, width_residual=width_residual, layer_init=layer_init,
         score_batch=score_batch, expand_at_start=expand_at_start, expand_at_end=expand_at_end,
         recursive=recursive, max_additions=max_additions, width_block=width_block, eta_maxiter=eta_maxiter,
+        eta_mode=eta_mode,
         abs_normalizer=abs_normalizer, decision=decision, stop_below_cap=stop_below_cap,
         warm_start=warm_start, mala_warm_bursts=mala_warm_bursts, ascent_warm_steps=ascent_warm_steps,
         chance_correction=chance_correction, log_eta_global=log_eta_global, holdout=holdout,
