@@ -25,19 +25,21 @@ def _autograd(fn, theta):
     return s.detach(), g
 
 
-@pytest.mark.parametrize("consumer,pool,k,c_in,hw", [
-    ("conv", True, 1, 1, (6, 5)),  # odd width: the ceil-mode window
-    ("conv", False, 2, 3, (5, 5)),
-    ("conv_stride2", True, 1, 2, (8, 8)),  # the F.unfold / F.fold path
-    ("head", True, 1, 2, (6, 6)),
-    ("head", False, 3, 2, (4, 4)),  # k > 1 (a stage candidate): A_f is solved
+@pytest.mark.parametrize("consumer,pool,k,c_in,hw,N", [
+    ("conv", True, 1, 1, (6, 5), 7),  # odd width: the ceil-mode window
+    ("conv", False, 2, 3, (5, 5), 7),
+    ("conv", True, 2, 2, (8, 7), 40),  # A_f from the maps' Gram (enough samples for it to be cheaper)
+    ("conv", False, 1, 1, (4, 4), 40),
+    ("conv_stride2", True, 1, 2, (8, 8), 7),  # the F.unfold / F.fold path
+    ("head", True, 1, 2, (6, 6), 7),
+    ("head", False, 3, 2, (4, 4), 7),  # k > 1 (a stage candidate): A_f is solved
 ])
 @pytest.mark.parametrize("patch_matrix", [True, False])  # patches by a 0/1 product, or by slices / unfold
-def test_channel_score_and_gradient_equal_autograd(consumer, pool, k, c_in, hw, patch_matrix, monkeypatch):
+def test_channel_score_and_gradient_equal_autograd(consumer, pool, k, c_in, hw, N, patch_matrix, monkeypatch):
     if not patch_matrix:
         monkeypatch.setattr(unit_score.ChannelScore, "SMALL_PATCH_MATRIX", 0)
     g = torch.Generator().manual_seed(3)
-    N, m = 7, 4
+    m = 4
     h = torch.randn(N, c_in, *hw, generator=g, dtype=DT)
     if consumer == "head":
         module = nn.Linear(k, m).to(DT)
@@ -59,6 +61,7 @@ def test_channel_score_and_gradient_equal_autograd(consumer, pool, k, c_in, hw, 
     ref = proposals.unit_score_fn(feats, r, G_inv, N, 0.7, jitter=jitter)
     fast = unit_score.ChannelScore(layout, h, module, pool, r, G_inv, N, 0.7, jitter=jitter, dtype=DT)
     assert (fast.U is not None) == (patch_matrix and consumer != "head")
+    assert (fast.V is not None) == (fast.U is not None and N == 40)
     # the closed-form FLOP charge equals what the counting mode measures
     assert fast.flops(theta.shape[0]) == cost.counted(fast, theta)[1]
     assert fast.flops(theta.shape[0], grad=True) == cost.counted(fast.value_and_grad, theta)[1]

@@ -313,6 +313,9 @@ class ChannelScore:
     the row order, so the consumer's rows are taken in (location, sample) order with r_⊥ reordered to
     match once. On small maps the consumer's patches are one product with a fixed 0/1 matrix (and
     their adjoint one product with its transpose), otherwise shifted slices (stride 1) or ``unfold``.
+    Neighbouring patches share map entries (a 3×3 consumer reads each entry up to 9 times), so where it
+    is cheaper A_f, and its term of ∂s/∂f, are taken through the (k·S)² Gram of the maps themselves
+    (S locations) and a fixed contraction with the patch structure, instead of over the T·N patch rows.
 
     Args:
         layout: the candidates' layout (k channels, C_in inputs, the producer's kernel).
@@ -345,7 +348,7 @@ class ChannelScore:
         self.hcolsT = self.hcols.T.contiguous()
         self.hp, self.wp = ((H + 1) // 2, (W + 1) // 2) if self.pool else (H, W)
         r = r_perp.to(dtype)
-        self.U = None
+        self.U = self.V = None
         if self.conv:
             self.unfold_kw = dict(kernel_size=consumer.kernel_size, dilation=consumer.dilation,
                                   padding=conv_padding(consumer), stride=consumer.stride)
@@ -356,6 +359,12 @@ class ChannelScore:
             if probe.numel() <= self.SMALL_PATCH_MATRIX:
                 self.U = probe.permute(1, 2, 0).reshape(self.kk * self.t, S).contiguous()  # (kk·T, S)
                 self.UT = self.U.T.contiguous()
+                # A_f from the maps' Gram where that is cheaper: per pair of channels S²·(N + kk²)
+                # multiply-adds instead of kk²·T·N (see _from_maps); the same for its gradient term
+                if S * S * (N + self.kk ** 2) < self.kk ** 2 * self.t * N:
+                    U3 = self.U.view(self.kk, self.t, S)
+                    self.V = torch.einsum("its,jtu->suij", U3, U3).reshape(S * S, self.kk ** 2).contiguous()
+                    self.VT = self.V.T.contiguous()
             r = r.view(N, self.t, -1).transpose(0, 1).reshape(N * self.t, -1)  # rows (location, sample)
         else:
             self.kk, self.t = 1, 1
@@ -406,6 +415,21 @@ class ChannelScore:
                 out[:, i:i + ho, j:j + wo] += c[:, i, j]
         return out[:, ph:ph + hp, pw:pw + wp]
 
+    def _from_maps(self, gram: torch.Tensor) -> torch.Tensor:
+        """A_f·T·N from the Gram of the pooled maps, (P, k·S, k·S) -> (P, K, K): the consumer's patch
+        entries i, j at its locations t read map entries U[(i, t), s], so Σ_t,n f_(c,i) f_(d,j) =
+        Σ_s,u V[(s, u), (i, j)] Σ_n X[c, s, n] X[d, u, n] with V = Σ_t U[(i, t), s] U[(j, t), u]."""
+        P, k, S, kk = gram.shape[0], self.layout.k, self.hp * self.wp, self.kk
+        g = gram.view(P, k, S, k, S).permute(0, 1, 3, 2, 4).reshape(P * k * k, S * S)
+        return (g @ self.V).view(P, k, k, kk, kk).permute(0, 1, 3, 2, 4).reshape(P, k * kk, k * kk)
+
+    def _to_maps(self, Q: torch.Tensor) -> torch.Tensor:
+        """The adjoint of :meth:`_from_maps`, (P, K, K) -> (P, k·S, k·S): the patches' adjoint of
+        Q fᵀ is this matrix times the maps."""
+        P, k, S, kk = Q.shape[0], self.layout.k, self.hp * self.wp, self.kk
+        q = Q.view(P, k, kk, k, kk).permute(0, 1, 3, 2, 4).reshape(P * k * k, kk * kk)
+        return (q @ self.VT).view(P, k, k, S, S).permute(0, 1, 3, 2, 4).reshape(P, k * S, k * S)
+
     def _features(self, theta: torch.Tensor):
         import torch.nn.functional as F
 
@@ -430,14 +454,18 @@ class ChannelScore:
         else:
             fT = x4.mean((1, 2)).view(P, k, self.N)  # (P, k, N)
         C = fT @ self.r / self.n  # (P, K, m)
-        A_f = fT @ fT.transpose(1, 2) / fT.shape[2]
+        if self.V is not None:
+            X = x4.reshape(P, k * self.hp * self.wp, self.N)
+            A_f = self._from_maps(X @ X.transpose(1, 2)) / fT.shape[2]
+        else:
+            A_f = fT @ fT.transpose(1, 2) / fT.shape[2]
         if fT.shape[1] == 1:
             M = C / (A_f * (1 + self.jitter))
         else:
             M = torch.linalg.solve(scores.damp(A_f, self.jitter), C)
         MG = M @ self.G_inv
         s = (C * MG).sum((1, 2)) / self.norm
-        return s, (P, k, x, idx, fT, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l, C, A_f)
+        return s, (P, k, x, idx, x4, fT, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l, C, A_f)
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         return self._features(theta)[0]
@@ -460,27 +488,38 @@ class ChannelScore:
         ck, hwn = self.hcols.shape
         patches = 2 * P * k * self.U.shape[0] * self.U.shape[1] * self.N if self.U is not None else 0
         solve = P * (2 * K ** 3 // 3 + 2 * K * K * m) if K > 1 else 0
-        # σ(W h + b), patches, C = fᵀr, A_f = fᵀf, the solve, M G⁻¹
-        value = 2 * P * k * ck * hwn + patches + 2 * P * K * R * (m + K) + solve + 2 * P * K * m * m
+        if self.V is not None:  # the maps' Gram and its contraction with V (or the adjoint's)
+            S = self.hp * self.wp
+            gram = 2 * P * (k * S) ** 2 * self.N + 2 * P * k * k * S * S * self.kk ** 2
+        else:  # fᵀf (or the product of M G⁻¹ Mᵀ with fᵀ)
+            gram = 2 * P * K * K * R
+        # σ(W h + b), patches, C = fᵀr, A_f, the solve, M G⁻¹
+        value = 2 * P * k * ck * hwn + patches + 2 * P * K * R * m + gram + solve + 2 * P * K * m * m
         if not grad:
             return value
-        # M (r G⁻¹)ᵀ, M G⁻¹ Mᵀ, its product with fᵀ, the patches' adjoint, the weight gradient
-        return value + 2 * P * K * m * (R + K) + 2 * P * K * K * R + patches + 2 * P * k * hwn * ck
+        # M (r G⁻¹)ᵀ, M G⁻¹ Mᵀ, its A_f-term, the patches' adjoint, the weight gradient
+        return value + 2 * P * K * m * (R + K) + gram + patches + 2 * P * k * hwn * ck
 
     @torch.no_grad()
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, cache = self._features(theta)
-        P, k, x, idx, fT, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l, _, _ = cache
+        P, k, x, idx, x4, fT, M, MG, pre, den, pd, q, nrm, a, b, e, v, c, l, _, _ = cache
         scale = 2.0 / (self.n * self.norm)
         # ∂s/∂fᵀ = (2/N)(M G⁻¹ r_⊥ᵀ − (M G⁻¹ Mᵀ) fᵀ / T)/η, (P, K, rows); M G⁻¹ Mᵀ is symmetric
         K = M.shape[1]
         gr = (M.reshape(P * K, -1) @ self.rGT).view(P, K, -1)  # one product, not P with a broadcast operand
-        gfT = torch.baddbmm(gr, MG @ M.transpose(1, 2), fT, alpha=-1.0 / self.t).mul_(scale)
-        if self.conv:
-            g4 = self._patches_adjoint(gfT.view(P * k, self.kk, -1))  # (P·k, hp, wp, N)
+        if self.V is not None:  # the second term's patch adjoint taken on the maps (_to_maps)
+            S = self.hp * self.wp
+            g4 = self._patches_adjoint(gr.mul_(scale).view(P * k, self.kk, -1)).reshape(P, k * S, self.N)
+            g4 = torch.baddbmm(g4, self._to_maps(MG @ M.transpose(1, 2)), x4.reshape(P, k * S, self.N),
+                               alpha=-scale / self.t).view(P * k, self.hp, self.wp, self.N)
         else:
-            g4 = (gfT.reshape(P * k, 1, 1, self.N) / (self.hp * self.wp)).expand(P * k, self.hp, self.wp,
-                                                                                   self.N)
+            gfT = torch.baddbmm(gr, MG @ M.transpose(1, 2), fT, alpha=-1.0 / self.t).mul_(scale)
+            if self.conv:
+                g4 = self._patches_adjoint(gfT.view(P * k, self.kk, -1))  # (P·k, hp, wp, N)
+            else:
+                g4 = (gfT.reshape(P * k, 1, 1, self.N) / (self.hp * self.wp)).expand(
+                    P * k, self.hp, self.wp, self.N)
         if self.pool:
             gx = torch.ops.aten.max_pool2d_with_indices_backward(
                 g4.permute(0, 3, 1, 2), x.view(P * k, self.H, self.W, self.N).permute(0, 3, 1, 2),
