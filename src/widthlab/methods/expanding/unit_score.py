@@ -415,20 +415,22 @@ class ChannelScore:
                 out[:, i:i + ho, j:j + wo] += c[:, i, j]
         return out[:, ph:ph + hp, pw:pw + wp]
 
+    def _pair_product(self, t: torch.Tensor, mat: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """(P, k·a, k·a) -> (P, k·b, k·b): each channel pair's (a × a) block, flattened, times ``mat``."""
+        P, k = t.shape[0], self.layout.k
+        t = t.view(P, k, a, k, a).permute(0, 1, 3, 2, 4).reshape(P * k * k, a * a)
+        return (t @ mat).view(P, k, k, b, b).permute(0, 1, 3, 2, 4).reshape(P, k * b, k * b)
+
     def _from_maps(self, gram: torch.Tensor) -> torch.Tensor:
         """A_f·T·N from the Gram of the pooled maps, (P, k·S, k·S) -> (P, K, K): the consumer's patch
         entries i, j at its locations t read map entries U[(i, t), s], so Σ_t,n f_(c,i) f_(d,j) =
         Σ_s,u V[(s, u), (i, j)] Σ_n X[c, s, n] X[d, u, n] with V = Σ_t U[(i, t), s] U[(j, t), u]."""
-        P, k, S, kk = gram.shape[0], self.layout.k, self.hp * self.wp, self.kk
-        g = gram.view(P, k, S, k, S).permute(0, 1, 3, 2, 4).reshape(P * k * k, S * S)
-        return (g @ self.V).view(P, k, k, kk, kk).permute(0, 1, 3, 2, 4).reshape(P, k * kk, k * kk)
+        return self._pair_product(gram, self.V, self.hp * self.wp, self.kk)
 
     def _to_maps(self, Q: torch.Tensor) -> torch.Tensor:
         """The adjoint of :meth:`_from_maps`, (P, K, K) -> (P, k·S, k·S): the patches' adjoint of
         Q fᵀ is this matrix times the maps."""
-        P, k, S, kk = Q.shape[0], self.layout.k, self.hp * self.wp, self.kk
-        q = Q.view(P, k, kk, k, kk).permute(0, 1, 3, 2, 4).reshape(P * k * k, kk * kk)
-        return (q @ self.VT).view(P, k, k, S, S).permute(0, 1, 3, 2, 4).reshape(P, k * S, k * S)
+        return self._pair_product(Q, self.VT, self.kk, self.hp * self.wp)
 
     def _features(self, theta: torch.Tensor):
         import torch.nn.functional as F
